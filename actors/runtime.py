@@ -1,0 +1,24 @@
+"""Starting or joining Ray for a run, and what a run's layout needs from it."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+from rlhf.config import RayConfig
+
+
+def ensure_ray(cfg: RayConfig, cpus_needed: float) -> bool:
+    """Join cfg.address, or start a local Ray sized for the layout; returns True when this call started it."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
+    if cfg.address:
+        ray.init(address=cfg.address, namespace=cfg.namespace, runtime_env=env, log_to_driver=True)
+        return True
+    # Logical CPUs, not cores: roles that mostly wait (reference, reward) may share a core on a small machine.
+    num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
+    ray.init(num_cpus=num_cpus, namespace=cfg.namespace, include_dashboard=cfg.include_dashboard,
+             dashboard_host=cfg.dashboard_host, runtime_env=env, log_to_driver=True,
+             _node_ip_address="127.0.0.1")
+    return True

@@ -1,0 +1,94 @@
+"""Ranked lists as tensors: every response of a prompt encoded once, its (better, worse) pairs as row indices.
+
+A prompt with K responses gives K rows and up to K·(K-1)/2 pairs; the loss is formed from the K scores, never by
+encoding each pair's two sides again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from rlhf.batching import Batch, pad
+from rlhf.data import Preference
+from rlhf.moss import tokenize_dialogue
+
+
+@dataclass
+class EncodedList:
+    rows: list[list[int]]        # one token sequence per response (prompt + reply, ending at <eom>)
+    reply_masks: list[list[int]]  # 1 on each reply's tokens
+    pairs: list[tuple[int, int]]  # (better, worse) indices into rows
+    margin: float
+
+
+def encode_preference(pref: Preference, tokenizer, max_length: int, plugin: bool, fixed_margin: float,
+                      use_record_margin: bool) -> EncodedList:
+    rows, masks = [], []
+    for response in pref.responses:
+        enc = tokenize_dialogue(pref.prompt.with_reply(response), tokenizer, max_length, plugin)
+        ids, mask = enc["input_ids"], enc["loss_mask"]
+        # The reward is read at the reply's last token (<eom>), as in PPO; drop the context newline after it.
+        end = max(i for i, m in enumerate(mask) if m) + 1 if any(mask) else len(ids)
+        rows.append(ids[:end])
+        masks.append(mask[:end])
+    margin = fixed_margin + (pref.margin or 0.0 if use_record_margin else 0.0)
+    return EncodedList(rows, masks, pref.pairs(), margin)
+
+
+def collate_ranked(lists: Sequence[EncodedList], pad_id: int) -> Batch:
+    """Lists of one micro-batch to tensors: input_ids [N, L] right-padded, pairs [P, 2] as row indices,
+    pair_prompt [P], margins [P], best_rows [num_prompts] (each list's first response is its best)."""
+    rows, masks, pairs, pair_prompt, margins, best = [], [], [], [], [], []
+    for p, lst in enumerate(lists):
+        offset = len(rows)
+        best.append(offset)
+        rows += lst.rows
+        masks += lst.reply_masks
+        for better, worse in lst.pairs:
+            pairs.append((offset + better, offset + worse))
+            pair_prompt.append(p)
+            margins.append(lst.margin)
+    return {
+        "input_ids": pad(rows, pad_id),
+        "attention_mask": pad([[1] * len(r) for r in rows], 0),
+        "loss_mask": pad(masks, 0),
+        "pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),
+        "pair_prompt": torch.tensor(pair_prompt, dtype=torch.long),
+        "margins": torch.tensor(margins, dtype=torch.float32),
+        "best_rows": torch.tensor(best, dtype=torch.long),
+    }
+
+
+def split_for_ranks(lists: Sequence[EncodedList], world: int, micro: int, pad_id: int) -> list[list[Batch]]:
+    """A global batch of prompts to world equal shares, each a list of micro-batches of `micro` prompts.
+    Whole prompts stay on one rank so their pairs never cross ranks."""
+    share = len(lists) // world
+    out = []
+    for r in range(world):
+        mine = lists[r * share:(r + 1) * share]
+        out.append([collate_ranked(mine[i:i + micro], pad_id) for i in range(0, len(mine), micro)])
+    return out
+
+
+def split_for_eval(lists: Sequence[EncodedList], world: int, micro: int, pad_id: int) -> list[list[Batch]]:
+    """Held-out lists spread over ranks in equal shares (ZeRO-3 ranks must run the same forwards): the last share
+    is filled with copies that carry no pairs and are flagged `real` 0, so nothing is counted twice."""
+    padded = list(lists)
+    filler = EncodedList(lists[0].rows, lists[0].reply_masks, [], 0.0)
+    while len(padded) % (world * micro):
+        padded.append(filler)
+    share = len(padded) // world
+    out = []
+    for r in range(world):
+        mine = padded[r * share:(r + 1) * share]
+        micro_batches = []
+        for i in range(0, len(mine), micro):
+            part = mine[i:i + micro]
+            batch = collate_ranked(part, pad_id)
+            batch["real"] = torch.tensor([float(r * share + i + j < len(lists)) for j, lst in enumerate(part)
+                                          for _ in lst.rows])
+            micro_batches.append(batch)
+        out.append(micro_batches)
+    return out

@@ -1,0 +1,230 @@
+"""Checkpoints that are never half-written: each is built in a temp directory, marked complete, then renamed into
+place, so `latest()` only ever sees whole ones. Also atomic JSON/tensor writes and RNG state for exact resume.
+
+RNG files are written with torch.save and read with torch.load(weights_only=True): they hold only tensors,
+lists, ints and floats, so loading one can never run code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+META_FILE = "meta.json"
+COMPLETE_FILE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_SCRATCH_DIR = re.compile(r"^\.(?:tmp|old)-step_(\d+)-(\d+)$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be read; the message is one line saying what to fix."""
+
+
+def _fsync_dir(path: str) -> None:
+    # A rename is only durable once the directory holding it is synced.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Write JSON so a reader sees the old file or the whole new one: temp file, fsync, os.replace."""
+    tmp = _tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Save tensors as safetensors through a temp file and os.replace."""
+    tmp = _tmp_path(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    """The meta.json of a checkpoint directory."""
+    path = os.path.join(ckpt_dir, META_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{ckpt_dir} has no {META_FILE}; it is not a checkpoint, "
+                              f"pass a step_N directory") from error
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable ({error}); resume from an older checkpoint") from error
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{path}: expected a JSON object with an integer \"step\"; "
+                              f"resume from an older checkpoint")
+    return meta
+
+
+class CheckpointManager:
+    """Checkpoints under root/step_{N:08d}/; each is written into a temp dir and renamed into place, then marked
+    complete, so a crash never leaves a half checkpoint as the latest."""
+
+    def __init__(self, root: str, keep: int = 2) -> None:
+        if keep < 0:
+            raise ValueError(f"keep={keep} must be >= 0 (0 keeps every checkpoint)")
+        self.root = os.path.abspath(root)
+        self.keep = keep
+        os.makedirs(self.root, exist_ok=True)
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, f"step_{step:08d}")
+
+    def begin(self, step: int) -> str:
+        """A fresh, empty temp directory to write checkpoint `step` into; pass it to `commit`."""
+        tmp = os.path.join(self.root, f".tmp-step_{step:08d}-{os.getpid()}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)  # left by an earlier, failed attempt of this process
+        os.makedirs(tmp)
+        return tmp
+
+    def commit(self, step: int, tmp_dir: str, meta: dict) -> str:
+        """Seal tmp_dir (meta.json + COMPLETE, all fsynced), rename it to root/step_N, prune; return the final path."""
+        if not os.path.isdir(tmp_dir):
+            raise CheckpointError(f"{tmp_dir} does not exist; call begin({step}) and write into "
+                                  f"the directory it returns")
+        atomic_write_json(os.path.join(tmp_dir, META_FILE), {**meta, "step": int(step)})
+        # Everything else in the directory must be on disk before the marker says it is complete.
+        for directory, _, files in os.walk(tmp_dir):
+            for name in files:
+                _fsync_file(os.path.join(directory, name))
+            _fsync_dir(directory)
+        with open(os.path.join(tmp_dir, COMPLETE_FILE), "w", encoding="utf-8") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp_dir)
+        final = self.path(step)
+        if os.path.exists(final):
+            # Moving the old one aside first means a crash leaves either it, the new one, or the previous step.
+            aside = os.path.join(self.root, f".old-step_{step:08d}-{os.getpid()}")
+            if os.path.exists(aside):
+                shutil.rmtree(aside)
+            os.rename(final, aside)
+            os.rename(tmp_dir, final)
+            shutil.rmtree(aside)
+        else:
+            os.rename(tmp_dir, final)
+        _fsync_dir(self.root)
+        self._prune()
+        self._remove_stale(step)
+        return final
+
+    def _complete(self) -> list[tuple[int, str]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        found: list[tuple[int, str]] = []
+        for name in os.listdir(self.root):
+            match = _STEP_DIR.match(name)
+            path = os.path.join(self.root, name)
+            if not match or not os.path.exists(os.path.join(path, COMPLETE_FILE)):
+                continue
+            try:
+                meta = read_meta(path)
+            except CheckpointError:
+                continue
+            if meta["step"] == int(match.group(1)):
+                found.append((meta["step"], path))
+        return sorted(found)
+
+    def _prune(self) -> None:
+        if self.keep == 0:
+            return
+        for _, path in self._complete()[:-self.keep]:
+            shutil.rmtree(path)
+
+    def _remove_stale(self, committed_step: int) -> None:
+        """Remove temp dirs left by crashed runs; this process's own in-progress later steps are kept."""
+        for name in os.listdir(self.root):
+            match = _SCRATCH_DIR.match(name)
+            if not match:
+                continue
+            step, pid = int(match.group(1)), int(match.group(2))
+            if pid != os.getpid() or step <= committed_step:
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint, or None; temp and unmarked directories are never returned."""
+        complete = self._complete()
+        return complete[-1][1] if complete else None
+
+    def list(self) -> list[str]:
+        """Every complete checkpoint, oldest first."""
+        return [path for _, path in self._complete()]
+
+
+def save_rng_state() -> dict:
+    """Python, numpy and torch (and CUDA) RNG states as tensors, lists and numbers only, for weights_only loads."""
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def load_rng_state(state: dict) -> None:
+    """Restore the RNG states from `save_rng_state`; CUDA states are restored only when the device count matches."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_rng(path: str) -> None:
+    """Write this process's RNG state to `path` atomically (one file per rank: the caller names it)."""
+    tmp = _tmp_path(path)
+    torch.save(save_rng_state(), tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def load_rng(path: str) -> None:
+    """Restore the RNG state written by `save_rng`; weights_only=True, so a tampered file cannot run code."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path}: not an RNG state file ({type(error).__name__}); "
+                              f"resume from another checkpoint") from error
+    load_rng_state(state)

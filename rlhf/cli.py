@@ -1,0 +1,200 @@
+"""The `rlhf` command line (also `python -m rlhf`): DESIGN.md's command table, one subcommand each.
+
+Imports are deferred to the subcommand that needs them so `rlhf validate` and `rlhf --help` start fast, and so
+every user error ends as one line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _config(args: argparse.Namespace):
+    from rlhf.config import load_config
+    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [])
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (configs/tiny/*.yaml for this machine)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the output's last complete checkpoint")
+
+
+def cmd_tokenizer(args) -> int:
+    from rlhf.tokenizer import run_tokenizer
+    return run_tokenizer(args.data, args.vocab_size, args.out)
+
+
+def cmd_init_model(args) -> int:
+    from rlhf.modeling import run_init_model
+    return run_init_model(args.arch, args.preset, args.tokenizer, args.out, args.seed)
+
+
+def cmd_sample(args) -> int:
+    from rlhf.sample import run_sample
+    return run_sample(args.out, args.seed)
+
+
+def cmd_validate(args) -> int:
+    from rlhf.data import validate
+    return validate(args.file, args.kind)
+
+
+def cmd_sft(args) -> int:
+    from rlhf.sft import run_sft
+    cfg = _config(args)
+    cfg.model.path = args.model
+    cfg.data.train = args.data
+    summary = run_sft(cfg, args.model, args.data, args.output, args.resume)
+    print(_summary_line("sft", summary))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from reward.trainer import run_rm
+    cfg = _config(args)
+    cfg.model.path = args.model
+    cfg.data.train = args.data
+    summary = run_rm(cfg, args.model, args.data, args.output, args.resume)
+    print(_summary_line("rm", summary))
+    return 0
+
+
+def cmd_rm_eval(args) -> int:
+    from reward.evaluate import run_rm_eval
+    return run_rm_eval(args.model, args.data, _config(args))
+
+
+def cmd_ppo(args) -> int:
+    from rlhf.ppo import run_ppo
+    cfg = _config(args)
+    summary = run_ppo(cfg, args.policy, args.reward, args.prompts, args.output, args.resume)
+    print(_summary_line("ppo", summary))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from rlhf.generation import run_generate
+    return run_generate(args.model, args.prompts, args.out, args.config, args.set)
+
+
+def cmd_sweep(args) -> int:
+    from rlhf.sweep import run_sweep
+    return run_sweep(args.config, args.set or [], args.resume, args.output)
+
+
+def cmd_pipeline(args) -> int:
+    from rlhf.pipeline import run_pipeline
+    return run_pipeline(args.config, args.output, args.set or [], args.resume)
+
+
+def _summary_line(name: str, summary: dict) -> str:
+    parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()]
+    return f"{name}: done; " + ", ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF for MOSS-style chat models on Ray: "
+                                     "SFT, a preference model from ranked responses, and PPO.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("tokenizer", cmd_tokenizer, "train a byte-level BPE with the MOSS special tokens")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL files (dialogues, prompts or preferences)")
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--out", required=True)
+
+    p = add("init-model", cmd_init_model, "write a randomly initialised model in HF format")
+    p.add_argument("--arch", choices=["codegen", "llama"], default="codegen", help="codegen is moss-moon-003's")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("sample", cmd_sample, "write the bundled synthetic MOSS task (SFT, prompts, ranked preferences)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("validate", cmd_validate, "check a data file; every bad line reported as PATH:LINE: FIELD: problem")
+    p.add_argument("file")
+    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True)
+
+    p = add("sft", cmd_sft, "supervised fine-tuning on MOSS dialogues")
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--data", required=True)
+    p.add_argument("--output", required=True)
+    _train_args(p)
+
+    p = add("rm", cmd_rm, "train a preference model from ranked responses")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--output", required=True)
+    _train_args(p)
+
+    p = add("rm-eval", cmd_rm_eval, "print pairwise_accuracy, pairs and mean_margin of a preference model as JSON")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = add("ppo", cmd_ppo, "PPO on Ray with policy, reference, reward and critic role groups")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--reward", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--output", required=True)
+    _train_args(p)
+
+    p = add("generate", cmd_generate, "write one reply per prompt (MOSS sampling defaults)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+    p = add("sweep", cmd_sweep, "a Ray Tune sweep over any training command's config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--output", default="runs/sweep")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true")
+
+    p = add("pipeline", cmd_pipeline, "sample data -> tokenizer -> model -> SFT -> RM -> PPO -> report")
+    p.add_argument("--config", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rlhf.config import ConfigError
+    from rlhf.data import DataFileError
+    try:
+        from rlhf.modeling import ModelLoadError
+    except ImportError:  # transformers missing: let the command itself say so
+        ModelLoadError = RuntimeError  # type: ignore[misc,assignment]
+    try:
+        return int(args.fn(args) or 0)
+    except DataFileError as err:
+        for e in err.errors:
+            print(str(e), file=sys.stderr)
+        return 1
+    except (ConfigError, ModelLoadError) as err:
+        print(f"rlhf {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhf {args.command}: interrupted; rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Model building and loading: tiny random presets, MOSS-aware tokenizer/model loading, LoRA, atomic saves.
+
+Every trainer loads and saves models through here, so the checks (MOSS special tokens, safetensors only) and
+the on-disk layout (HF directory, PEFT adapter in `adapter/`) are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from typing import Any
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+from rlhf.moss import EOH, EOM, PAD
+
+
+class ModelLoadError(Exception):
+    """A model or tokenizer could not be loaded; the message is one line saying what to fix."""
+
+
+# Sizes for random models. CodeGen is moss-moon-003's architecture; Llama is the common alternative.
+# "tiny" trains a few hundred SFT steps in about a minute on two CPU cores.
+PRESETS: dict[str, dict[str, dict]] = {
+    "codegen": {
+        "tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 16, "n_inner": 256,
+                 "n_positions": 512, "n_ctx": 512},
+        "small": {"n_embd": 256, "n_layer": 4, "n_head": 8, "rotary_dim": 16, "n_inner": 1024,
+                  "n_positions": 1024, "n_ctx": 1024},
+    },
+    "llama": {
+        "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
+        "small": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                  "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 1024},
+    },
+}
+
+# Attention projections are where LoRA pays off most for its size.
+LORA_TARGETS: dict[str, list[str]] = {
+    "codegen": ["qkv_proj", "out_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _resolve(path_or_id: str, what: str) -> str:
+    """A local directory, or a hub id; offline, a hub id must already be in the local cache.
+
+    Resolving offline ids to their cached snapshot ourselves keeps transformers from probing the hub for
+    side files (adapter configs) even when HF_HUB_OFFLINE=1 was set after it was imported.
+    """
+    if os.path.exists(path_or_id):
+        return path_or_id
+    if not _HUB_ID.match(path_or_id) or path_or_id.startswith((".", "/")):
+        raise ModelLoadError(f"{what} path {path_or_id!r} does not exist; pass a local model directory "
+                             f"or a hub id like org/name")
+    if not _offline():
+        return path_or_id
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path_or_id, local_files_only=True)
+    except Exception as error:  # not cached, in any of the ways huggingface_hub reports it
+        raise ModelLoadError(f"{what} {path_or_id!r} is not in the local hub cache and HF_HUB_OFFLINE=1 forbids "
+                             f"downloading; download it first or pass a local directory") from error
+
+
+def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
+    """The id of `token` if it encodes as exactly one id inside text, else None."""
+    ids = tokenizer.encode(f"a{token}b", add_special_tokens=False)
+    alone = tokenizer.encode(token, add_special_tokens=False)
+    if len(alone) != 1 or alone[0] not in ids:
+        return None
+    return alone[0]
+
+
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer that has the MOSS end tokens as single tokens and a pad token."""
+    source = _resolve(path_or_id, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  local_files_only=_offline())
+    except Exception as error:  # any loader failure becomes one readable line
+        raise ModelLoadError(f"could not load a tokenizer from {path_or_id!r} ({_one_line(error)}); "
+                             f"check the path or pass --trust-remote-code for custom tokenizers") from error
+    missing = [t for t in (EOH, EOM) if _single_token_id(tokenizer, t) is None]
+    if missing:
+        raise ModelLoadError(f"tokenizer {path_or_id!r} lacks the MOSS special tokens {' '.join(missing)} as "
+                             f"single tokens; retrain it with `rlhf tokenizer` or add them as special tokens")
+    if tokenizer.pad_token is None:
+        # Padding is masked out, so any single token works; `<pad>` keeps it distinct from the end token.
+        tokenizer.pad_token = PAD if _single_token_id(tokenizer, PAD) is not None else (tokenizer.eos_token or EOM)
+    return tokenizer
+
+
+def load_causal_lm(path_or_id: str, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM from safetensors weights only: pickled checkpoints from user paths can run code."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    source = _resolve(path_or_id, "model")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True,
+                                                    trust_remote_code=trust_remote_code,
+                                                    local_files_only=_offline())
+    except Exception as error:  # any loader failure becomes one readable line
+        raise ModelLoadError(f"could not load a causal LM from {path_or_id!r} ({_one_line(error)}); it must be "
+                             f"an HF directory with safetensors weights (convert .bin checkpoints first)") from error
+
+
+def init_model(arch: str, preset: str, tokenizer_dir: str, out_dir: str, seed: int = 0) -> str:
+    """Write a randomly initialised `arch` model of size `preset`, with the tokenizer, to out_dir."""
+    if arch not in PRESETS:
+        raise ValueError(f"--arch {arch!r} is unknown; use one of {', '.join(PRESETS)}")
+    if preset not in PRESETS[arch]:
+        raise ValueError(f"--preset {preset!r} is unknown for {arch}; use one of {', '.join(PRESETS[arch])}")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos_id
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=eos_id, bos_token_id=bos_id, **PRESETS[arch][preset])
+    # Fork the RNG so a seeded init neither depends on nor disturbs the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = eos_id
+    model.generation_config.bos_token_id = bos_id
+    save_pretrained_atomic(model, tokenizer, out_dir)
+    return out_dir
+
+
+def run_init_model(arch: str, preset: str, tokenizer: str, out: str, seed: int = 0) -> int:
+    """`rlhf init-model`: write a random model and print a one-line summary."""
+    try:
+        init_model(arch, preset, tokenizer, out, seed)
+    except (ModelLoadError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"init-model: {arch}/{preset} with {params:,} parameters, vocab {model.config.vocab_size}, "
+          f"seed {seed} -> {out}")
+    return 0
+
+
+def apply_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float,
+               target_modules: list[str] | str = "auto") -> Any:
+    """Wrap `model` with LoRA adapters; "auto" targets the attention projections of known architectures."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if r <= 0:
+        raise ValueError(f"LoRA rank r={r} must be positive; set lora.r to e.g. 8")
+    targets: list[str] | str | None = target_modules
+    if target_modules == "auto":
+        model_type = getattr(model.config, "model_type", "")
+        if model_type in LORA_TARGETS:
+            targets = LORA_TARGETS[model_type]
+        elif model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+            targets = None  # PEFT knows this architecture
+        else:
+            targets = "all-linear"
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _merged_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The base model's weights with the active LoRA deltas added, leaving the training model untouched
+    (merge_and_unload would mutate it, and a deep copy would double memory)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    adapter = peft_model.active_adapter
+    state = dict(base.state_dict())
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                key = f"{name}.base_layer.weight"
+                state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if "lora_" in key or ".original_module." in key:
+            continue
+        key = key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")
+        merged[key] = value
+    return merged
+
+
+def save_pretrained_atomic(model: Any, tokenizer: PreTrainedTokenizerBase | None, out_dir: str,
+                           merge_lora: bool = True, extra_files: dict[str, str] | None = None) -> str:
+    """Save an HF directory so readers see either the old directory or the complete new one, never half.
+
+    A PEFT model is saved as its adapter in `out_dir/adapter/` and, with merge_lora, as the merged full
+    model at the top level so plain transformers can load it.
+    """
+    out_dir = os.path.abspath(out_dir)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    if _is_peft(model):
+        adapter_dir = os.path.join(tmp, "adapter")
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(adapter_dir)
+        if merge_lora:
+            model.get_base_model().save_pretrained(tmp, state_dict=_merged_state_dict(model))
+    else:
+        model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    if os.path.exists(out_dir):
+        # Two renames keep the window without a complete directory as short as it can be.
+        aside = f"{out_dir}.old-{os.getpid()}"
+        os.rename(out_dir, aside)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(aside)
+    else:
+        os.rename(tmp, out_dir)
+    return out_dir

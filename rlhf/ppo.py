@@ -1,0 +1,364 @@
+"""`rlhf ppo`: the single controller that drives one PPO iteration after another over four role groups.
+
+The loop reads like the paper: roll out MOSS replies, score them (reference log-probs, reward and critic values
+asked for at once), shape rewards and compute advantages with the pure functions of `rlhf.ppo_math`, then update
+the policy and the critic. Experience moves between the groups as Ray object references.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from rlhf import ppo_math as pm
+from rlhf.batching import Batch, collate_prompts, collate_sft, pad, pad_rows
+from rlhf.config import Config, gradient_accumulation_steps, ranks, to_dict
+from rlhf.data import load_prompts
+from rlhf.metrics import Progress
+from rlhf.moss import Dialogue, split_reply, tokenize_prompt
+from rlhf.runs import RunDir, open_run, permutation, save_checkpoint
+
+
+@dataclass
+class ControllerState:
+    """What the controller itself must carry across a resume (the groups save their own engines)."""
+    iteration: int = 0
+    kl: dict = field(default_factory=dict)
+    score_moments: dict = field(default_factory=dict)
+
+
+def role_model(cfg: Config, role: str, policy: str, reward: str) -> str:
+    explicit = getattr(cfg.roles, role).model
+    if explicit:
+        return explicit
+    if role == "critic":
+        return reward if cfg.ppo.critic_init == "reward" else policy
+    return reward if role == "reward" else policy
+
+
+def needs_reference_group(cfg: Config) -> bool:
+    return not (cfg.roles.policy.lora.enabled and cfg.ppo.reference_from_lora_base)
+
+
+def needs_critic(cfg: Config) -> bool:
+    return cfg.ppo.estimator == "gae"
+
+
+class Roles:
+    """The run's role groups, placed as the config says (own placement groups or colocated on another's)."""
+
+    def __init__(self, cfg: Config, policy: str, reward: str):
+        import ray
+        from actors.group import RoleGroup, cluster_has_gpus, make_placement_group
+        from actors.worker import LMWorker, ScalarWorker
+        self.cfg = cfg
+        conf = to_dict(cfg)
+        use_gpu = cluster_has_gpus()
+        wanted = ["policy", "reward"] + (["reference"] if needs_reference_group(cfg) else []) + \
+                 (["critic"] if needs_critic(cfg) else [])
+        # Colocated roles share the host role's bundles: one placement group, each rank a fraction of a GPU.
+        hosts: dict[str, Any] = {}
+        for role in wanted:
+            layout = getattr(cfg.roles, role).layout
+            if not layout.colocate_with and any(getattr(cfg.roles, r).layout.colocate_with == role for r in wanted):
+                guests = [r for r in wanted if getattr(cfg.roles, r).layout.colocate_with == role]
+                cpus = layout.cpus_per_rank + sum(getattr(cfg.roles, g).layout.cpus_per_rank for g in guests)
+                hosts[role] = make_placement_group(f"{role}-shared", layout, use_gpu, cpus)
+        self.groups: dict[str, RoleGroup] = {}
+        kinds = {"policy": LMWorker, "reference": LMWorker, "reward": ScalarWorker, "critic": ScalarWorker}
+        for role in wanted:
+            layout = getattr(cfg.roles, role).layout
+            host = layout.colocate_with or role
+            if layout.colocate_with and host not in wanted:
+                raise SystemExit(f"roles.{role}.layout.colocate_with: {host} has no group in this run")
+            if layout.colocate_with and ranks(layout) > ranks(getattr(cfg.roles, host).layout):
+                raise SystemExit(f"roles.{role}.layout: {ranks(layout)} ranks do not fit the {ranks(getattr(cfg.roles, host).layout)} "
+                                 f"bundles of {host}, which it colocates with")
+            self.groups[role] = RoleGroup(role, kinds[role], layout, {"config": conf}, placement=hosts.get(host),
+                                          use_gpu=use_gpu)
+        self.hosts = hosts
+        rollouts = cfg.ppo.prompts_per_iteration * cfg.ppo.samples_per_prompt
+        refs = []
+        for role, group in self.groups.items():
+            rc = getattr(cfg.roles, role)
+            trainable = role in ("policy", "critic")
+            world = ranks(rc.layout)
+            accum = gradient_accumulation_steps(cfg.ppo.train_batch_size, rc.micro_batch_size, world)
+            steps = cfg.ppo.iterations * cfg.ppo.ppo_epochs * (rollouts // cfg.ppo.train_batch_size)
+            model = role_model(cfg, role, policy, reward)
+            refs += group.call("setup", model, trainable, conf["roles"][role]["deepspeed"],
+                               conf["roles"][role]["optim"] if trainable else None,
+                               conf["roles"][role]["lora"] if role != "reference" else None,
+                               rc.micro_batch_size, accum, steps)
+        ray.get(refs)
+
+    def placement(self) -> dict[str, list[dict]]:
+        return {role: group.node_info() for role, group in self.groups.items()}
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+        for group in self.groups.values():
+            group.shutdown()
+        for pg in self.hosts.values():
+            remove_placement_group(pg)
+
+
+def _experience(prompts: Batch, rollout: Batch) -> Batch:
+    """Prompt (left-padded) and reply (right-padded) side by side: what every scoring role reads."""
+    return {"sequences": torch.cat([prompts["input_ids"], rollout["response_ids"]], 1),
+            "attention_mask": torch.cat([prompts["attention_mask"], rollout["action_mask"]], 1),
+            "response_ids": rollout["response_ids"], "action_mask": rollout["action_mask"]}
+
+
+def advantages_for(cfg: Config, scores: torch.Tensor, rewards: torch.Tensor, values: Optional[torch.Tensor],
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The configured estimator; returns (advantages, returns) [B, R]."""
+    p = cfg.ppo
+    if p.estimator == "gae":
+        adv, ret = pm.gae(rewards, values, mask, p.gamma, p.lam)
+    elif p.estimator == "grpo":
+        adv = pm.grpo_advantages(scores, p.samples_per_prompt, action_mask=mask)
+        ret = adv
+    elif p.estimator == "rloo":
+        adv = pm.rloo_advantages(scores, p.samples_per_prompt, action_mask=mask)
+        ret = adv
+    else:
+        adv = pm.reinforce_pp_advantages(rewards, mask, p.gamma)
+        ret = adv
+    if p.whiten_advantages and p.estimator in ("gae", "rloo"):
+        adv = pm.masked_whiten(adv, mask)
+    return adv, ret
+
+
+class PPOTrainer:
+    """Holds the controller's state; `iteration()` is one pass of generate, score, advantages, update."""
+
+    def __init__(self, cfg: Config, roles: Roles, tokenizer, prompts: list[Dialogue], prompt_ids: list[list[int]],
+                 ptx: Optional[list[dict]], reward_stats: Optional[dict]):
+        self.cfg, self.roles, self.tokenizer = cfg, roles, tokenizer
+        self.prompts, self.prompt_ids, self.ptx = prompts, prompt_ids, ptx
+        p = cfg.ppo
+        self.kl_ctl = pm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
+        self.moments = pm.RunningMoments()
+        if reward_stats:  # start the running statistics from the preference model's own, so iteration 0 is sane
+            self.moments.load_state_dict({"mean": reward_stats["mean"], "var": reward_stats["std"] ** 2,
+                                          "count": p.prompts_per_iteration})
+        self.state = ControllerState()
+        self.gen = to_dict(cfg)["generation"]
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"iteration": self.state.iteration, "kl": self.kl_ctl.state_dict(),
+                "score_moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.iteration = int(state["iteration"])
+        self.kl_ctl.load_state_dict(state["kl"])
+        self.moments.load_state_dict(state["score_moments"])
+
+    # --- one iteration ---------------------------------------------------------------------------------
+    def prompt_batch(self, iteration: int) -> list[int]:
+        n = self.cfg.ppo.prompts_per_iteration
+        per_epoch = len(self.prompt_ids) // n
+        epoch, index = divmod(iteration, per_epoch)
+        order = permutation(len(self.prompt_ids), self.cfg.seed, epoch)[index * n:(index + 1) * n]
+        return [i for i in order for _ in range(self.cfg.ppo.samples_per_prompt)]
+
+    def iteration(self, it: int) -> dict:
+        import ray
+        cfg, p, g = self.cfg, self.cfg.ppo, self.roles.groups
+        timings: dict[str, float] = {}
+        began = time.time()
+        rows = self.prompt_batch(it)
+        prompts = collate_prompts([self.prompt_ids[i] for i in rows], self.tokenizer.pad_token_id)
+        rollout = g["policy"].run("generate", ray.put(prompts), self.gen)
+        timings["time/generate"] = time.time() - began
+
+        t = time.time()
+        exp = _experience(prompts, rollout)
+        exp_ref = ray.put(exp)
+        # Nothing waits on what it does not need: all four roles read the same experience at once.
+        calls = {"old_logprobs": ("policy", "logprobs"), "scores": ("reward", "score")}
+        calls["ref_logprobs"] = ("reference", "logprobs") if "reference" in g else ("policy", "reference_logprobs")
+        if "critic" in g:
+            calls["values"] = ("critic", "values")
+        pending = {name: (role, method, g[role].call(method, exp_ref)) for name, (role, method) in calls.items()}
+        got = {name: g[role].gather(method, refs) for name, (role, method, refs) in pending.items()}
+        timings["time/score"] = time.time() - t
+
+        mask = exp["action_mask"].float()
+        raw = got["scores"].float()
+        ended = rollout["ended"].float()
+        scores = raw + p.no_eom_penalty * (1 - ended)
+        norm = pm.normalize_scores(scores, self.moments, p.reward_clip or None) if p.reward_normalize else scores
+        rewards, kl = pm.shape_rewards(norm, got["old_logprobs"], got["ref_logprobs"], mask, self.kl_ctl.coef,
+                                       p.kl_estimator)
+        values = got.get("values")
+        advantages, returns = advantages_for(cfg, norm, rewards, values, mask)
+        train = {**exp, "old_logprobs": got["old_logprobs"], "advantages": advantages}
+        if values is not None:
+            train |= {"old_values": values, "returns": returns}
+
+        t = time.time()
+        stats = self.update(train, warmup=it < p.critic_warmup_iterations)
+        timings["time/train"] = time.time() - t
+
+        kl_per_reply = pm.masked_sum(kl, mask, dim=1)
+        self.kl_ctl.update(float(kl_per_reply.mean()), len(rows))
+        lengths = mask.sum(1)
+        tokens = float(mask.sum())
+        logp = got["old_logprobs"]
+        metrics = {
+            "ppo/reward_raw": float(raw.mean()), "ppo/reward": float(scores.mean()), "ppo/reward_norm": float(norm.mean()),
+            "ppo/kl": float(kl_per_reply.mean()), "ppo/kl_coef": float(self.kl_ctl.coef),
+            "ppo/response_length": float(lengths.mean()), "ppo/ended_fraction": float(ended.mean()),
+            "ppo/perplexity": math.exp(-float(pm.masked_mean(logp, mask))),
+            "ppo/advantage_mean": float(pm.masked_mean(advantages, mask)),
+            "ppo/return_mean": float(pm.masked_mean(returns, mask)),
+            "ppo/tokens_per_s": tokens / max(1e-9, time.time() - began), **stats, **timings,
+        }
+        if values is not None:
+            metrics["ppo/value_mean"] = float(pm.masked_mean(values, mask))
+        from rlhf.sample import prompt_key, rule_score
+        texts = self.decode(rollout)
+        picked = [self.prompts[i] for i in rows]
+        if all(prompt_key(d) is not None for d in picked):
+            metrics["ppo/rule_score"] = sum(rule_score(d, r) for d, r in zip(picked, texts)) / len(texts)
+        self.state.iteration = it + 1
+        return metrics
+
+    def update(self, train: Batch, warmup: bool) -> dict:
+        """PPO epochs over shuffled minibatches of the rollouts; policy and critic step side by side."""
+        import ray
+        cfg, p, g = self.cfg, self.cfg.ppo, self.roles.groups
+        n = train["response_ids"].shape[0]
+        sums: dict[str, float] = {}
+        steps = 0
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.state.iteration)
+        for epoch in range(p.ppo_epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, p.train_batch_size):
+                idx = order[start:start + p.train_batch_size]
+                mb = {k: v[idx] for k, v in train.items()}
+                num_tokens = int(mb["action_mask"].sum())
+                mb_ref = ray.put(mb)
+                refs = {}
+                if not warmup:
+                    ptx, ptx_tokens = self.ptx_batch(len(idx))
+                    refs["policy"] = g["policy"].call("ppo_step", mb_ref, num_tokens, p.clip_eps, p.entropy_coef,
+                                                      ptx, ptx_tokens, p.ptx_coef)
+                if "critic" in g:
+                    refs["critic"] = g["critic"].call("value_step", mb_ref, num_tokens, p.value_clip_eps,
+                                                      p.value_loss_coef)
+                for role, r in refs.items():
+                    out = g[role].gather("ppo_step" if role == "policy" else "value_step", r)
+                    for k, v in out.items():
+                        key = f"ppo/{k}"
+                        sums[key] = sums.get(key, 0.0) + (float(v.mean()) if "grad_norm" in k else float(v.sum()))
+                steps += 1
+        return {k: v / max(1, steps) for k, v in sums.items()}
+
+    def ptx_batch(self, rows: int) -> tuple[Optional[Any], int]:
+        if not self.ptx or self.cfg.ppo.ptx_coef <= 0:
+            return None, 0
+        import random
+        import ray
+        rng = random.Random(self.cfg.seed + 31 * self.state.iteration)
+        batch = collate_sft([self.ptx[rng.randrange(len(self.ptx))] for _ in range(rows)], self.tokenizer.pad_token_id)
+        return ray.put(batch), int(batch["loss_mask"][:, 1:].sum())
+
+    def decode(self, rollout: Batch) -> list[str]:
+        out = []
+        for ids, mask in zip(rollout["response_ids"], rollout["action_mask"]):
+            text = self.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
+            out.append(split_reply(text))
+        return out
+
+    def replies(self, prompts: list[Dialogue], greedy: bool = False) -> list[str]:
+        """Replies of the current policy to held-out prompts, sampled with the run's generation settings."""
+        import ray
+        world = ranks(self.cfg.roles.policy.layout)
+        ids = [tokenize_prompt(d, self.tokenizer, self.cfg.data.max_prompt_length, self.cfg.data.plugin) for d in prompts]
+        batch, real = pad_rows(collate_prompts(ids, self.tokenizer.pad_token_id), world)
+        gen = dict(self.gen, do_sample=not greedy)
+        rollout = self.roles.groups["policy"].run("generate", ray.put(batch), gen)
+        return self.decode({k: v[:real] for k, v in rollout.items()})
+
+
+def rule_score_of(prompts: list[Dialogue], replies: list[str]) -> Optional[float]:
+    from rlhf.sample import prompt_key, score_responses
+    if not prompts or any(prompt_key(d) is None for d in prompts):
+        return None
+    return score_responses(prompts, replies)
+
+
+def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: str, resume: bool = False) -> dict:
+    import ray
+    from actors.runtime import ensure_ray
+    from rlhf.modeling import ModelLoadError, load_tokenizer
+    from reward.model import load_reward_stats
+    from rlhf.sft import encode_dialogues
+
+    cfg.model.path, cfg.data.train = policy, prompts_path
+    tokenizer = load_tokenizer(cfg.model.tokenizer or policy, cfg.model.trust_remote_code)
+    reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)
+    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ModelLoadError(f"{reward}: the reward model's tokenizer differs from the policy's ({policy}); "
+                             "PPO scores the policy's token ids, so train the reward model from the same tokenizer")
+    prompts = load_prompts(prompts_path)
+    held_out = load_prompts(cfg.data.eval)[: cfg.ppo.eval_prompts] if cfg.data.eval else []
+    ptx = encode_dialogues(cfg.data.ptx, tokenizer, cfg) if cfg.data.ptx and cfg.ppo.ptx_coef > 0 else None
+    if len(prompts) < cfg.ppo.prompts_per_iteration:
+        raise SystemExit(f"{prompts_path}: {len(prompts)} prompts is fewer than ppo.prompts_per_iteration "
+                         f"({cfg.ppo.prompts_per_iteration})")
+    prompt_ids = [tokenize_prompt(d, tokenizer, cfg.data.max_prompt_length, cfg.data.plugin) for d in prompts]
+    run = open_run(output, cfg, resume)
+
+    cpus = sum(getattr(cfg.roles, r).layout.cpus_per_rank * ranks(getattr(cfg.roles, r).layout)
+               for r in ("policy", "reference", "reward", "critic"))
+    ensure_ray(cfg.ray, cpus)
+    roles = Roles(cfg, policy, reward)
+    try:
+        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, load_reward_stats(reward))
+        with open(f"{output}/placement.json", "w", encoding="utf-8") as f:
+            json.dump(roles.placement(), f, indent=1)
+        summary: dict = {}
+        if run.resume_from:
+            ray.get([r for grp in roles.groups.values() for r in grp.call("load_checkpoint", run.resume_from)])
+            from rlhf.checkpoint import read_meta
+            trainer.load_state_dict(read_meta(run.resume_from)["controller"])
+        elif held_out:
+            start_score = rule_score_of(held_out, trainer.replies(held_out))
+            if start_score is not None:
+                summary["eval/rule_score_start"] = start_score
+                run.metrics.log(0, {"eval/rule_score": start_score})
+        progress = Progress(cfg.ppo.iterations, desc="ppo", enabled=cfg.logging.progress,
+                            initial=trainer.state.iteration)
+        for it in range(trainer.state.iteration, cfg.ppo.iterations):
+            metrics = trainer.iteration(it)
+            done = it + 1
+            run.metrics.log(done, metrics)
+            progress.update(1, reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.ppo.iterations:
+                _checkpoint(run, roles, trainer, done)
+        progress.close()
+        _checkpoint(run, roles, trainer, cfg.ppo.iterations)
+        if held_out:
+            end_score = rule_score_of(held_out, trainer.replies(held_out))
+            if end_score is not None:
+                summary["eval/rule_score"] = end_score
+                run.metrics.log(cfg.ppo.iterations, {"eval/rule_score": end_score})
+        ray.get(roles.groups["policy"].call("save_pretrained", run.final, cfg.roles.policy.lora.merge_on_save))
+        return summary | {"final": run.final}
+    finally:
+        run.metrics.close()
+        roles.shutdown()
+
+
+def _checkpoint(run: RunDir, roles: Roles, trainer: PPOTrainer, step: int) -> str:
+    trained = [(roles.groups[r], {}) for r in ("policy", "critic") if r in roles.groups]
+    return save_checkpoint(run, trained, step, {"controller": trainer.state_dict()})

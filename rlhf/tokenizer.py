@@ -1,0 +1,96 @@
+"""Train a byte-level BPE tokenizer with the MOSS special tokens, for tiny models trained from scratch.
+
+Byte-level BPE decodes back to exactly the input (Chinese included), and the MOSS end tokens are registered
+as special so they stay single ids wherever they appear in text, as in the MOSS-003 tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from rlhf.data import DataError, DataFileError, _read_objects, parse_preference
+from rlhf.moss import EOM, PAD, SPECIAL_TOKENS, Dialogue, FieldError, render
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreTrainedTokenizerFast:
+    """Train on `texts`, save to out_dir with save_pretrained, and return the HF tokenizer."""
+    specials = SPECIAL_TOKENS + [PAD]
+    minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(specials)
+    if vocab_size <= minimum:
+        raise ValueError(f"--vocab-size {vocab_size} is too small: the 256 bytes and {len(specials)} special "
+                         f"tokens alone need {minimum}; use at least {minimum + 100}")
+    backend = Tokenizer(models.BPE())
+    # No prefix space: decode(encode(x)) must give back x exactly.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        # Every byte is in the vocabulary, so no text is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
+    )
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=EOM,
+        pad_token=PAD,
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t != EOM],
+        # Cleaning up spaces would break the exact round trip.
+        clean_up_tokenization_spaces=False,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def _texts_of_record(obj: object) -> list[str]:
+    """Rendered MOSS text of one record of any kind; raises FieldError on bad input."""
+    if isinstance(obj, dict) and ("responses" in obj or "chosen" in obj):
+        preference = parse_preference(obj)
+        dialogues = [preference.prompt.with_reply(r) for r in preference.responses]
+    else:
+        dialogues = [Dialogue.from_json(obj)]  # an SFT dialogue or a prompt
+    texts = []
+    for dialogue in dialogues:
+        texts.append(render(dialogue))
+        # The plugin model sees `None` segments and a different prompt ending; train on that text too.
+        if any(turn.has_tools for turn in dialogue.turns):
+            texts.append(render(dialogue, plugin=True))
+    return texts
+
+
+def texts_from_files(paths: list[str]) -> Iterator[str]:
+    """Rendered MOSS text of every record in JSONL files of any kind (SFT, prompts, preferences)."""
+    for path in paths:
+        objects, errors = _read_objects(path)
+        texts: list[str] = []
+        for line, obj in objects:
+            try:
+                texts.extend(_texts_of_record(obj))
+            except FieldError as e:
+                errors.append(DataError(path, line, e.field, e.message))
+        if not errors and not texts:
+            errors.append(DataError(path, 0, "file", "no records; the file is empty"))
+        # A file with errors is never half-used, so texts are only yielded once the whole file parsed.
+        if errors:
+            raise DataFileError(sorted(errors, key=lambda e: e.line))
+        yield from texts
+
+
+def run_tokenizer(data: list[str], vocab_size: int, out: str) -> int:
+    """`rlhf tokenizer`: train on the data files and print a one-line summary."""
+    try:
+        tokenizer = train_tokenizer(texts_from_files(data), vocab_size, out)
+    except (DataFileError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"tokenizer: byte-level BPE, vocab {len(tokenizer)} (asked {vocab_size}), "
+          f"trained on {len(data)} file(s) -> {out}")
+    return 0

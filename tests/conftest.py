@@ -1,0 +1,36 @@
+"""Shared fixtures: the bundled sample, an offline tokenizer and a tiny CodeGen model, built once per session,
+and a local Ray that a test module starts and shuts down itself."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    """Sample data, tokenizer and a random tiny CodeGen model (moss-moon-003's architecture)."""
+    from rlhf.modeling import init_model
+    from rlhf.sample import write_sample
+    from rlhf.tokenizer import texts_from_files, train_tokenizer
+    root = tmp_path_factory.mktemp("tiny")
+    paths = write_sample(str(root / "data"), seed=0)
+    train_tokenizer(texts_from_files([paths["sft_train"], paths["prefs_train"], paths["plugin_sft"]]), 800,
+                    str(root / "tok"))
+    init_model("codegen", "tiny", str(root / "tok"), str(root / "base"), seed=0)
+    return {"root": str(root), "tokenizer": str(root / "tok"), "base": str(root / "base"), **paths}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="tests",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
