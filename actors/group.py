@@ -71,7 +71,8 @@ class RoleGroup:
             ).remote(role, rank, self.world_size, num_threads=threads, **init_kwargs)
             for rank in range(self.world_size)
         ]
-        addr, port = ray.get(self.workers[0].master_endpoint.remote())
+        one_node = len({info["node_id"] for info in self.node_info()}) == 1
+        addr, port = ray.get(self.workers[0].master_endpoint.remote(one_node))
         ray.get([w.init_distributed.remote(addr, port) for w in self.workers])
         self._gather = {name: getattr(getattr(worker_cls, name), "gather", None) for name in dir(worker_cls)
                         if callable(getattr(worker_cls, name, None)) and not name.startswith("__")}

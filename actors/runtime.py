@@ -19,6 +19,5 @@ def ensure_ray(cfg: RayConfig, cpus_needed: float) -> bool:
     # Logical CPUs, not cores: roles that mostly wait (reference, reward) may share a core on a small machine.
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
     ray.init(num_cpus=num_cpus, namespace=cfg.namespace, include_dashboard=cfg.include_dashboard,
-             dashboard_host=cfg.dashboard_host, runtime_env=env, log_to_driver=True,
-             _node_ip_address="127.0.0.1")
+             dashboard_host=cfg.dashboard_host, runtime_env=env, log_to_driver=True)
     return True

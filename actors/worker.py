@@ -54,9 +54,10 @@ class RankWorker:
                 "hostname": socket.gethostname(), "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "cuda": self.cuda}
 
-    def master_endpoint(self) -> tuple[str, int]:
+    def master_endpoint(self, loopback: bool) -> tuple[str, int]:
+        """Address and free port for the group's rendezvous: loopback when every rank shares this node."""
         import ray
-        ip = ray.util.get_node_ip_address()
+        ip = "127.0.0.1" if loopback else ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]

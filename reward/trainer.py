@@ -50,7 +50,7 @@ def run_rm(cfg: Config, model: str, data: str, output: str, resume: bool = False
     run = open_run(output, cfg, resume)
     pad_id = tokenizer.pad_token_id
 
-    ensure_ray(cfg.ray, world * cfg.layout.cpus_per_rank)
+    started = ensure_ray(cfg.ray, world * cfg.layout.cpus_per_rank)
     group = RoleGroup("reward", ScalarWorker, cfg.layout, {"config": to_dict(cfg)})
     try:
         conf = to_dict(cfg)
@@ -88,7 +88,8 @@ def run_rm(cfg: Config, model: str, data: str, output: str, resume: bool = False
                        "train/mean_margin": sum(p["margin_sum"] for p in parts) / pairs,
                        "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
                        "train/grad_norm": parts[0]["grad_norm"], "train/pairs_per_s": pairs / (time.time() - began),
-                       "train/responses_encoded": sum(p["encoded"] for p in parts), "train/pairs": pairs}
+                       "train/responses_encoded": sum(p["encoded"] for p in parts), "train/pairs": pairs,
+                       "train/responses": sum(len(lst.rows) for lst in lists)}
             if cfg.rm.lm_loss_coef:
                 metrics["train/lm_loss"] = sum(p["lm_loss"] for p in parts)
             done = step + 1
@@ -115,3 +116,5 @@ def run_rm(cfg: Config, model: str, data: str, output: str, resume: bool = False
     finally:
         run.metrics.close()
         group.shutdown()
+        if started:
+            ray.shutdown()

@@ -12,7 +12,7 @@ import pickle
 import random
 import re
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,16 @@ META_FILE = "meta.json"
 COMPLETE_FILE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _SCRATCH_DIR = re.compile(r"^\.(?:tmp|old)-step_(\d+)-(\d+)$")
+
+# Opt-in: a sweep's trial installs one so Ray Tune learns of every committed checkpoint (PBT restores them).
+_on_commit: Callable[[int, str], None] | None = None
+
+
+def set_commit_hook(fn: Callable[[int, str], None] | None) -> Callable[[int, str], None] | None:
+    """Install `fn(step, path)` to be called after every `CheckpointManager.commit`; returns the previous one."""
+    global _on_commit
+    previous, _on_commit = _on_commit, fn
+    return previous
 
 
 class CheckpointError(Exception):
@@ -140,6 +150,8 @@ class CheckpointManager:
         _fsync_dir(self.root)
         self._prune()
         self._remove_stale(step)
+        if _on_commit is not None:
+            _on_commit(int(step), final)
         return final
 
     def _complete(self) -> list[tuple[int, str]]:

@@ -190,6 +190,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, ModelLoadError) as err:
         print(f"rlhf {args.command}: {err}", file=sys.stderr)
         return 2
+    except SystemExit as err:  # a trainer refusing its input says why in one line
+        if isinstance(err.code, str):
+            print(f"rlhf {args.command}: {err.code}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted; rerun with --resume to continue from the last checkpoint",
               file=sys.stderr)

@@ -12,12 +12,23 @@ import numbers
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+Reporter = Callable[[int, dict], None]
+# Opt-in: a sweep's trial installs one so every logged step also reaches Ray Tune; None everywhere else.
+_reporter: Optional[Reporter] = None
+
+
+def set_reporter(fn: Optional[Reporter]) -> Optional[Reporter]:
+    """Install `fn(step, metrics)` to be called after every `MetricsLogger.log`; returns the previous one."""
+    global _reporter
+    previous, _reporter = _reporter, fn
+    return previous
 
 
 def _to_number(key: str, value: Any) -> float | int:
@@ -82,6 +93,8 @@ class MetricsLogger:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, global_step=int(step))
             self._writer.flush()
+        if _reporter is not None:
+            _reporter(int(step), values)
 
     def truncate_after(self, step: int) -> None:
         """For resume: drop the lines (and TensorBoard points) after `step`, the step of the checkpoint resumed."""

@@ -320,7 +320,7 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
 
     cpus = sum(getattr(cfg.roles, r).layout.cpus_per_rank * ranks(getattr(cfg.roles, r).layout)
                for r in ("policy", "reference", "reward", "critic"))
-    ensure_ray(cfg.ray, cpus)
+    started = ensure_ray(cfg.ray, cpus)
     roles = Roles(cfg, policy, reward)
     try:
         trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, load_reward_stats(reward))
@@ -357,6 +357,8 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
     finally:
         run.metrics.close()
         roles.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def _checkpoint(run: RunDir, roles: Roles, trainer: PPOTrainer, step: int) -> str:

@@ -35,7 +35,7 @@ def run_sft(cfg: Config, model: str, data: str, output: str, resume: bool = Fals
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     run = open_run(output, cfg, resume)
 
-    ensure_ray(cfg.ray, world * cfg.layout.cpus_per_rank)
+    started = ensure_ray(cfg.ray, world * cfg.layout.cpus_per_rank)
     group = RoleGroup("sft", LMWorker, cfg.layout, {"config": to_dict(cfg)})
     try:
         grad_accum = gradient_accumulation_steps(batch, cfg.train.micro_batch_size, world)
@@ -86,3 +86,5 @@ def run_sft(cfg: Config, model: str, data: str, output: str, resume: bool = Fals
     finally:
         run.metrics.close()
         group.shutdown()
+        if started:
+            ray.shutdown()

@@ -30,7 +30,31 @@ def local_ray():
     import ray
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="tests",
+    ray.init(num_cpus=4, include_dashboard=False, namespace="tests",
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
+
+
+def run_cli(*argv: str) -> int:
+    from rlhf.cli import main
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="session")
+def sft_run(tiny) -> str:
+    """`rlhf sft` on the sample (two CPU ranks, ZeRO-2), run once for every test that needs an SFT policy."""
+    out = f"{tiny['root']}/sft"
+    assert run_cli("sft", "--config", "configs/tiny/sft.yaml", "--model", tiny["base"], "--data", tiny["sft_train"],
+                   "--set", f"data.eval={tiny['sft_eval']}", "--set", "logging.progress=false", "--output", out) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def rm_run(tiny, sft_run) -> str:
+    """`rlhf rm` from the SFT model on the sample's ranked lists, run once."""
+    out = f"{tiny['root']}/rm"
+    assert run_cli("rm", "--config", "configs/tiny/rm.yaml", "--model", f"{sft_run}/final", "--data",
+                   tiny["prefs_train"], "--set", f"data.eval={tiny['prefs_eval']}", "--set", "logging.progress=false",
+                   "--output", out) == 0
+    return out
