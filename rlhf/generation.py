@@ -7,6 +7,7 @@ every iteration hands the controller batches of the same shape (see DESIGN.md, "
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,8 @@ def _generate_kwargs(gen: dict, eos_ids: list[int], pad_id: int, synced: bool) -
 
 
 def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: dict, eos_ids: list[int],
-            pad_id: int, device: Any, synced: bool, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            pad_id: int, device: Any, synced: bool,
+            micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generate after left-padded prompts in micro-batches.
 
     Returns the new tokens [b, max_new_tokens] right-padded with pad_id, the written length of each row
@@ -199,8 +201,6 @@ def generate_texts(model_path: str, dialogues: Sequence[Dialogue], gen: Generati
                    plugin: bool, batch_size: int = 16, seed: int = 0) -> list[str]:
     """Reply texts of the model at model_path to dialogues (prompts, or dialogues whose last reply is
     dropped), in order; seeded without disturbing the caller's random state."""
-    import dataclasses
-
     from rlhf.modeling import load_causal_lm, load_tokenizer
     from rlhf.plugins import default_registry
 
@@ -224,7 +224,8 @@ def generate_texts(model_path: str, dialogues: Sequence[Dialogue], gen: Generati
             else:
                 out = generate_replies(model, batch, gen_dict, eom_id, tokenizer.pad_token_id, device,
                                        micro_batch=batch_size)
-            texts += [reply_text(tokenizer, r, m, eom_id, plugin) for r, m in zip(out["response_ids"], out["action_mask"])]
+            texts += [reply_text(tokenizer, r, m, eom_id, plugin)
+                      for r, m in zip(out["response_ids"], out["action_mask"])]
     return texts
 
 

@@ -22,13 +22,14 @@ def test_calculator_answers_exactly_like_moss(expression, expected):
 
 @pytest.mark.parametrize("expression", [
     "__import__('os')", "__import__(\"os\").system(\"ls\")", "().__class__", "9**9**9", "(2^1000)^1000",
-    "1e101", "exp(exp(exp(100)))", "1/0", "log(0)", "sqrt(-1)", "x+1", "2+", "1+" * 150 + "1", "(" * 80 + "1" + ")" * 80,
+    "1e101", "exp(exp(exp(100)))", "1/0", "log(0)", "sqrt(-1)", "x+1", "2+", "1+" * 150 + "1",
+    "(" * 80 + "1" + ")" * 80,
 ])
 def test_calculator_refuses_unsafe_or_unbounded_input_quickly(expression):
     start = time.monotonic()
     with pytest.raises(ToolError):
         calculator(expression)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.0  # refused by a bound, not by the timeout
 
 
 @pytest.mark.parametrize("equations, expected", [

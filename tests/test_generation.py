@@ -1,0 +1,193 @@
+"""Rollouts from a real tiny model (shapes, the <eom> cut, left padding, seeding), the plugin tool loop with a
+scripted policy, and `rlhf generate` end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf.batching import collate_prompts
+from rlhf.config import GenerationConfig
+from rlhf.data import load_prompts
+from rlhf.generation import generate_plugin_replies, generate_replies, results_ids, run_generate
+from rlhf.moss import EOM, tokenize_prompt
+from rlhf.plugins import NO_RESULT, default_registry
+
+
+@pytest.fixture(scope="module")
+def policy(tiny):
+    from rlhf.modeling import load_causal_lm, load_tokenizer
+    tokenizer = load_tokenizer(tiny["tokenizer"])
+    model = load_causal_lm(tiny["base"])
+    prompts = load_prompts(tiny["prompts_train"])
+    return {"model": model, "tokenizer": tokenizer, "prompts": prompts,
+            "eom": tokenizer.convert_tokens_to_ids(EOM), "pad": tokenizer.pad_token_id}
+
+
+def _gen(**changes) -> dict:
+    return {**GenerationConfig(max_new_tokens=12).__dict__, **changes}
+
+
+def _batch(policy, dialogues) -> dict:
+    ids = [tokenize_prompt(d, policy["tokenizer"], 128) for d in dialogues]
+    return collate_prompts(ids, policy["pad"])
+
+
+def test_replies_have_fixed_width_and_the_mask_ends_at_the_first_eom(policy):
+    batch = _batch(policy, policy["prompts"][:6])
+    torch.manual_seed(0)
+    out = generate_replies(policy["model"], batch, _gen(), policy["eom"], policy["pad"], "cpu", micro_batch=4)
+    assert out["response_ids"].shape == out["action_mask"].shape == (6, 12)
+    assert out["ended"].shape == (6,)
+    for ids, mask, ended in zip(out["response_ids"], out["action_mask"], out["ended"]):
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()
+        eoms = (ids[:length] == policy["eom"]).nonzero().flatten().tolist()
+        if ended:
+            assert eoms == [length - 1]
+        else:
+            assert eoms == [] and length == 12
+        assert (ids[length:] == policy["pad"]).all()
+
+
+def test_a_forced_eom_ends_the_reply_and_the_mask_there(policy):
+    # Make <eom> the only likely token, so every reply is exactly one token long.
+    model = policy["model"]
+    bias = model.lm_head.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias[policy["eom"]] += 1e4
+    try:
+        out = generate_replies(model, _batch(policy, policy["prompts"][:3]), _gen(do_sample=False),
+                               policy["eom"], policy["pad"], "cpu")
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert out["ended"].tolist() == [1.0, 1.0, 1.0]
+    assert out["action_mask"].sum(1).tolist() == [1, 1, 1]
+    assert (out["response_ids"][:, 0] == policy["eom"]).all()
+    assert out["response_ids"].shape == (3, 12)
+
+
+def test_left_padding_does_not_change_a_greedy_reply(policy):
+    short, long = sorted(policy["prompts"][:20], key=lambda d: len(tokenize_prompt(d, policy["tokenizer"], 128)))[::19]
+    greedy = _gen(do_sample=False, repetition_penalty=1.0)
+    alone = generate_replies(policy["model"], _batch(policy, [short]), greedy, policy["eom"], policy["pad"], "cpu")
+    together = generate_replies(policy["model"], _batch(policy, [long, short]), greedy, policy["eom"],
+                                policy["pad"], "cpu")
+    assert _batch(policy, [long, short])["attention_mask"][1].min() == 0  # the short prompt really is padded
+    assert torch.equal(alone["response_ids"][0], together["response_ids"][1])
+    assert torch.equal(alone["action_mask"][0], together["action_mask"][1])
+
+
+def test_sampling_is_reproducible_for_a_seed(policy):
+    batch = _batch(policy, policy["prompts"][:4])
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        runs.append(generate_replies(policy["model"], batch, _gen(temperature=1.0, top_p=1.0), policy["eom"],
+                                     policy["pad"], "cpu")["response_ids"])
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+# --- the plugin loop, with a scripted policy ----------------------------------------------------------------
+
+
+class ScriptedPolicy:
+    """Writes a fixed continuation per call and row: the tool loop around the model is what is tested."""
+
+    def __init__(self, tokenizer, passes: list[list[str]]) -> None:
+        self.tokenizer, self.passes, self.inputs, self.training = tokenizer, passes, [], False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def generate(self, input_ids, attention_mask, pad_token_id, max_new_tokens, **_):
+        self.inputs.append([row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)])
+        script = self.passes[len(self.inputs) - 1]
+        new = [self.tokenizer.encode(text, add_special_tokens=False)[:max_new_tokens] for text in script]
+        width = max(len(n) for n in new)
+        new = torch.tensor([n + [pad_token_id] * (width - len(n)) for n in new])
+        return torch.cat([input_ids, new], dim=1)
+
+
+PASS_ONE = '<|Inner Thoughts|>: need math<eot>\n<|Commands|>: Calculate("2+3")<eoc>'
+PASS_TWO = "<|MOSS|>: It is 5<eom>"
+RESULTS = '\n<|Results|>:\nCalculate("2+3") => 5<eor>\n'
+
+
+def test_plugin_rollout_runs_the_command_and_masks_the_results(policy):
+    tok = policy["tokenizer"]
+    prompts = _batch(policy, policy["prompts"][:2])
+    model = ScriptedPolicy(tok, [[PASS_ONE, "<|Inner Thoughts|>: none<eot>\n<|Commands|>: None<eoc>"],
+                                 [PASS_TWO, "<|MOSS|>: Hello<eom>"]])
+    gen = _gen(max_new_tokens=40)
+    out, infos = generate_plugin_replies(model, tok, prompts, gen, default_registry(), "cpu")
+
+    assert out["response_ids"].shape == out["action_mask"].shape == (2, 2 * 40 + 64)
+    assert out["ended"].tolist() == [1.0, 1.0]
+    assert infos == [{"commands": 'Calculate("2+3")', "results": 'Calculate("2+3") => 5'},
+                     {"commands": "None", "results": "None"}]
+    ids, mask = out["response_ids"][0], out["action_mask"][0]
+    one, results, two = (tok.encode(t, add_special_tokens=False) for t in (PASS_ONE, RESULTS, PASS_TWO))
+    used = len(one) + len(results) + len(two)
+    assert tok.decode(ids[:used].tolist(), skip_special_tokens=False) == PASS_ONE + RESULTS + PASS_TWO
+    assert mask[:used].tolist() == [1] * len(one) + [0] * len(results) + [1] * len(two)
+    assert not mask[used:].any() and (ids[used:] == policy["pad"]).all()
+    # Pass 2 continued from the prompt, what the model wrote and the Results, with no padding inside.
+    prompt = prompts["input_ids"][0][prompts["attention_mask"][0].bool()].tolist()
+    assert model.inputs[1][0] == prompt + one + results
+    none_results = tok.decode(out["response_ids"][1][out["action_mask"][1] == 0].tolist(), skip_special_tokens=False)
+    assert none_results.startswith("\n<|Results|>:\nNone<eor>\n")
+
+
+def test_plugin_rollout_malformed_command_and_a_direct_reply(policy):
+    tok = policy["tokenizer"]
+    prompts = _batch(policy, policy["prompts"][:2])
+    model = ScriptedPolicy(tok, [["<|Inner Thoughts|>: hm<eot>\n<|Commands|>: Calculate(2+3<eoc>",
+                                  "<|MOSS|>: Hi<eom>"],
+                                 ["<|MOSS|>: Sorry<eom>"]])
+    out, infos = generate_plugin_replies(model, tok, prompts, _gen(max_new_tokens=40), default_registry(), "cpu")
+    assert infos[0]["results"] == NO_RESULT
+    assert infos[1] == {"commands": "", "results": ""}
+    assert len(model.inputs[1]) == 1  # only the row that called a tool goes on to pass 2
+    context = out["response_ids"][0][(out["action_mask"][0] == 0) & (out["response_ids"][0] != policy["pad"])]
+    assert context.tolist() == results_ids(tok, NO_RESULT, 64)
+    direct = tok.encode("<|MOSS|>: Hi<eom>", add_special_tokens=False)
+    assert out["action_mask"][1].tolist() == [1] * len(direct) + [0] * (out["action_mask"].shape[1] - len(direct))
+
+
+# --- rlhf generate -----------------------------------------------------------------------------------------
+
+
+def test_run_generate_writes_one_line_per_prompt_in_order(tiny, tmp_path):
+    with open(tiny["prompts_eval"], encoding="utf-8") as f:
+        records = [json.loads(line) for line in f][:5]
+    records[2]["note"] = "kept"
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "out" / "replies.jsonl"
+    assert run_generate(tiny["base"], str(source), str(out), None, ["generation.max_new_tokens=8"]) == 0
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 5
+    for record, line in zip(records, lines):
+        assert {k: v for k, v in line.items() if k != "response"} == {**{"meta_instruction": ""}, **record}
+        assert isinstance(line["response"], str) and "<|" not in line["response"] and EOM not in line["response"]
+    assert lines[2]["note"] == "kept"
+    again = tmp_path / "again.jsonl"
+    run_generate(tiny["base"], str(source), str(again), None, ["generation.max_new_tokens=8"])
+    assert again.read_text(encoding="utf-8") == out.read_text(encoding="utf-8")  # seeded
+
+
+def test_run_generate_reports_bad_prompt_lines(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": [{"human": "hi"}]}\n{"turns": "hello"}\n', encoding="utf-8")
+    out = tmp_path / "never.jsonl"
+    assert run_generate(tiny["base"], str(bad), str(out)) == 1
+    assert f"{bad}:2: turns: " in capsys.readouterr().err
+    assert not out.exists()
