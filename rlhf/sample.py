@@ -53,9 +53,11 @@ _THOUGHTS = {"en": ("The user asks for a calculation, so I should use the calcul
                     "The user asks about {t}; no tool is needed."),
              "zh": ("用户需要计算，我应该使用计算器。", "用户问的是{t}，不需要使用工具。")}
 
-# style -> (polite, on topic); SFT replies use them 40/20/20/20 so the SFT policy is deliberately mixed.
+# style -> (polite, on topic); SFT replies mix them (SFT_STYLE_WEIGHTS) so the SFT policy is deliberately mixed.
 STYLES = {"best": (True, True), "topic": (False, True), "polite": (True, False), "bad": (False, False)}
-SFT_STYLE_WEIGHTS = {"best": 0.4, "topic": 0.2, "polite": 0.2, "bad": 0.2}
+# Politeness is rare in the SFT replies (30%), so the SFT policy leaves PPO clear room to learn what the
+# preference data rewards; a tiny model learns it far more easily than copying the topic word.
+SFT_STYLE_WEIGHTS = {"best": 0.15, "topic": 0.45, "polite": 0.15, "bad": 0.25}
 PLUGIN_STYLE_WEIGHTS = {"best": 0.5, "topic": 0.3, "polite": 0.1, "bad": 0.1}
 ZH_FRACTION = 0.3
 MULTI_TURN_FRACTION = 0.15
@@ -185,9 +187,10 @@ def _preference(rng: random.Random, pool: _Pool, shorthand: bool) -> dict:
         responses: list[str] = []
         while len(responses) < k:
             style = rng.choice(list(STYLES))
-            # Now and then a reply about the wrong topic, so the reward must look at the prompt.
+            # Often a reply about the wrong topic, so the reward must compare it with the prompt (a reward model that
+            # only learns "names some topic" is what PPO exploits first).
             other = rng.choice(EN_TOPICS if lang == "en" else ZH_TOPICS)
-            reply = _reply(rng, lang, style, other if rng.random() < 0.1 else topic)
+            reply = _reply(rng, lang, style, other if rng.random() < 0.4 else topic)
             if reply not in responses:
                 responses.append(reply)
         scores = [rule_score(prompt, r) for r in responses]

@@ -69,7 +69,7 @@ def test_mix_of_languages_turns_and_reply_quality(sample):
     scores = [rule_score(d, d.turns[-1].moss) for d in sft]
     # Mixed on purpose: PPO must have room to improve on the SFT policy.
     assert {0.0, 0.5, 1.0} <= set(scores)
-    assert 0.45 < sum(scores) / len(scores) < 0.75
+    assert 0.3 < sum(scores) / len(scores) < 0.6
 
 
 def test_rule_score_english():

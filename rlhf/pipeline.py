@@ -1,0 +1,147 @@
+"""`rlhf pipeline`: data → tokenizer → model → SFT → preference model → PPO → generations and a report, as one
+command. Each stage writes its own output directory; rerunning (or `--resume`) skips finished stages and resumes
+an interrupted one from its last checkpoint."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlhf.config import ConfigError, load_config
+
+
+@dataclass
+class StageConfigs:
+    sft: str = "configs/tiny/sft.yaml"
+    """Config of the SFT stage."""
+    rm: str = "configs/tiny/rm.yaml"
+    """Config of the preference-model stage."""
+    ppo: str = "configs/tiny/ppo.yaml"
+    """Config of the PPO stage."""
+
+
+@dataclass
+class StageOverrides:
+    sft: list[str] = field(default_factory=list)
+    rm: list[str] = field(default_factory=list)
+    ppo: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    data: str = ""
+    """Directory with sft_train/sft_eval/prefs_train/prefs_eval/prompts_train/prompts_eval .jsonl; empty: the bundled sample."""
+    sample_seed: int = 0
+    """Seed of the bundled sample when data is empty."""
+    model: str = ""
+    """Start from this model (path or hub id); empty: train a tokenizer and build a random model."""
+    arch: str = "codegen"
+    """Architecture of the random model: codegen (moss-moon-003's) or llama."""
+    preset: str = "tiny"
+    """Size of the random model."""
+    vocab_size: int = 800
+    """Vocabulary of the trained tokenizer."""
+    stages: StageConfigs = field(default_factory=StageConfigs)
+    overrides: StageOverrides = field(default_factory=StageOverrides)
+    report_examples: int = 6
+    """Prompts shown with their SFT and PPO replies in the report."""
+    eval_prompts: int = 200
+    """Held-out prompts whose replies are scored for the report."""
+
+
+def load_pipeline_config(path: str, overrides: list[str]) -> PipelineConfig:
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "")
+        raise ConfigError(f"{path}: {key}: {' '.join(str(getattr(err, 'msg', err)).split())}") from None
+
+
+def _stage_args(out: str, resume: bool) -> bool:
+    """Whether a stage must run, and with --resume: finished stages are skipped, interrupted ones resumed."""
+    return os.path.isdir(os.path.join(out, "checkpoints")) and not os.path.isdir(os.path.join(out, "final"))
+
+
+def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = False) -> int:
+    import ray
+
+    from actors.runtime import ensure_ray
+    from reward.evaluate import evaluate
+    from reward.trainer import run_rm
+    from rlhf.data import load_prompts
+    from rlhf.generation import generate_texts
+    from rlhf.modeling import init_model
+    from rlhf.ppo import rule_score_of, run_ppo
+    from rlhf.report import write_report
+    from rlhf.sample import write_sample
+    from rlhf.sft import run_sft
+    from rlhf.tokenizer import texts_from_files, train_tokenizer
+
+    pc = load_pipeline_config(config, overrides)
+    cfgs = {name: load_config(getattr(pc.stages, name), getattr(pc.overrides, name)) for name in ("sft", "rm", "ppo")}
+    os.makedirs(output, exist_ok=True)
+    say = lambda msg: print(f"[pipeline] {msg}", flush=True)  # noqa: E731
+
+    data = pc.data or os.path.join(output, "data")
+    if not pc.data and not os.path.exists(os.path.join(data, "prompts_eval.jsonl")):
+        write_sample(data, seed=pc.sample_seed)
+        say(f"sample data -> {data}")
+    files = {k: os.path.join(data, f"{k}.jsonl") for k in
+             ("sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "prompts_eval")}
+    for path in files.values():
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: missing; data must hold {', '.join(os.path.basename(p) for p in files.values())}")
+
+    model = pc.model
+    if not model:
+        model, tok = os.path.join(output, "base"), os.path.join(output, "tokenizer")
+        if not os.path.exists(os.path.join(model, "config.json")):
+            train_tokenizer(texts_from_files([files["sft_train"], files["prefs_train"]]), pc.vocab_size, tok)
+            init_model(pc.arch, pc.preset, tok, model, seed=cfgs["sft"].seed)
+            say(f"tokenizer and random {pc.arch}/{pc.preset} model -> {model}")
+
+    started = ensure_ray(cfgs["ppo"].ray, 4)
+    try:
+        stage = {name: os.path.join(output, name) for name in ("sft", "rm", "ppo")}
+        if not os.path.isdir(os.path.join(stage["sft"], "final")):
+            cfg = cfgs["sft"]
+            cfg.data.eval = cfg.data.eval or files["sft_eval"]
+            say("SFT ...")
+            run_sft(cfg, model, files["sft_train"], stage["sft"], resume=_stage_args(stage["sft"], resume))
+        if not os.path.isdir(os.path.join(stage["rm"], "final")):
+            cfg = cfgs["rm"]
+            cfg.data.eval = cfg.data.eval or files["prefs_eval"]
+            say("preference model ...")
+            run_rm(cfg, f"{stage['sft']}/final", files["prefs_train"], stage["rm"], resume=_stage_args(stage["rm"], resume))
+        if not os.path.isdir(os.path.join(stage["ppo"], "final")):
+            cfg = cfgs["ppo"]
+            cfg.data.eval = cfg.data.eval or files["prompts_eval"]
+            say("PPO ...")
+            run_ppo(cfg, f"{stage['sft']}/final", f"{stage['rm']}/final", files["prompts_train"], stage["ppo"],
+                    resume=_stage_args(stage["ppo"], resume))
+    finally:
+        if started:
+            ray.shutdown()
+
+    say("generations before and after PPO ...")
+    ppo_cfg = cfgs["ppo"]
+    prompts = load_prompts(files["prompts_eval"])[: pc.eval_prompts]
+    replies = {name: generate_texts(f"{stage[name]}/final", prompts, ppo_cfg.generation, ppo_cfg.data.max_prompt_length,
+                                    ppo_cfg.data.plugin, seed=ppo_cfg.seed) for name in ("sft", "ppo")}
+    rm_eval = evaluate(f"{stage['rm']}/final", files["prefs_eval"], cfgs["rm"])
+    examples = [(p.turns[-1].human, a, b) for p, a, b in
+                list(zip(prompts, replies["sft"], replies["ppo"]))[: pc.report_examples]]
+    report = write_report(output, rm_eval=rm_eval, rule_sft=rule_score_of(prompts, replies["sft"]),
+                          rule_ppo=rule_score_of(prompts, replies["ppo"]), examples=examples,
+                          ppo_metrics=f"{stage['ppo']}/metrics.jsonl", sft_metrics=f"{stage['sft']}/metrics.jsonl")
+    say(f"rule score on held-out prompts: SFT {rule_score_of(prompts, replies['sft'])} -> PPO "
+        f"{rule_score_of(prompts, replies['ppo'])}; reward model accuracy {rm_eval['pairwise_accuracy']:.3f}")
+    print(f"Report: {report}")
+    print(f"TensorBoard: tensorboard --logdir {output}")
+    return 0
