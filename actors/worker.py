@@ -131,7 +131,12 @@ class RankWorker:
     def forward_module(self) -> torch.nn.Module:
         return self.engine if self.engine is not None else self.module
 
-    def backward_step(self, loss: torch.Tensor) -> None:
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """Backward and (at the accumulation boundary) step; a NaN/inf loss contributes nothing and is reported."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if not finite:  # keep the micro-step count of every rank in lockstep, but add no gradient
+            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+        self.nonfinite = getattr(self, "nonfinite", 0) + (not finite)
         # The loss is already a share of the global mean; DeepSpeed averages over ranks, so undo that here.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
@@ -139,6 +144,11 @@ class RankWorker:
             grads = [p.grad.float().norm() for p in self.module.parameters() if p.grad is not None]
             self._stage0_grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
         self.engine.step()
+        return finite
+
+    def take_nonfinite(self) -> float:
+        count, self.nonfinite = getattr(self, "nonfinite", 0), 0
+        return float(count)
 
     def grad_norm(self) -> float:
         if self.engine is not None and self.engine.zero_optimization_stage() == 0:
@@ -345,7 +355,8 @@ class LMWorker(RankWorker):
                 sums["ptx_loss"] += float(ptx_loss.detach())
                 loss = loss + ptx_coef * ptx_loss
             self.backward_step(loss)
-        return {k: torch.tensor([v]) for k, v in sums.items()} | {"grad_norm": torch.tensor([self.grad_norm()])}
+        return {k: torch.tensor([v]) for k, v in sums.items()} | {"grad_norm": torch.tensor([self.grad_norm()]),
+                                                                  "nonfinite": torch.tensor([self.take_nonfinite()])}
 
     # --- output ------------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str, merge_lora: bool = True) -> None:
@@ -508,7 +519,8 @@ class ScalarWorker(RankWorker):
             sums["vf_loss"] += float(loss.detach())
             sums["vf_clipfrac"] += float(stats["vf_clipfrac"]) * float(mask.sum()) / num_tokens
             self.backward_step(coef * loss)
-        return {k: torch.tensor([v]) for k, v in sums.items()} | {"vf_grad_norm": torch.tensor([self.grad_norm()])}
+        return {k: torch.tensor([v]) for k, v in sums.items()} | {"vf_grad_norm": torch.tensor([self.grad_norm()]),
+                                                                  "nonfinite": torch.tensor([self.take_nonfinite()])}
 
     def save_pretrained(self, out_dir: str, stats: Optional[dict] = None) -> None:
         """All ranks call this; rank 0 writes the LM (merged when LoRA), the head and the tokenizer."""

@@ -220,6 +220,8 @@ class PPOConfig:
     """With LoRA on the policy, take reference log-probs from the policy with adapters off (no second copy)."""
     eval_prompts: int = 32
     """Held-out prompts whose rule score is measured at the end (data.eval)."""
+    max_skipped_in_row: int = 3
+    """Iterations in a row whose scores or losses are NaN/inf (and so are skipped) before the run stops."""
 
 
 @dataclass
@@ -361,7 +363,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             key, value = item.split("=", 1)
             if OmegaConf.select(merged, key, default=MISSING) is MISSING and not _is_known(key):
                 raise ConfigError(f"--set {key}: unknown config key")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+            # `key=` means the empty string (turning off an optional path), not null.
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value or chr(34) * 2}"]))
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         where = f"{path}: " if path else "--set "

@@ -192,12 +192,19 @@ class PPOTrainer:
 
         mask = exp["action_mask"].float()
         raw = got["scores"].float()
+        values = got.get("values")
+        # Checked before the running statistics see them: one NaN would poison every later normalisation.
+        bad = [name for name, tensor in (("reward", raw), ("policy log-probs", got["old_logprobs"]),
+                                         ("reference log-probs", got["ref_logprobs"]), ("critic values", values))
+               if tensor is not None and not torch.isfinite(tensor).all()]
+        if bad:  # never train on NaN/inf: skip the update, count it, let the caller decide when to stop
+            self.state.iteration = it + 1
+            return {"ppo/skipped": 1.0, "ppo/skipped_phase": "score: " + ", ".join(bad), **timings}
         ended = rollout["ended"].float()
         scores = raw + p.no_eom_penalty * (1 - ended)
         norm = pm.normalize_scores(scores, self.moments, p.reward_clip or None) if p.reward_normalize else scores
         rewards, kl = pm.shape_rewards(norm, got["old_logprobs"], got["ref_logprobs"], mask, self.kl_ctl.coef,
                                        p.kl_estimator)
-        values = got.get("values")
         advantages, returns = advantages_for(cfg, norm, rewards, values, mask)
         train = {**exp, "old_logprobs": got["old_logprobs"], "advantages": advantages}
         if values is not None:
@@ -206,6 +213,9 @@ class PPOTrainer:
         t = time.time()
         stats = self.update(train, warmup=it < p.critic_warmup_iterations)
         timings["time/train"] = time.time() - t
+        if stats.pop("nonfinite", 0.0):
+            self.state.iteration = it + 1
+            return {"ppo/skipped": 1.0, "ppo/skipped_phase": "train: a non-finite loss", **timings}
 
         kl_per_reply = pm.masked_sum(kl, mask, dim=1)
         self.kl_ctl.update(float(kl_per_reply.mean()), len(rows))
@@ -257,7 +267,7 @@ class PPOTrainer:
                 for role, r in refs.items():
                     out = g[role].gather("ppo_step" if role == "policy" else "value_step", r)
                     for k, v in out.items():
-                        key = f"ppo/{k}"
+                        key = "nonfinite" if k == "nonfinite" else f"ppo/{k}"
                         sums[key] = sums.get(key, 0.0) + (float(v.mean()) if "grad_norm" in k else float(v.sum()))
                 steps += 1
         return {k: v / max(1, steps) for k, v in sums.items()}
@@ -322,15 +332,13 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
                for r in ("policy", "reference", "reward", "critic"))
     started = ensure_ray(cfg.ray, cpus)
     roles = Roles(cfg, policy, reward)
+    stats = load_reward_stats(reward)
     try:
-        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, load_reward_stats(reward))
-        with open(f"{output}/placement.json", "w", encoding="utf-8") as f:
-            json.dump(roles.placement(), f, indent=1)
+        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, stats)
+        _record_placement(output, roles)
         summary: dict = {}
         if run.resume_from:
-            ray.get([r for grp in roles.groups.values() for r in grp.call("load_checkpoint", run.resume_from)])
-            from rlhf.checkpoint import read_meta
-            trainer.load_state_dict(read_meta(run.resume_from)["controller"])
+            _restore(roles, trainer, run.resume_from)
         elif held_out:
             start_score = rule_score_of(held_out, trainer.replies(held_out))
             if start_score is not None:
@@ -338,9 +346,43 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
                 run.metrics.log(0, {"eval/rule_score": start_score})
         progress = Progress(cfg.ppo.iterations, desc="ppo", enabled=cfg.logging.progress,
                             initial=trainer.state.iteration)
-        for it in range(trainer.state.iteration, cfg.ppo.iterations):
-            metrics = trainer.iteration(it)
+        restarts = skipped_in_row = 0
+        while trainer.state.iteration < cfg.ppo.iterations:
+            it = trainer.state.iteration
+            try:
+                metrics = trainer.iteration(it)
+            except ray.exceptions.RayActorError as err:
+                # A rank died (process killed, node lost): rebuild every group and go back to the last checkpoint.
+                restarts += 1
+                reason = " ".join(str(err).split())[:200]
+                if restarts > cfg.ray.max_restarts:
+                    raise SystemExit(f"iteration {it + 1}: a role rank died again after {cfg.ray.max_restarts} "
+                                     f"restarts ({reason}); see the Ray logs of that rank") from None
+                roles.shutdown()
+                roles = Roles(cfg, policy, reward)
+                latest = run.checkpoints.latest()
+                trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, stats)
+                if latest:
+                    _restore(roles, trainer, latest)
+                run.metrics.truncate_after(trainer.state.iteration)
+                lost = it - trainer.state.iteration
+                print(f"ppo: a rank died in iteration {it + 1}; rebuilt the role groups from "
+                      f"{latest or 'the start'}, losing {lost} iteration(s) (restart {restarts}/{cfg.ray.max_restarts})",
+                      flush=True)
+                run.metrics.log(trainer.state.iteration, {"ppo/restarts": restarts, "ppo/iterations_lost": lost})
+                _record_placement(output, roles)
+                continue
             done = it + 1
+            if metrics.get("ppo/skipped"):
+                skipped_in_row += 1
+                phase = metrics.pop("ppo/skipped_phase")
+                print(f"ppo: iteration {done} skipped ({phase})", flush=True)
+                if skipped_in_row >= cfg.ppo.max_skipped_in_row:
+                    raise SystemExit(f"iteration {done}: {skipped_in_row} iterations in a row were skipped for NaN/inf "
+                                     f"in {phase}; lower the learning rate or check the reward model")
+                run.metrics.log(done, metrics)
+                continue
+            skipped_in_row = 0
             run.metrics.log(done, metrics)
             progress.update(1, reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
             if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.ppo.iterations:
@@ -359,6 +401,19 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
         roles.shutdown()
         if started:
             ray.shutdown()
+
+
+def _record_placement(output: str, roles: Roles) -> None:
+    """Where each rank ran (node, GPU ids, pid): for the user, and for tests that check the layout."""
+    from rlhf.checkpoint import atomic_write_json
+    atomic_write_json(f"{output}/placement.json", roles.placement())
+
+
+def _restore(roles: Roles, trainer: "PPOTrainer", checkpoint: str) -> None:
+    import ray
+    from rlhf.checkpoint import read_meta
+    ray.get([r for grp in roles.groups.values() for r in grp.call("load_checkpoint", checkpoint)])
+    trainer.load_state_dict(read_meta(checkpoint)["controller"])
 
 
 def _checkpoint(run: RunDir, roles: Roles, trainer: PPOTrainer, step: int) -> str:
