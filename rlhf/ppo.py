@@ -211,7 +211,7 @@ class PPOTrainer:
             train |= {"old_values": values, "returns": returns}
 
         t = time.time()
-        stats = self.update(train, warmup=it < p.critic_warmup_iterations)
+        stats = self.update(train, warmup="critic" in g and it < p.critic_warmup_iterations)
         timings["time/train"] = time.time() - t
         if stats.pop("nonfinite", 0.0):
             self.state.iteration = it + 1
