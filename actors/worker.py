@@ -228,6 +228,7 @@ class LMWorker(RankWorker):
             model = _apply_lora(model, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoRAConfig), lora)))
         self.zero_stage = ds["zero_stage"]
         ds_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DeepSpeedConfig), ds))
+        self.gather_for_generation = ds_cfg.gather_for_generation
         optim_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), optim)) if trainable else None
         self.make_engine(model, ds_cfg, optim_cfg, micro_batch, grad_accum, total_steps)
         self.eom_id = self.tokenizer.convert_tokens_to_ids("<eom>")
@@ -280,15 +281,11 @@ class LMWorker(RankWorker):
         """Sample replies to left-padded prompts, stopping at <eom>; replies right-padded to max_new_tokens.
         Returns response_ids [b, R], action_mask [b, R] (1 up to and including <eom>) and ended [b]."""
         from rlhf.generation import generate_replies
-        module = self.module
-        gathered = self.engine is not None and self.zero_stage == 3 and self.cfg.deepspeed.zero_stage >= 0
-        with _maybe_gathered(module, gathered and self._gather_for_generation()):
-            return generate_replies(module, prompts, gen, self.eom_id, self.pad_id, self.device,
-                                    synced=self.zero_stage == 3 and not self._gather_for_generation(),
-                                    micro_batch=max(self.micro_batch_size, len(prompts["input_ids"])))
-
-    def _gather_for_generation(self) -> bool:
-        return getattr(self, "gather_for_generation", True)
+        gather = self.engine is not None and self.zero_stage == 3 and self.gather_for_generation
+        with _maybe_gathered(self.module, gather):
+            return generate_replies(self.module, prompts, gen, self.eom_id, self.pad_id, self.device,
+                                    synced=self.zero_stage == 3 and not gather,
+                                    micro_batch=len(prompts["input_ids"]))
 
     # --- PPO ---------------------------------------------------------------------------------------------
     def _response_logprobs(self, mb: Batch, with_entropy: bool = False):

@@ -72,6 +72,9 @@ class DeepSpeedConfig:
     """Keep optimizer state in CPU memory (ZeRO 1-3)."""
     offload_param: bool = False
     """Keep parameters in CPU memory (ZeRO 3)."""
+    gather_for_generation: bool = True
+    """ZeRO-3 policy: gather the full weights once per rollout (fast); off when the model does not fit one GPU
+    (then every decoding step gathers layer by layer, with the ranks in lockstep)."""
 
 
 @dataclass

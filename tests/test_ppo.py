@@ -104,3 +104,15 @@ def test_lora_policy_is_its_own_reference_and_grpo_starts_no_critic(tiny, sft_ru
     assert all(math.isfinite(m["ppo/pg_loss"]) for m in iters)
     assert (out / "final" / "adapter" / "adapter_config.json").exists()
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_zero3_policy_on_two_ranks_generates_in_lockstep_and_trains(tiny, sft_run, rm_run, tmp_path):
+    """ZeRO-3 partitions the policy over two ranks; generation without gathering steps both ranks together."""
+    out = tmp_path / "ppo"
+    assert _ppo(tiny, sft_run, rm_run, out, *SMALL, "--set", "data.eval=", "--set", "ppo.iterations=2",
+                "--set", "roles.policy.layout.gpus_per_node=2", "--set", "roles.policy.deepspeed.zero_stage=3",
+                "--set", "roles.policy.deepspeed.gather_for_generation=false",
+                "--set", "roles.critic.deepspeed.zero_stage=3") == 0
+    iters = [m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
+    assert len(iters) == 2 and all(math.isfinite(m["ppo/kl"]) for m in iters)
+    assert (out / "final" / "model.safetensors").exists()
