@@ -11,7 +11,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (PlacementGroup, get_current_placement_group, placement_group,
+                                      remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.batching import chunk, concat
@@ -34,11 +35,52 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+class PlacementSlice(PlacementGroup):
+    """Bundles [offset, offset + count) of the placement group this process runs in: a Ray Tune trial reserves
+    every bundle of its run up front (rlhf.sweep), so the run's role groups take theirs from it."""
+
+    def __init__(self, enclosing: PlacementGroup, offset: int, count: int):
+        super().__init__(enclosing.id, enclosing.bundle_cache)
+        self.offset, self.count = offset, count
+
+
+# Bundles of an enclosing placement group held by role groups, by its id; bundle 0 is the trial's controller.
+_taken: dict[Any, set[int]] = {}
+
+
+def _take_bundles(enclosing: PlacementGroup, name: str, count: int, wanted: dict) -> PlacementSlice:
+    """The first `count` consecutive free bundles of the enclosing group that each fit `wanted`."""
+    specs = enclosing.bundle_specs
+    taken = _taken.setdefault(enclosing.id, {0})
+    for start in range(1, len(specs) - count + 1):
+        block = range(start, start + count)
+        if all(i not in taken and all(specs[i].get(k, 0) >= v - 1e-9 for k, v in wanted.items()) for i in block):
+            taken.update(block)
+            return PlacementSlice(enclosing, start, count)
+    raise RuntimeError(f"{name}: the enclosing placement group (a sweep trial's) has no {count} free bundles of "
+                       f"{wanted}; its bundles are {specs} and {sorted(taken)} are taken, so the trial's resources "
+                       f"do not match the role layout")
+
+
+def release_placement_group(pg: PlacementGroup) -> None:
+    """Give a role group's bundles back: a slice returns to the enclosing trial, a group of its own is removed."""
+    if isinstance(pg, PlacementSlice):
+        _taken.get(pg.id, set()).difference_update(range(pg.offset, pg.offset + pg.count))
+    else:
+        remove_placement_group(pg)
+
+
 def make_placement_group(name: str, layout: LayoutConfig, use_gpu: bool, cpus_per_bundle: float) -> PlacementGroup:
-    """One bundle per rank (a whole GPU each when there are GPUs; colocated roles take fractions of it)."""
+    """One bundle per rank (a whole GPU each when there are GPUs; colocated roles take fractions of it).
+
+    Inside a placement group already (a Ray Tune trial), the bundles come from it instead: reserving more would
+    oversubscribe what the trial was given."""
     bundle = {"CPU": cpus_per_bundle}
     if use_gpu:
         bundle["GPU"] = 1
+    enclosing = get_current_placement_group()
+    if enclosing is not None:
+        return _take_bundles(enclosing, name, ranks(layout), bundle)
     pg = placement_group([dict(bundle) for _ in range(ranks(layout))], strategy=layout.strategy, name=name)
     ready, _ = ray.wait([pg.ready()], timeout=600)
     if not ready:
@@ -61,13 +103,15 @@ class RoleGroup:
         self.owns_placement = placement is None
         self.placement = placement or make_placement_group(
             f"{role}-{id(self):x}", layout, self.use_gpu, layout.cpus_per_rank)
+        offset = getattr(self.placement, "offset", 0)  # a slice of a trial's placement group starts further on
         remote_cls = ray.remote(worker_cls)
         threads = max(1, int(layout.cpus_per_rank))
         self.workers = [
             remote_cls.options(
                 num_cpus=layout.cpus_per_rank,
                 num_gpus=layout.gpu_fraction if self.use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement,
+                                                                     placement_group_bundle_index=offset + rank),
             ).remote(role, rank, self.world_size, num_threads=threads, **init_kwargs)
             for rank in range(self.world_size)
         ]
@@ -102,4 +146,4 @@ class RoleGroup:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         if self.owns_placement:
-            remove_placement_group(self.placement)
+            release_placement_group(self.placement)

@@ -13,8 +13,9 @@ def ensure_ray(cfg: RayConfig, cpus_needed: float) -> bool:
     if ray.is_initialized():
         return False
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
-    if cfg.address:
-        ray.init(address=cfg.address, namespace=cfg.namespace, runtime_env=env, log_to_driver=True)
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")  # set by `ray job submit` and cluster launchers
+    if address:
+        ray.init(address=address, namespace=cfg.namespace, runtime_env=env, log_to_driver=True)
         return True
     # Logical CPUs, not cores: roles that mostly wait (reference, reward) may share a core on a small machine.
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))

@@ -100,11 +100,11 @@ class Roles:
         return {role: group.node_info() for role, group in self.groups.items()}
 
     def shutdown(self) -> None:
-        from ray.util.placement_group import remove_placement_group
+        from actors.group import release_placement_group
         for group in self.groups.values():
             group.shutdown()
         for pg in self.hosts.values():
-            remove_placement_group(pg)
+            release_placement_group(pg)  # inside a Tune trial this frees bundles of the trial's group, no more
 
 
 def _experience(prompts: Batch, rollout: Batch) -> Batch:
@@ -158,6 +158,8 @@ class PPOTrainer:
     def load_state_dict(self, state: dict) -> None:
         self.state.iteration = int(state["iteration"])
         self.kl_ctl.load_state_dict(state["kl"])
+        if self.cfg.ppo.kl_controller == "fixed":  # a fixed coefficient is the config's (PBT may have mutated it)
+            self.kl_ctl.coef = self.cfg.ppo.kl_coef
         self.moments.load_state_dict(state["score_moments"])
 
     # --- one iteration ---------------------------------------------------------------------------------

@@ -1,0 +1,497 @@
+"""`rlhf sweep`: a Ray Tune sweep over any config key of `rlhf sft`, `rlhf rm` or `rlhf ppo` (docs/sweeps.md).
+
+Every trial is a whole run in its own directory, on role groups placed inside the trial's placement group, so
+trials queue for the cluster instead of oversubscribing it. Each logged step reaches Tune through the metrics
+logger's reporter hook, each committed checkpoint through the checkpoint manager's commit hook (PBT restores them).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import numbers
+import os
+import shlex
+import shutil
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlhf.config import Config, ConfigError, load_config, ranks, save_config, to_yaml
+
+COMMANDS = ("sft", "rm", "ppo")
+SEARCH_TYPES = ("grid", "choice", "uniform", "loguniform")
+EXPERIMENT = "tune"
+"""Tune's experiment directory under --output (what `--resume` restores)."""
+_SCHEDULER_PARAMS = {
+    "none": (),
+    "asha": ("time_attr", "max_t", "grace_period", "reduction_factor", "brackets"),
+    "pbt": ("time_attr", "perturbation_interval", "burn_in_period", "quantile_fraction", "resample_probability"),
+}
+
+
+@dataclass
+class SweepArgs:
+    """The swept command's own arguments: paths relative to the working directory or the repository root."""
+    model: str = ""
+    """sft, rm: the starting model (--model)."""
+    data: str = ""
+    """sft, rm: the training file (--data)."""
+    policy: str = ""
+    """ppo: the policy (--policy)."""
+    reward: str = ""
+    """ppo: the reward model (--reward)."""
+    prompts: str = ""
+    """ppo: the prompts file (--prompts)."""
+
+
+@dataclass
+class SearchParam:
+    type: str = MISSING
+    """grid (every value, in order), choice (sampled), uniform or loguniform (sampled in [low, high])."""
+    values: Optional[list[Any]] = None
+    """grid, choice: the values."""
+    low: Optional[float] = None
+    """uniform, loguniform: the lower bound."""
+    high: Optional[float] = None
+    """uniform, loguniform: the upper bound."""
+
+
+@dataclass
+class SchedulerSpec:
+    type: str = "none"
+    """none (every trial runs to the end), asha (stops weak trials early) or pbt (Population Based Training)."""
+    time_attr: Optional[str] = None
+    """The result field that counts progress; default `step` (the run's optimizer step, PPO: iteration)."""
+    max_t: Optional[int] = None
+    """asha: the longest a trial runs in time_attr units; default the run's train.max_steps / ppo.iterations."""
+    grace_period: Optional[int] = None
+    """asha: the least a trial runs before it can be stopped; default 1."""
+    reduction_factor: Optional[float] = None
+    """asha: 1/reduction_factor of the trials go on at each rung; default 2."""
+    brackets: Optional[int] = None
+    """asha: number of brackets; default 1."""
+    perturbation_interval: Optional[int] = None
+    """pbt: steps between exploit/explore; default train.save_every, and must be a multiple of it."""
+    burn_in_period: Optional[int] = None
+    """pbt: steps before the first perturbation; default 0."""
+    quantile_fraction: Optional[float] = None
+    """pbt: the share of trials that copy from the best share; default 0.25."""
+    resample_probability: Optional[float] = None
+    """pbt: chance a value is resampled from the search space instead of perturbed; default 0.25."""
+
+
+@dataclass
+class SweepSpec:
+    command: str = MISSING
+    """The command swept: sft, rm or ppo."""
+    base_config: str = ""
+    """The command's YAML config (e.g. configs/tiny/rm.yaml); empty means the defaults."""
+    args: SweepArgs = field(default_factory=SweepArgs)
+    overrides: list[str] = field(default_factory=list)
+    """key.path=value overrides of the base config, the same for every trial."""
+    search: dict[str, SearchParam] = field(default_factory=dict)
+    """Config key (e.g. optim.lr) -> how to search it."""
+    num_samples: int = 1
+    """Trials per point of the grid (or in all, without a grid)."""
+    metric: str = MISSING
+    """The metric to optimise, as the run logs it (e.g. eval/loss, eval/pairwise_accuracy, ppo/reward_raw)."""
+    mode: str = "max"
+    """max or min."""
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    max_concurrent_trials: int = 0
+    """0: as many as the cluster has room for."""
+    driver_cpus: float = 1.0
+    """CPUs the trial's controller (bundle 0 of its placement group) reserves beside the role groups' bundles."""
+
+
+def _where(path: Optional[str]) -> str:
+    return f"{path}: " if path else "--set "
+
+
+def load_spec(path: Optional[str], overrides: list[str]) -> SweepSpec:
+    """Read a sweep YAML; `--set` keys of the sweep file apply to it, any other key becomes a base-config override."""
+    spec_keys = {f.name for f in fields(SweepSpec)}
+    mine, theirs = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith("search."):
+            raise ConfigError(f"--set {key}: change the search block in the sweep file; its keys contain dots")
+        (mine if key.split(".")[0] in spec_keys else theirs).append(item)
+    try:
+        merged = OmegaConf.structured(SweepSpec)
+        if path:
+            if not os.path.exists(path):
+                raise ConfigError(f"{path}: sweep file does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if mine:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(mine))
+        spec: SweepSpec = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        msg = " ".join(str(getattr(err, "msg", None) or err).split()).split(" full_key:")[0]
+        raise ConfigError(f"{_where(path)}{key + ': ' if key else ''}{msg}") from None
+    spec.overrides = list(spec.overrides) + theirs
+    _check_spec(spec, path)
+    return spec
+
+
+def _check_spec(spec: SweepSpec, path: Optional[str]) -> None:
+    where = _where(path)
+    if spec.command not in COMMANDS:
+        raise ConfigError(f"{where}command: {spec.command!r} is not one of {', '.join(COMMANDS)}")
+    needed = ("model", "data") if spec.command in ("sft", "rm") else ("policy", "reward", "prompts")
+    for name in needed:
+        if not getattr(spec.args, name):
+            raise ConfigError(f"{where}args.{name}: `rlhf {spec.command}` needs it")
+    if spec.mode not in ("min", "max"):
+        raise ConfigError(f"{where}mode: {spec.mode!r} is not one of min, max")
+    if spec.num_samples < 1:
+        raise ConfigError(f"{where}num_samples: must be at least 1, got {spec.num_samples}")
+    if spec.max_concurrent_trials < 0:
+        raise ConfigError(f"{where}max_concurrent_trials: must be 0 (no limit) or more")
+    if not spec.search:
+        raise ConfigError(f"{where}search: name at least one config key to search, e.g. optim.lr")
+    for key, p in spec.search.items():
+        if p.type not in SEARCH_TYPES:
+            raise ConfigError(f"{where}search.{key}.type: {p.type!r} is not one of {', '.join(SEARCH_TYPES)}")
+        if p.type in ("grid", "choice"):
+            if not p.values or p.low is not None or p.high is not None:
+                raise ConfigError(f"{where}search.{key}: {p.type} takes a non-empty `values` list and no low/high")
+        else:
+            if p.values is not None or p.low is None or p.high is None or not p.low < p.high:
+                raise ConfigError(f"{where}search.{key}: {p.type} takes low < high and no values")
+            if p.type == "loguniform" and p.low <= 0:
+                raise ConfigError(f"{where}search.{key}.low: loguniform needs low > 0, got {p.low}")
+    sched = spec.scheduler
+    if sched.type not in _SCHEDULER_PARAMS:
+        raise ConfigError(f"{where}scheduler.type: {sched.type!r} is not one of none, asha, pbt")
+    for f in fields(SchedulerSpec):
+        if f.name != "type" and getattr(sched, f.name) is not None and f.name not in _SCHEDULER_PARAMS[sched.type]:
+            takes = ", ".join(_SCHEDULER_PARAMS[sched.type]) or "no parameters"
+            raise ConfigError(f"{where}scheduler.{f.name}: not a parameter of {sched.type} (it takes {takes})")
+
+
+def _override(key: str, value: Any) -> str:
+    """`key=value` as load_config reads it; Tune's samples may be numpy scalars."""
+    if isinstance(value, bool) or value is None:
+        text = {True: "true", False: "false", None: "null"}[value]
+    elif isinstance(value, numbers.Integral):
+        text = str(int(value))
+    elif isinstance(value, numbers.Real):
+        text = repr(float(value))
+    elif isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    return f"{key}={text}"
+
+
+def trial_overrides(config: dict) -> list[str]:
+    return [_override(k, v) for k, v in sorted(config.items())]
+
+
+def _resolve(path: str) -> str:
+    """An absolute path: as given, else relative to the working directory, else to the repository root."""
+    if not path or os.path.isabs(path):
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for base in (os.getcwd(), root):
+        if os.path.exists(os.path.join(base, path)):
+            return os.path.abspath(os.path.join(base, path))
+    return path  # a hub id, or a missing file the command itself reports
+
+
+def _base_config(spec: SweepSpec) -> Config:
+    """The base config with every local path made absolute: trials run in other working directories."""
+    cfg = load_config(_resolve(spec.base_config) or None, spec.overrides)
+    for name in ("model", "data", "policy", "reward", "prompts"):
+        setattr(spec.args, name, _resolve(getattr(spec.args, name)))
+    cfg.data.eval, cfg.data.ptx = _resolve(cfg.data.eval), _resolve(cfg.data.ptx)
+    cfg.model.tokenizer = _resolve(cfg.model.tokenizer)
+    for role in ("policy", "reference", "reward", "critic"):
+        rc = getattr(cfg.roles, role)
+        rc.model = _resolve(rc.model)
+    if spec.command == "ppo":
+        cfg.model.path, cfg.data.train = spec.args.policy, spec.args.prompts
+    else:
+        cfg.model.path, cfg.data.train = spec.args.model, spec.args.data
+    return cfg
+
+
+def _check_search(spec: SweepSpec, base_path: str, where: str) -> None:
+    """Every searched key is a real Config key and every value passes the config's own checks."""
+    for key, p in spec.search.items():
+        samples = p.values if p.type in ("grid", "choice") else [p.low, p.high]
+        for value in samples:
+            try:
+                load_config(base_path, [_override(key, value)])
+            except ConfigError as err:
+                msg = str(err)
+                for prefix in (f"{base_path}: ", "--set ", f"{key}: "):
+                    msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+                raise ConfigError(f"{where}search.{key}: {msg} (value {value!r})") from None
+
+
+def trial_bundles(command: str, cfg: Config, use_gpu: bool, driver_cpus: float) -> list[dict]:
+    """The trial's placement group: its controller's bundle, then one per rank of each role group, in the order the
+    run asks for them (actors.group hands them out in that order)."""
+    def per_rank(layout, cpus: float) -> list[dict]:
+        return [{"CPU": cpus, **({"GPU": 1} if use_gpu else {})} for _ in range(ranks(layout))]
+
+    bundles = [{"CPU": driver_cpus}]
+    if command in ("sft", "rm"):
+        return bundles + per_rank(cfg.layout, cfg.layout.cpus_per_rank)
+    from rlhf.ppo import needs_critic, needs_reference_group
+    wanted = ["policy", "reward"] + (["reference"] if needs_reference_group(cfg) else []) + \
+             (["critic"] if needs_critic(cfg) else [])
+    layouts = {r: getattr(cfg.roles, r).layout for r in wanted}
+    guests = {r: [g for g in wanted if layouts[g].colocate_with == r] for r in wanted}
+    # rlhf.ppo.Roles first reserves the shared bundles of hosts of colocated roles, then each lone role's own.
+    hosts = [r for r in wanted if not layouts[r].colocate_with and guests[r]]
+    for r in hosts:
+        bundles += per_rank(layouts[r], layouts[r].cpus_per_rank + sum(layouts[g].cpus_per_rank for g in guests[r]))
+    for r in wanted:
+        if not layouts[r].colocate_with and r not in hosts:
+            bundles += per_rank(layouts[r], layouts[r].cpus_per_rank)
+    return bundles
+
+
+# --- inside a trial ---------------------------------------------------------------------------------------------
+
+class TuneReporter:
+    """Turns a run's logged steps and committed checkpoints into `tune.report` calls.
+
+    A step is reported as soon as it is logged, unless a checkpoint is due at it (every train.save_every steps and
+    at the last one): the trainers commit a step's checkpoint just after logging it, and PBT must get a result and
+    the checkpoint of the same step in one report. Values carry forward, so every report holds the sweep's metric
+    once it has been measured (Tune rejects a result without it)."""
+
+    def __init__(self, metric: str, checkpoint_due: Callable[[int], bool]):
+        self.metric = metric
+        self.checkpoint_due = checkpoint_due
+        self.values: dict[str, float] = {}
+        self.step: Optional[int] = None
+        self.checkpoint: Optional[str] = None
+
+    def log(self, step: int, values: dict) -> None:
+        if self.step is not None and step != self.step:
+            self.flush()
+        self.values.update(values)
+        self.step = step
+        if not self.checkpoint_due(step):
+            self.flush()
+
+    def commit(self, step: int, path: str) -> None:
+        if self.step is not None and step != self.step:
+            self.flush()
+        self.step, self.checkpoint = step, path
+        self.flush()
+
+    def flush(self) -> None:
+        if self.step is None or self.metric not in self.values:
+            return
+        from ray import tune
+        checkpoint = tune.Checkpoint.from_directory(self.checkpoint) if self.checkpoint else None
+        tune.report({**self.values, "step": self.step}, checkpoint=checkpoint)
+        self.step, self.checkpoint = None, None
+
+
+def _prepare_run_dir(run_dir: str, checkpoint: Any) -> bool:
+    """Start the run from Tune's checkpoint (a restore: PBT, a paused or failed trial, `--resume`) or afresh.
+
+    Tune's checkpoint is the truth: it may come from another trial (PBT exploit), so the run's own are dropped."""
+    from rlhf.checkpoint import CheckpointManager, read_meta
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpts):
+        shutil.rmtree(ckpts)
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as src:
+        shutil.copytree(src, CheckpointManager(ckpts).path(int(read_meta(src)["step"])))
+    return True
+
+
+def run_trial(config: dict, job: dict) -> None:
+    """Tune's function trainable: one whole run of the swept command with this trial's values."""
+    from ray import tune
+    from rlhf.checkpoint import set_commit_hook
+    from rlhf.metrics import set_reporter
+
+    ctx = tune.get_context()
+    run_dir = os.path.join(job["experiment_dir"], ctx.get_trial_id(), "run")
+    cfg = load_config(job["base_config"], trial_overrides(config) + ["logging.progress=false"])
+    resume = _prepare_run_dir(run_dir, tune.get_checkpoint())
+    every, last = cfg.train.save_every, cfg.ppo.iterations if job["command"] == "ppo" else cfg.train.max_steps
+    reporter = TuneReporter(job["metric"], lambda step: step > 0 and (bool(every and step % every == 0)
+                                                                       or bool(last and step >= last)))
+    previous = set_reporter(reporter.log), set_commit_hook(reporter.commit)
+    args = job["args"]
+    try:
+        if job["command"] == "sft":
+            from rlhf.sft import run_sft
+            run_sft(cfg, args["model"], args["data"], run_dir, resume)
+        elif job["command"] == "rm":
+            from reward.trainer import run_rm
+            run_rm(cfg, args["model"], args["data"], run_dir, resume)
+        else:
+            from rlhf.ppo import run_ppo
+            run_ppo(cfg, args["policy"], args["reward"], args["prompts"], run_dir, resume)
+    except SystemExit as err:  # a user error inside the run: Tune records it as the trial's error
+        raise RuntimeError(str(err)) from None
+    finally:
+        set_reporter(previous[0])
+        set_commit_hook(previous[1])
+    reporter.flush()
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+# --- the driver --------------------------------------------------------------------------------------------------
+
+def _param_space(spec: SweepSpec) -> dict:
+    from ray import tune
+    make = {"grid": lambda p: tune.grid_search(list(p.values)), "choice": lambda p: tune.choice(list(p.values)),
+            "uniform": lambda p: tune.uniform(p.low, p.high), "loguniform": lambda p: tune.loguniform(p.low, p.high)}
+    return {key: make[p.type](p) for key, p in spec.search.items()}
+
+
+def _scheduler(spec: SweepSpec, cfg: Config, where: str) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    s = spec.scheduler
+    time_attr = s.time_attr or "step"
+    if s.type == "asha":
+        max_t = s.max_t or (cfg.ppo.iterations if spec.command == "ppo" else cfg.train.max_steps)
+        if not max_t:
+            raise ConfigError(f"{where}scheduler.max_t: set it, or set train.max_steps in the overrides")
+        # stop_last_trials=False: a trial that reaches max_t finishes its run (final eval, final/) instead of
+        # being killed at its last report.
+        return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=s.grace_period or 1,
+                             reduction_factor=s.reduction_factor or 2, brackets=s.brackets or 1,
+                             stop_last_trials=False)
+    if s.type == "pbt":
+        every = cfg.train.save_every
+        interval = s.perturbation_interval or every
+        if not every or interval % every:
+            raise ConfigError(f"{where}scheduler.perturbation_interval: PBT restores checkpoints, so it must be a "
+                              f"multiple of train.save_every ({every}), which must be above 0")
+        mutations = {key: (list(p.values) if p.type in ("grid", "choice") else
+                           (tune.uniform if p.type == "uniform" else tune.loguniform)(p.low, p.high))
+                     for key, p in spec.search.items()}
+        return PopulationBasedTraining(
+            time_attr=time_attr, perturbation_interval=interval, burn_in_period=s.burn_in_period or 0,
+            hyperparam_mutations=mutations, quantile_fraction=s.quantile_fraction or 0.25,
+            resample_probability=s.resample_probability if s.resample_probability is not None else 0.25)
+    return None
+
+
+def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str) -> int:
+    """Run (or with `resume`, continue) the sweep; prints a table and writes best_config.yaml under `output`."""
+    from ray import tune
+    from actors.group import cluster_has_gpus
+    from actors.runtime import ensure_ray
+
+    spec = load_spec(config_path, overrides)
+    where = _where(config_path)
+    output = os.path.abspath(output)
+    experiment_dir = os.path.join(output, EXPERIMENT)
+    restorable = tune.Tuner.can_restore(experiment_dir) if os.path.isdir(experiment_dir) else False
+    if resume and not restorable:
+        raise ConfigError(f"--resume: {experiment_dir} holds no Tune experiment to continue; run without --resume")
+    if not resume and restorable:
+        raise ConfigError(f"--output {output}: holds an earlier sweep; pass --resume to continue it or choose "
+                          "another --output")
+    os.makedirs(output, exist_ok=True)
+    base = _base_config(spec)
+    base_path = os.path.join(output, "base_config.yaml")
+    save_config(base, base_path)
+    _check_search(spec, base_path, where)
+
+    bundles_probe = trial_bundles(spec.command, base, False, spec.driver_cpus)
+    ensure_ray(base.ray, sum(b["CPU"] for b in bundles_probe))
+    bundles = trial_bundles(spec.command, base, cluster_has_gpus(), spec.driver_cpus)
+    strategy = base.layout.strategy if spec.command != "ppo" else "PACK"
+    strategy = {"STRICT_SPREAD": "SPREAD"}.get(strategy, strategy)  # bundle 0 (the controller) needs no node of its own
+    job = {"command": spec.command, "base_config": base_path, "args": vars(spec.args), "metric": spec.metric,
+           "experiment_dir": experiment_dir}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job),
+                                    tune.PlacementGroupFactory(bundles, strategy=strategy))
+    if resume:
+        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = _scheduler(spec, base, where)
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(spec),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                        scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials or None,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=output,
+                                      # PBT may clone any trial's older checkpoint, so it keeps them all.
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          num_to_keep=None if spec.scheduler.type == "pbt" else 2)))
+    results = tuner.fit()
+    return _report(spec, results, output, base_path)
+
+
+def _report(spec: SweepSpec, results: Any, output: str, base_path: str) -> int:
+    """Print the summary table and write summary.tsv and best_config.yaml; 0 when some trial measured the metric."""
+    keys = list(spec.search)
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or os.path.basename(result.path)
+        config = result.config or {}
+        rows.append({"trial": trial_id, "status": "error" if result.error else "ok",
+                     **{k: config.get(k) for k in keys}, "step": metrics.get("step"),
+                     spec.metric: metrics.get(spec.metric), "_config": config, "_error": result.error,
+                     "_run": os.path.join(result.path, "run")})
+    measured = [r for r in rows if isinstance(r[spec.metric], (int, float))]
+    measured.sort(key=lambda r: r[spec.metric], reverse=spec.mode == "max")
+    ordered = measured + [r for r in rows if r not in measured]
+    columns = ["trial", "status", *keys, "step", spec.metric]
+    shown = [[_cell(r[c]) for c in columns] for r in ordered]
+    widths = [max(len(c), *(len(s[i]) for s in shown)) if shown else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for s in shown:
+        print("  ".join(v.ljust(w) for v, w in zip(s, widths)))
+    with open(os.path.join(output, "summary.tsv"), "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(columns + ["run_dir"])
+        writer.writerows([_cell(r[c]) for c in columns] + [r["_run"]] for r in ordered)
+    for r in rows:
+        if r["_error"] is not None:
+            last = [line.strip() for line in str(r["_error"]).splitlines() if line.strip()][-1:] or ["?"]
+            print(f"trial {r['trial']} failed: {last[0][:300]} (its run: {r['_run']})")
+    if not measured:
+        print(f"rlhf sweep: no trial reported {spec.metric!r}; the names a run logs are in its metrics.jsonl "
+              f"under {os.path.join(output, EXPERIMENT)}/*/run/")
+        return 1
+    best = measured[0]
+    cfg = load_config(base_path, trial_overrides(best["_config"]))
+    path = os.path.join(output, "best_config.yaml")
+    command = _command_line(spec, path, os.path.join(output, "best"))
+    values = ", ".join(f"{k}={_cell(best[k])}" for k in keys)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"# Best trial {best['trial']} of the sweep in {output}: {spec.metric}={_cell(best[spec.metric])} "
+                f"({spec.mode}) with {values}\n# Run it: {command}\n{to_yaml(cfg)}")
+    print(f"best: trial {best['trial']}, {spec.metric}={_cell(best[spec.metric])} with {values}")
+    print(f"best config: {path}\nrun it: {command}")
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "-" if value is None else str(value)
+
+
+def _command_line(spec: SweepSpec, config: str, output: str) -> str:
+    a = spec.args
+    pairs = ([("--model", a.model), ("--data", a.data)] if spec.command in ("sft", "rm") else
+             [("--policy", a.policy), ("--reward", a.reward), ("--prompts", a.prompts)])
+    parts = ["rlhf", spec.command, "--config", config] + [x for p in pairs for x in p] + ["--output", output]
+    return " ".join(shlex.quote(p) for p in parts)
