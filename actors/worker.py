@@ -178,6 +178,19 @@ class RankWorker:
             load_rng(rng)
         return client_state or {}
 
+    def _write_on_rank0(self, write: Any) -> None:
+        """Every rank calls this (ZeRO-3 gathers the weights from all of them); rank 0 runs `write`."""
+        if self.engine is not None and self.zero_stage == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                if self.rank == 0:
+                    write()
+        elif self.rank == 0:
+            write()
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank must call this: under ZeRO-3 the weights are gathered from all ranks."""
         module = self.module
@@ -297,25 +310,23 @@ class LMWorker(RankWorker):
         logp = logprobs_from_logits(logits, mb["response_ids"].to(self.device))
         return (logp, entropy_from_logits(logits)) if with_entropy else (logp, None)
 
-    @chunked
-    def logprobs(self, batch: Batch) -> torch.Tensor:
-        """[b, R] log-probs of the sampled replies (the reference's, or the policy's at rollout time)."""
+    def _logprobs(self, batch: Batch, adapters_off: bool) -> torch.Tensor:
         self.forward_module().eval()
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), self._adapters_off_if(adapters_off):
             for mb in micro_batches(batch, self.micro_batch_size):
                 out.append(self._response_logprobs(mb)[0].cpu())
         return torch.cat(out)
 
     @chunked
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """[b, R] log-probs of the sampled replies (the reference's, or the policy's at rollout time)."""
+        return self._logprobs(batch, adapters_off=False)
+
+    @chunked
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """The policy's base with LoRA adapters switched off serves as the reference (no second copy)."""
-        self.forward_module().eval()
-        out = []
-        with torch.no_grad(), self._adapters_off_if(True):
-            for mb in micro_batches(batch, self.micro_batch_size):
-                out.append(self._response_logprobs(mb)[0].cpu())
-        return torch.cat(out)
+        return self._logprobs(batch, adapters_off=True)
 
     def _adapters_off_if(self, flag: bool):
         import contextlib
@@ -359,17 +370,7 @@ class LMWorker(RankWorker):
     def save_pretrained(self, out_dir: str, merge_lora: bool = True) -> None:
         """All ranks call this (ZeRO-3 gathers); rank 0 writes an HF directory atomically."""
         from rlhf.modeling import save_pretrained_atomic
-        module = self.module
-        if self.engine is not None and self.zero_stage == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    save_pretrained_atomic(module, self.tokenizer, out_dir, merge_lora=merge_lora)
-        elif self.rank == 0:
-            save_pretrained_atomic(module, self.tokenizer, out_dir, merge_lora=merge_lora)
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.barrier()
+        self._write_on_rank0(lambda: save_pretrained_atomic(self.module, self.tokenizer, out_dir, merge_lora=merge_lora))
 
 
 class _maybe_gathered:
@@ -521,17 +522,7 @@ class ScalarWorker(RankWorker):
 
     def save_pretrained(self, out_dir: str, stats: Optional[dict] = None) -> None:
         """All ranks call this; rank 0 writes the LM (merged when LoRA), the head and the tokenizer."""
-        module = self.module
-        if self.engine is not None and self.zero_stage == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    _save_scalar(module, self.tokenizer, out_dir, stats, self.lora_enabled)
-        elif self.rank == 0:
-            _save_scalar(module, self.tokenizer, out_dir, stats, self.lora_enabled)
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.barrier()
+        self._write_on_rank0(lambda: _save_scalar(self.module, self.tokenizer, out_dir, stats, self.lora_enabled))
 
 
 def _save_scalar(module: torch.nn.Module, tokenizer: Any, out_dir: str, stats: Optional[dict], lora: bool) -> None:

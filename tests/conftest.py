@@ -2,6 +2,7 @@
 and a local Ray that a test module starts and shuts down itself."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -23,6 +24,25 @@ def tiny(tmp_path_factory) -> dict:
                     str(root / "tok"))
     init_model("codegen", "tiny", str(root / "tok"), str(root / "base"), seed=0)
     return {"root": str(root), "tokenizer": str(root / "tok"), "base": str(root / "base"), **paths}
+
+
+@contextlib.contextmanager
+def simulated_cluster(nodes: int, cpus: int, gpus: int):
+    """`nodes` Ray nodes on this machine, each declaring GPUs that have no CUDA behind them."""
+    import ray
+    from ray.cluster_utils import Cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "num_gpus": gpus})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=cpus, num_gpus=gpus)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

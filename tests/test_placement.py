@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from actors.group import RoleGroup
 from actors.worker import LMWorker
+from conftest import simulated_cluster
 from rlhf.config import load_config, to_dict
 
 pytestmark = pytest.mark.slow
@@ -15,16 +15,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
-    for _ in range(2):
-        cluster.add_node(num_cpus=2, num_gpus=2)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_cluster(nodes=3, cpus=2, gpus=2) as cluster:
+        yield cluster
 
 
 def _group(strategy: str) -> RoleGroup:

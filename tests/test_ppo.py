@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, simulated_cluster
 from rlhf.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -57,18 +57,8 @@ def test_ppo_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny, sft_run
 
 @pytest.fixture()
 def three_node_cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 1})
-    for _ in range(2):
-        cluster.add_node(num_cpus=3, num_gpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_cluster(nodes=3, cpus=3, gpus=1) as cluster:
+        yield cluster
 
 
 def test_roles_are_placed_as_configured_on_a_simulated_cluster(tiny, sft_run, rm_run, tmp_path, three_node_cluster):
