@@ -342,7 +342,10 @@ class LMWorker(RankWorker):
         from rlhf.ppo_math import masked_sum, policy_loss
         self.engine.train()
         n_micro = max(1, len(batch["response_ids"]) // self.micro_batch_size)
-        ptx_parts = [take(ptx, i, n_micro) for i in range(n_micro)] if ptx is not None and ptx_coef > 0 else None
+        ptx_parts = None
+        if ptx is not None and ptx_coef > 0:  # this rank's share of the SFT batch, one part per micro-batch
+            mine = take(ptx, self.rank, self.world_size)
+            ptx_parts = [take(mine, i, n_micro) for i in range(n_micro)]
         sums = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "ptx_loss": 0.0}
         for i, mb in enumerate(micro_batches(batch, self.micro_batch_size)):
             mask = mb["action_mask"].to(self.device).float()

@@ -14,8 +14,9 @@ def evaluate(model_dir: str, data: str, cfg: Config, batch_size: int = 8) -> dic
     from reward.model import ScalarHeadModel
     from reward.trainer import encode_file
     from rlhf.batching import position_ids
-    from rlhf.modeling import load_tokenizer
+    from rlhf.modeling import check_model_dir, load_tokenizer
 
+    check_model_dir(model_dir, "--model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir, cfg.model.trust_remote_code)
     lists = encode_file(data, tokenizer, cfg)
     model = ScalarHeadModel.from_pretrained(model_dir, torch.float32, cfg.model.trust_remote_code).eval()

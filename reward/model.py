@@ -173,7 +173,7 @@ def load_reward_stats(path: str) -> dict | None:
         with open(stats_path, encoding="utf-8") as f:
             stats = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{stats_path}: not valid JSON ({error}); delete it or re-run `rlhf rm`") from error
+        raise ModelLoadError(f"{stats_path}: not valid JSON ({error}); delete it or re-run `rlhf rm`") from None
     if not isinstance(stats, dict):
-        raise ValueError(f"{stats_path}: expected a JSON object like {{\"mean\": 0.0, \"std\": 1.0}}")
+        raise ModelLoadError(f"{stats_path}: expected a JSON object like {{\"mean\": 0.0, \"std\": 1.0}}")
     return stats

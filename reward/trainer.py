@@ -37,8 +37,9 @@ def run_rm(cfg: Config, model: str, data: str, output: str, resume: bool = False
     from actors.group import RoleGroup
     from actors.runtime import ensure_ray
     from actors.worker import ScalarWorker
-    from rlhf.modeling import load_tokenizer
+    from rlhf.modeling import check_model_dir, load_tokenizer
 
+    check_model_dir(model, "--model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or model, cfg.model.trust_remote_code)
     train = encode_file(data, tokenizer, cfg)
     held_out = encode_file(cfg.data.eval, tokenizer, cfg) if cfg.data.eval else []

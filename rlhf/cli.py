@@ -44,9 +44,18 @@ def cmd_validate(args) -> int:
     return validate(args.file, args.kind)
 
 
+def _check_models(**paths: str) -> None:
+    """Model paths are checked before a trainer starts Ray, so a typo costs seconds, not a cluster start."""
+    from rlhf.modeling import check_model_dir
+    for flag, path in paths.items():
+        if path:
+            check_model_dir(path, flag)
+
+
 def cmd_sft(args) -> int:
-    from rlhf.sft import run_sft
     cfg = _config(args)
+    _check_models(**{"--model": args.model})
+    from rlhf.sft import run_sft
     cfg.model.path = args.model
     cfg.data.train = args.data
     summary = run_sft(cfg, args.model, args.data, args.output, args.resume)
@@ -55,8 +64,9 @@ def cmd_sft(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from reward.trainer import run_rm
     cfg = _config(args)
+    _check_models(**{"--model": args.model})
+    from reward.trainer import run_rm
     cfg.model.path = args.model
     cfg.data.train = args.data
     summary = run_rm(cfg, args.model, args.data, args.output, args.resume)
@@ -65,19 +75,24 @@ def cmd_rm(args) -> int:
 
 
 def cmd_rm_eval(args) -> int:
+    cfg = _config(args)
+    _check_models(**{"--model": args.model})
     from reward.evaluate import run_rm_eval
-    return run_rm_eval(args.model, args.data, _config(args))
+    return run_rm_eval(args.model, args.data, cfg)
 
 
 def cmd_ppo(args) -> int:
-    from rlhf.ppo import run_ppo
     cfg = _config(args)
+    _check_models(**{"--policy": args.policy, "--reward": args.reward},
+                  **{f"roles.{r}.model": getattr(cfg.roles, r).model for r in ("policy", "reference", "reward", "critic")})
+    from rlhf.ppo import run_ppo
     summary = run_ppo(cfg, args.policy, args.reward, args.prompts, args.output, args.resume)
     print(_summary_line("ppo", summary))
     return 0
 
 
 def cmd_generate(args) -> int:
+    _check_models(**{"--model": args.model})
     from rlhf.generation import run_generate
     return run_generate(args.model, args.prompts, args.out, args.config, args.set)
 
@@ -178,18 +193,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from rlhf.config import ConfigError
     from rlhf.data import DataFileError
     try:
-        from rlhf.modeling import ModelLoadError
-    except ImportError:  # transformers missing: let the command itself say so
-        ModelLoadError = RuntimeError  # type: ignore[misc,assignment]
-    try:
         return int(args.fn(args) or 0)
     except DataFileError as err:
         for e in err.errors:
             print(str(e), file=sys.stderr)
         return 1
-    except (ConfigError, ModelLoadError) as err:
-        print(f"rlhf {args.command}: {err}", file=sys.stderr)
-        return 2
     except SystemExit as err:  # a trainer refusing its input says why in one line
         if isinstance(err.code, str):
             print(f"rlhf {args.command}: {err.code}", file=sys.stderr)
@@ -199,6 +207,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"rlhf {args.command}: interrupted; rerun with --resume to continue from the last checkpoint",
               file=sys.stderr)
         return 130
+    except Exception as err:
+        if isinstance(err, ConfigError) or isinstance(err, _user_errors()):
+            print(f"rlhf {args.command}: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Error classes of modules already imported: one that raised had to be, and importing rlhf.modeling
+    (torch, transformers) just to name its error would cost `rlhf validate` seconds."""
+    found = []
+    for module, name in (("rlhf.modeling", "ModelLoadError"), ("rlhf.checkpoint", "CheckpointError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
 
 
 if __name__ == "__main__":

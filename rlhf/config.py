@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -354,12 +355,23 @@ def gradient_accumulation_steps(global_batch: int, micro_batch: int, world: int)
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML config over the defaults, apply `key.path=value` overrides, and check the result."""
     schema = OmegaConf.structured(Config)
+    where = f"{path}: " if path else "--set "
     try:
         merged = schema
         if path:
             if not os.path.exists(path):
                 raise ConfigError(f"{path}: config file does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path}: is a directory; pass a YAML config file")
+            try:
+                loaded = OmegaConf.load(path)
+            except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+                raise ConfigError(f"{path}: not readable YAML ({_one_line(err)})") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train:, ...), "
+                                  "got a list")
+            merged = OmegaConf.merge(merged, loaded)
+        where = "--set "
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"--set {item}: expected key.path=value")
@@ -370,7 +382,6 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value or chr(34) * 2}"]))
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
-        where = f"{path}: " if path else "--set "
         key = getattr(err, "full_key", None)
         msg = _one_line(getattr(err, "msg", None) or err).split(" full_key:")[0]
         raise ConfigError(f"{where}{key + ': ' if key else ''}{msg}") from None

@@ -158,6 +158,17 @@ def _responses_and_ranks(obj: dict) -> tuple[list[str], list[int]]:
 # --- files -----------------------------------------------------------------------------------------------
 
 
+def _not_utf8_text(first: bytes) -> str | None:
+    """Why a file whose first line is `first` is not UTF-8 JSONL at all, or None if it may be."""
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16/32 encoded (it starts with a byte-order mark); save it as UTF-8"
+    if first.startswith(b"\x1f\x8b"):
+        return "gzip-compressed; decompress it first (gunzip)"
+    if b"\x00" in first:
+        return "binary or UTF-16 (it has NUL bytes); JSONL files are UTF-8 text"
+    return None
+
+
 def _read_objects(path: str | os.PathLike) -> tuple[list[tuple[int, Any]], list[DataError]]:
     """(line number, parsed JSON) for every non-blank line, and the errors of lines that are not JSON."""
     objects: list[tuple[int, Any]] = []
@@ -174,6 +185,9 @@ def _read_objects(path: str | os.PathLike) -> tuple[list[tuple[int, Any]], list[
             if not raw:
                 break
             line += 1
+            if line == 1 and (not_text := _not_utf8_text(raw)):
+                # One line for the whole file, instead of a garbled error for every line of it.
+                return [], [DataError(path, 0, "file", not_text)]
             if len(raw) > MAX_LINE_BYTES:
                 while raw and not raw.endswith(b"\n"):
                     raw = f.readline(MAX_LINE_BYTES)

@@ -198,15 +198,17 @@ def reply_text(tokenizer: Any, response_ids: torch.Tensor, action_mask: torch.Te
 
 
 def generate_texts(model_path: str, dialogues: Sequence[Dialogue], gen: GenerationConfig, max_prompt_length: int,
-                   plugin: bool, batch_size: int = 16, seed: int = 0) -> list[str]:
+                   plugin: bool, batch_size: int = 16, seed: int = 0, tokenizer_path: str = "",
+                   trust_remote_code: bool = False) -> list[str]:
     """Reply texts of the model at model_path to dialogues (prompts, or dialogues whose last reply is
     dropped), in order; seeded without disturbing the caller's random state."""
-    from rlhf.modeling import load_causal_lm, load_tokenizer
+    from rlhf.modeling import check_model_dir, load_causal_lm, load_tokenizer
     from rlhf.plugins import default_registry
 
-    tokenizer = load_tokenizer(model_path)
+    check_model_dir(model_path, "model")  # before the tokenizer, so a wrong path is named as the model's
+    tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_causal_lm(model_path).to(device)
+    model = load_causal_lm(model_path, trust_remote_code=trust_remote_code).to(device)
     gen_dict = dataclasses.asdict(gen)
     eom_id = _single_id(tokenizer, EOM)
     tools = default_registry() if plugin else None
@@ -247,7 +249,8 @@ def run_generate(model: str, prompts: str, out: str, config: str | None = None,
         return 1
     cfg = load_config(config, overrides or [])
     texts = generate_texts(model, dialogues, cfg.generation, cfg.data.max_prompt_length, cfg.data.plugin,
-                           seed=cfg.seed)
+                           seed=cfg.seed, tokenizer_path=cfg.model.tokenizer,
+                           trust_remote_code=cfg.model.trust_remote_code)
     write_jsonl(out, [{**d.to_json(), "response": text} for d, text in zip(dialogues, texts)])
     print(f"generate: {len(texts)} replies (seed {cfg.seed}) -> {out}")
     return 0

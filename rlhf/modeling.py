@@ -1,7 +1,8 @@
 """Model building and loading: tiny random presets, MOSS-aware tokenizer/model loading, LoRA, atomic saves.
 
 Every trainer loads and saves models through here, so the checks (MOSS special tokens, safetensors only) and
-the on-disk layout (HF directory, PEFT adapter in `adapter/`) are the same everywhere.
+the on-disk layout (HF directory, PEFT adapter in `adapter/`) are the same everywhere. torch and transformers are
+imported where they are used, so the command line checks model paths in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ import os
 import re
 import shutil
 import sys
-from typing import Any
-
-import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from typing import TYPE_CHECKING, Any
 
 from rlhf.moss import EOH, EOM, PAD
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class ModelLoadError(Exception):
@@ -48,7 +49,7 @@ LORA_TARGETS: dict[str, list[str]] = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # names of the torch dtypes a model may load in
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -83,6 +84,36 @@ def _resolve(path_or_id: str, what: str) -> str:
                              f"downloading; download it first or pass a local directory") from error
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model_dir(path_or_id: str, what: str = "model") -> str:
+    """Refuse, in one line and before any worker starts, a model that could not load or would load a pickle.
+
+    Returns the local directory (or, online, the hub id). Only names are looked at: nothing is unpickled.
+    """
+    source = _resolve(path_or_id, what)
+    if not os.path.exists(source):
+        return source  # a hub id, online: transformers fetches and checks it
+    if not os.path.isdir(source):
+        raise ModelLoadError(f"{what} {path_or_id!r} is a file; pass the model's directory (an HF directory "
+                             f"with config.json and safetensors weights)")
+    names = os.listdir(source)
+    if "config.json" not in names:
+        raise ModelLoadError(f"{what} {path_or_id!r} has no config.json; it must be an HF model directory with "
+                             f"config.json and safetensors weights (`rlhf init-model` or a run's final/)")
+    if not any((n.endswith(".safetensors") and n != "value_head.safetensors") or n == "model.safetensors.index.json"
+               for n in names):
+        pickled = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
+        if pickled:
+            raise ModelLoadError(f"{what} {path_or_id!r} has only pickled weights ({', '.join(pickled)}), which can "
+                                 f"run code when loaded; convert them to safetensors (load and save_pretrained "
+                                 f"in a trusted environment) and pass that directory")
+        raise ModelLoadError(f"{what} {path_or_id!r} has no safetensors weights (model.safetensors or a "
+                             f"sharded index); pass a complete HF model directory")
+    return source
+
+
 def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     """The id of `token` if it encodes as exactly one id inside text, else None."""
     ids = tokenizer.encode(f"a{token}b", add_special_tokens=False)
@@ -94,6 +125,8 @@ def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | No
 
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A tokenizer that has the MOSS end tokens as single tokens and a pad token."""
+    from transformers import AutoTokenizer
+
     source = _resolve(path_or_id, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
@@ -115,9 +148,12 @@ def load_causal_lm(path_or_id: str, dtype: str = "float32", trust_remote_code: b
     """A causal LM from safetensors weights only: pickled checkpoints from user paths can run code."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    source = _resolve(path_or_id, "model")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = check_model_dir(path_or_id, "model")
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True,
+        return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), use_safetensors=True,
                                                     trust_remote_code=trust_remote_code,
                                                     local_files_only=_offline())
     except Exception as error:  # any loader failure becomes one readable line
@@ -131,6 +167,9 @@ def init_model(arch: str, preset: str, tokenizer_dir: str, out_dir: str, seed: i
         raise ValueError(f"--arch {arch!r} is unknown; use one of {', '.join(PRESETS)}")
     if preset not in PRESETS[arch]:
         raise ValueError(f"--preset {preset!r} is unknown for {arch}; use one of {', '.join(PRESETS[arch])}")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     tokenizer = load_tokenizer(tokenizer_dir)
     eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos_id
@@ -152,8 +191,9 @@ def run_init_model(arch: str, preset: str, tokenizer: str, out: str, seed: int =
     try:
         init_model(arch, preset, tokenizer, out, seed)
     except (ModelLoadError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"rlhf init-model: {error}", file=sys.stderr)
         return 2
+    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     params = sum(p.numel() for p in model.parameters())
     print(f"init-model: {arch}/{preset} with {params:,} parameters, vocab {model.config.vocab_size}, "
@@ -194,6 +234,7 @@ def _is_peft(model: Any) -> bool:
 def _merged_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
     """The base model's weights with the active LoRA deltas added, leaving the training model untouched
     (merge_and_unload would mutate it, and a deep copy would double memory)."""
+    import torch
     from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model()

@@ -315,7 +315,14 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
     from reward.model import load_reward_stats
     from rlhf.sft import encode_dialogues
 
+    from rlhf.modeling import check_model_dir
     cfg.model.path, cfg.data.train = policy, prompts_path
+    check_model_dir(policy, "--policy")
+    check_model_dir(reward, "--reward")
+    for role in ("policy", "reference", "reward", "critic"):
+        if getattr(cfg.roles, role).model:
+            check_model_dir(getattr(cfg.roles, role).model, f"roles.{role}.model")
+    reward_stats = load_reward_stats(reward)
     tokenizer = load_tokenizer(cfg.model.tokenizer or policy, cfg.model.trust_remote_code)
     reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)
     if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
@@ -334,9 +341,8 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
                for r in ("policy", "reference", "reward", "critic"))
     started = ensure_ray(cfg.ray, cpus)
     roles = Roles(cfg, policy, reward)
-    stats = load_reward_stats(reward)
     try:
-        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, stats)
+        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats)
         _record_placement(output, roles)
         summary: dict = {}
         if run.resume_from:
@@ -363,7 +369,7 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
                 roles.shutdown()
                 roles = Roles(cfg, policy, reward)
                 latest = run.checkpoints.latest()
-                trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, stats)
+                trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats)
                 if latest:
                     _restore(roles, trainer, latest)
                 run.metrics.truncate_after(trainer.state.iteration)

@@ -24,6 +24,8 @@ def run_sft(cfg: Config, model: str, data: str, output: str, resume: bool = Fals
     from rlhf.modeling import load_tokenizer
 
     # Everything that can be wrong with the input is found before any actor starts.
+    from rlhf.modeling import check_model_dir
+    check_model_dir(model, "--model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or model, cfg.model.trust_remote_code)
     train = encode_dialogues(data, tokenizer, cfg)
     held_out = encode_dialogues(cfg.data.eval, tokenizer, cfg) if cfg.data.eval else []

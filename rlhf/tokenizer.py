@@ -88,8 +88,12 @@ def run_tokenizer(data: list[str], vocab_size: int, out: str) -> int:
     """`rlhf tokenizer`: train on the data files and print a one-line summary."""
     try:
         tokenizer = train_tokenizer(texts_from_files(data), vocab_size, out)
-    except (DataFileError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except DataFileError as error:  # every bad line, as `rlhf validate` prints them
+        for line in error.errors:
+            print(line, file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"rlhf tokenizer: {error}", file=sys.stderr)
         return 2
     print(f"tokenizer: byte-level BPE, vocab {len(tokenizer)} (asked {vocab_size}), "
           f"trained on {len(data)} file(s) -> {out}")

@@ -81,17 +81,19 @@ def test_roles_are_placed_as_configured_on_a_simulated_cluster(tiny, sft_run, rm
     assert len(read_metrics(f"{out}/metrics.jsonl")) >= 2
 
 
-def test_lora_policy_is_its_own_reference_and_grpo_starts_no_critic(tiny, sft_run, rm_run, tmp_path):
+def test_lora_policy_is_its_own_reference_grpo_starts_no_critic_and_ptx_trains(tiny, sft_run, rm_run, tmp_path):
     out = tmp_path / "ppo"
     assert _ppo(tiny, sft_run, rm_run, out, *SMALL, "--set", "data.eval=", "--set", "ppo.iterations=2",
                 "--set", "ppo.estimator=grpo", "--set", "ppo.samples_per_prompt=4", "--set", "ppo.prompts_per_iteration=4",
                 "--set", "ppo.train_batch_size=8", "--set", "roles.policy.lora.enabled=true",
-                "--set", "roles.policy.optim.lr=1e-3") == 0
+                "--set", "roles.policy.optim.lr=1e-3", "--set", f"data.ptx={tiny['sft_train']}",
+                "--set", "ppo.ptx_coef=0.1") == 0
     with open(out / "placement.json") as f:
         assert sorted(json.load(f)) == ["policy", "reward"]  # no reference copy, no critic
     iters = [m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
     assert len(iters) == 2 and iters[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-4)  # adapters start as a no-op
     assert all(math.isfinite(m["ppo/pg_loss"]) for m in iters)
+    assert all(m["ppo/ptx_loss"] > 0 for m in iters)  # PPO-ptx: the LM loss on SFT dialogues is in the update
     assert (out / "final" / "adapter" / "adapter_config.json").exists()
     assert (out / "final" / "model.safetensors").exists()
 
