@@ -233,7 +233,8 @@ class LMWorker(RankWorker):
         from omegaconf import OmegaConf
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, cfg.model.trust_remote_code)
-        model = load_causal_lm(model_path, "float32", cfg.model.trust_remote_code)
+        # Load straight into the run's dtype: a 16B model in float32 would need 64 GB of host memory per rank.
+        model = load_causal_lm(model_path, str(self.dtype()).removeprefix("torch."), cfg.model.trust_remote_code)
         if cfg.model.gradient_checkpointing and trainable:
             model.gradient_checkpointing_enable()
         self.lora_enabled = bool(lora and lora["enabled"])
@@ -404,7 +405,7 @@ class ScalarWorker(RankWorker):
         from rlhf.modeling import load_tokenizer
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, cfg.model.trust_remote_code)
-        model = ScalarHeadModel.from_pretrained(model_path, torch.float32, cfg.model.trust_remote_code)
+        model = ScalarHeadModel.from_pretrained(model_path, self.dtype(), cfg.model.trust_remote_code)
         self.stats = load_reward_stats(model_path)
         self.lora_enabled = bool(lora and lora["enabled"])
         if self.lora_enabled:
