@@ -109,9 +109,17 @@ class MetricsLogger:
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._writer is not None:
-            # purge_step makes TensorBoard hide the old run's events from step+1 on, instead of drawing both.
+            # Rewrite the kept points into fresh event files: TensorBoard's purge_step depends on the order of
+            # event files, which files written within one second do not keep.
             self._writer.close()
-            self._writer = self._open_writer(purge_step=step + 1)
+            for event_file in glob.glob(os.path.join(self.tb_dir, "events.out.tfevents.*")):
+                os.remove(event_file)
+            self._writer = self._open_writer(purge_step=None)
+            for record in kept:
+                for key, value in record.items():
+                    if key not in ("step", "time") and value is not None:
+                        self._writer.add_scalar(key, value, global_step=int(record["step"]))
+            self._writer.flush()
 
     def close(self) -> None:
         if not self._file.closed:
