@@ -247,6 +247,10 @@ class LMWorker(RankWorker):
         self.make_engine(model, ds_cfg, optim_cfg, micro_batch, grad_accum, total_steps)
         self.eom_id = self.tokenizer.convert_tokens_to_ids("<eom>")
         self.pad_id = self.tokenizer.pad_token_id
+        self.tools = None
+        if cfg.data.plugin:  # a plugin policy rolls out in two passes, running its commands in this process
+            from rlhf.plugins import build_registry
+            self.tools = build_registry(cfg.plugins.tools, cfg.plugins.solver, cfg.plugins.timeout)
         n_params = sum(p.numel() for p in self.module.parameters())
         return {"parameters": n_params, "trainable": sum(p.numel() for p in self.module.parameters() if p.requires_grad)}
 
@@ -292,14 +296,21 @@ class LMWorker(RankWorker):
     # --- generation --------------------------------------------------------------------------------------
     @chunked
     def generate(self, prompts: Batch, gen: dict) -> Batch:
-        """Sample replies to left-padded prompts, stopping at <eom>; replies right-padded to max_new_tokens.
-        Returns response_ids [b, R], action_mask [b, R] (1 up to and including <eom>) and ended [b]."""
-        from rlhf.generation import generate_replies
+        """Sample replies to left-padded prompts, stopping at <eom>, right-padded to a fixed width; a plugin
+        policy writes its turn in two passes around the tools' Results (see rlhf.generation).
+        Returns response_ids, action_mask (what the policy wrote), response_mask (what later passes attend to)
+        [b, R] and ended [b]."""
+        from rlhf.generation import generate_plugin_replies, generate_replies
         gather = self.engine is not None and self.zero_stage == 3 and self.gather_for_generation
+        synced = self.zero_stage == 3 and not gather
         with _maybe_gathered(self.module, gather):
+            if self.tools is not None:
+                out, _ = generate_plugin_replies(self.module, self.tokenizer, prompts, gen, self.tools, self.device,
+                                                 synced=synced, micro_batch=len(prompts["input_ids"]),
+                                                 max_results_tokens=self.cfg.plugins.max_results_tokens)
+                return out
             return generate_replies(self.module, prompts, gen, self.eom_id, self.pad_id, self.device,
-                                    synced=self.zero_stage == 3 and not gather,
-                                    micro_batch=len(prompts["input_ids"]))
+                                    synced=synced, micro_batch=len(prompts["input_ids"]))
 
     # --- PPO ---------------------------------------------------------------------------------------------
     def _response_logprobs(self, mb: Batch, with_entropy: bool = False):

@@ -86,7 +86,7 @@ def cmd_ppo(args) -> int:
     _check_models(**{"--policy": args.policy, "--reward": args.reward},
                   **{f"roles.{r}.model": getattr(cfg.roles, r).model for r in ("policy", "reference", "reward", "critic")})
     from rlhf.ppo import run_ppo
-    summary = run_ppo(cfg, args.policy, args.reward, args.prompts, args.output, args.resume)
+    summary = run_ppo(cfg, args.policy, args.reward or None, args.prompts, args.output, args.resume)
     print(_summary_line("ppo", summary))
     return 0
 
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("ppo", cmd_ppo, "PPO on Ray with policy, reference, reward and critic role groups")
     p.add_argument("--policy", required=True)
-    p.add_argument("--reward", required=True)
+    p.add_argument("--reward", default="", help="preference model (not needed with ppo.reward_model_weight=0)")
     p.add_argument("--prompts", required=True)
     p.add_argument("--output", required=True)
     _train_args(p)

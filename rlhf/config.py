@@ -159,6 +159,19 @@ class GenerationConfig:
 
 
 @dataclass
+class PluginsConfig:
+    """Tools a plugin policy (data.plugin) may call in its rollouts."""
+    tools: list[str] = field(default_factory=list)
+    """Extra tools: `module:function` paths, each function taking the ToolRegistry and registering its tools."""
+    solver: bool = True
+    """Offer the Equation Solver (Solve) beside the Calculator (Calculate)."""
+    timeout: float = 5.0
+    """Seconds one tool call may take before it gives `No result.`."""
+    max_results_tokens: int = 64
+    """Tokens of one Results segment in a rollout; longer results are cut."""
+
+
+@dataclass
 class RoleConfig:
     model: str = ""
     """Checkpoint of this role; empty means the default (policy: --policy, reference: the policy, reward: --reward)."""
@@ -226,6 +239,10 @@ class PPOConfig:
     """Held-out prompts whose rule score is measured at the end (data.eval)."""
     max_skipped_in_row: int = 3
     """Iterations in a row whose scores or losses are NaN/inf (and so are skipped) before the run stops."""
+    reward_model_weight: float = 1.0
+    """Weight of the preference model's score in the reward; 0 starts no reward group (rules alone)."""
+    reward_rules: dict[str, float] = field(default_factory=dict)
+    """Rule rewards and their weights, added to the model's: answer, command, grounded, sample, module:function."""
 
 
 @dataclass
@@ -273,6 +290,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     rm: RewardLossConfig = field(default_factory=RewardLossConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -339,7 +357,26 @@ def check(cfg: Config) -> Config:
                           f"policy's ranks ({policy_ranks})")
     if cfg.ppo.estimator in ("grpo", "rloo") and cfg.ppo.samples_per_prompt < 2:
         raise ConfigError(f"ppo.samples_per_prompt: {cfg.ppo.estimator} needs at least 2 replies per prompt")
+    _check_rewards(cfg)
     return cfg
+
+
+def _check_rewards(cfg: Config) -> None:
+    p = cfg.ppo
+    if p.reward_model_weight < 0:
+        raise ConfigError(f"ppo.reward_model_weight: must be >= 0, got {p.reward_model_weight}")
+    for name in p.reward_rules:
+        if name not in ("answer", "command", "grounded", "sample") and (":" not in name or name.startswith(":")):
+            raise ConfigError(f"ppo.reward_rules.{name}: not a built-in rule (answer, command, grounded, sample) nor "
+                              "module:function")
+    if p.reward_model_weight == 0 and not any(p.reward_rules.values()):
+        raise ConfigError("ppo.reward_model_weight: 0 leaves no reward; give ppo.reward_rules (e.g. answer: 1.0)")
+    if p.reward_model_weight == 0 and p.estimator == "gae" and p.critic_init == "reward" and not cfg.roles.critic.model:
+        raise ConfigError("ppo.critic_init: reward needs a reward model, but ppo.reward_model_weight is 0; "
+                          "set ppo.critic_init=policy or pick a critic-free estimator")
+    if cfg.plugins.max_results_tokens < 8:
+        raise ConfigError(f"plugins.max_results_tokens: {cfg.plugins.max_results_tokens} cannot hold a Results "
+                          "segment; use at least 8")
 
 
 def ranks(layout: LayoutConfig) -> int:
@@ -395,6 +432,8 @@ def _is_known(key: str) -> bool:
         if part not in fields:
             return False
         node = fields[part].type
+        if isinstance(node, str) and node.startswith("dict["):  # a mapping takes any key (ppo.reward_rules.X)
+            return True
         if isinstance(node, str):  # postponed annotations: resolve dataclass names defined here
             node = globals().get(node.split("[")[0], None) or str
     return True

@@ -79,12 +79,14 @@ def generate_replies(model: Any, prompts: dict, gen: dict, eom_id: int, pad_id: 
 
     prompts: input_ids / attention_mask [b, P]. synced: ZeRO-3 ranks step together (HF synced_gpus).
     Returns CPU tensors response_ids [b, R] (R = max_new_tokens, right-padded), action_mask [b, R] (1 up to
-    and including the first <eom>), ended [b] (1.0 when the reply reached <eom>).
+    and including the first <eom>), response_mask [b, R] (what the scoring models attend to; here the same as
+    action_mask), ended [b] (1.0 when the reply reached <eom>).
     """
     response, length, stop = _sample(model, prompts["input_ids"], prompts["attention_mask"], gen, [eom_id],
                                       pad_id, device, synced, micro_batch)
     action_mask = (torch.arange(response.shape[1]).unsqueeze(0) < length.unsqueeze(1)).long()
-    return {"response_ids": response, "action_mask": action_mask, "ended": (stop == eom_id).float()}
+    return {"response_ids": response, "action_mask": action_mask, "response_mask": action_mask.clone(),
+            "ended": (stop == eom_id).float()}
 
 
 # --- plugin rollouts ---------------------------------------------------------------------------------------
@@ -125,8 +127,10 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
 
     Pass 1 writes Inner Thoughts and Commands up to `<eoc>` (or a reply up to `<eom>`); the program runs the
     commands and appends the Results segment as context; pass 2 continues every such row to `<eom>`.
-    Returns ({response_ids, action_mask [b, W], ended [b]} with W = 2 * max_new_tokens + max_results_tokens,
-    action_mask 0 on Results and padding) and one {"commands", "results"} dict per row ("" without a call).
+    Returns ({response_ids, action_mask, response_mask [b, W], ended [b]} with W = 2 * max_new_tokens +
+    max_results_tokens; action_mask is 0 on Results and padding, response_mask 0 on padding only, since every
+    later forward pass must see the Results the second pass was written after) and one {"commands", "results"}
+    dict per row ("" without a call).
     """
     eoc_id, eom_id, pad_id = _single_id(tokenizer, EOC), _single_id(tokenizer, EOM), tokenizer.pad_token_id
     floor = len(results_ids(tokenizer, "None", 10 ** 6))
@@ -173,7 +177,7 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
 
     width = 2 * int(gen["max_new_tokens"]) + max_results_tokens
     batch_out = {"response_ids": pad(responses, pad_id, length=width), "action_mask": pad(masks, 0, length=width),
-                 "ended": ended}
+                 "response_mask": pad([[1] * len(r) for r in responses], 0, length=width), "ended": ended}
     return batch_out, infos
 
 

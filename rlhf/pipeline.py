@@ -102,7 +102,9 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
     if not model:
         model, tok = os.path.join(output, "base"), os.path.join(output, "tokenizer")
         if not os.path.exists(os.path.join(model, "config.json")):
-            train_tokenizer(texts_from_files([files["sft_train"], files["prefs_train"]]), pc.vocab_size, tok)
+            plugin = os.path.join(data, "plugin_sft.jsonl")  # so the same base model serves docs/plugins.md
+            texts = [files["sft_train"], files["prefs_train"]] + ([plugin] if os.path.exists(plugin) else [])
+            train_tokenizer(texts_from_files(texts), pc.vocab_size, tok)
             init_model(pc.arch, pc.preset, tok, model, seed=cfgs["sft"].seed)
             say(f"tokenizer and random {pc.arch}/{pc.preset} model -> {model}")
 

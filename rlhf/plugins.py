@@ -434,6 +434,24 @@ def default_registry(solver: bool = True) -> ToolRegistry:
     return registry
 
 
+def build_registry(tools: list[str], solver: bool = True, timeout: float = 5.0) -> ToolRegistry:
+    """The registry of a run: the built-in tools, then each `module:function` in `tools` called with the registry
+    to register its own (e.g. a Web Search that calls the user's search service)."""
+    import importlib
+    registry = default_registry(solver)
+    registry.timeout = timeout
+    for path in tools:
+        module_name, _, attr = path.partition(":")
+        try:
+            register = getattr(importlib.import_module(module_name), attr) if module_name and attr else None
+        except (ImportError, AttributeError) as err:
+            raise ToolError(f"plugins.tools: {path}: cannot import it ({' '.join(str(err).split())})") from None
+        if not callable(register):
+            raise ToolError(f"plugins.tools: {path}: expected module:function, a function taking the ToolRegistry")
+        register(registry)
+    return registry
+
+
 # --- verifiable rewards ------------------------------------------------------------------------------------
 
 # A number not glued to a word or another number: "x2" is no number, "52-7" ends with 7, "1,024" is 1024.

@@ -19,8 +19,9 @@ from rlhf.batching import Batch, collate_prompts, collate_sft, pad, pad_rows
 from rlhf.config import Config, gradient_accumulation_steps, ranks, to_dict
 from rlhf.data import load_prompts
 from rlhf.metrics import Progress
-from rlhf.moss import Dialogue, split_reply, tokenize_prompt
+from rlhf.moss import Dialogue, tokenize_prompt
 from rlhf.runs import RunDir, open_run, permutation, save_checkpoint
+from reward.rules import Rollout, Rule, combine, plugin_segments, score_rules
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ControllerState:
     score_moments: dict = field(default_factory=dict)
 
 
-def role_model(cfg: Config, role: str, policy: str, reward: str) -> str:
+def role_model(cfg: Config, role: str, policy: str, reward: Optional[str]) -> str:
     explicit = getattr(cfg.roles, role).model
     if explicit:
         return explicit
@@ -48,18 +49,23 @@ def needs_critic(cfg: Config) -> bool:
     return cfg.ppo.estimator == "gae"
 
 
+def needs_reward_group(cfg: Config) -> bool:
+    """Rule rewards alone (ppo.reward_model_weight 0) need no preference model."""
+    return cfg.ppo.reward_model_weight > 0
+
+
 class Roles:
     """The run's role groups, placed as the config says (own placement groups or colocated on another's)."""
 
-    def __init__(self, cfg: Config, policy: str, reward: str):
+    def __init__(self, cfg: Config, policy: str, reward: Optional[str]):
         import ray
         from actors.group import RoleGroup, cluster_has_gpus, make_placement_group
         from actors.worker import LMWorker, ScalarWorker
         self.cfg = cfg
         conf = to_dict(cfg)
         use_gpu = cluster_has_gpus()
-        wanted = ["policy", "reward"] + (["reference"] if needs_reference_group(cfg) else []) + \
-                 (["critic"] if needs_critic(cfg) else [])
+        wanted = ["policy"] + (["reward"] if needs_reward_group(cfg) else []) + \
+                 (["reference"] if needs_reference_group(cfg) else []) + (["critic"] if needs_critic(cfg) else [])
         # Colocated roles share the host role's bundles: one placement group, each rank a fraction of a GPU.
         hosts: dict[str, Any] = {}
         for role in wanted:
@@ -108,9 +114,10 @@ class Roles:
 
 
 def _experience(prompts: Batch, rollout: Batch) -> Batch:
-    """Prompt (left-padded) and reply (right-padded) side by side: what every scoring role reads."""
+    """Prompt (left-padded) and reply (right-padded) side by side: what every scoring role reads. Attention
+    covers plugin Results too (the policy wrote its answer after reading them); actions cover only what it wrote."""
     return {"sequences": torch.cat([prompts["input_ids"], rollout["response_ids"]], 1),
-            "attention_mask": torch.cat([prompts["attention_mask"], rollout["action_mask"]], 1),
+            "attention_mask": torch.cat([prompts["attention_mask"], rollout["response_mask"]], 1),
             "response_ids": rollout["response_ids"], "action_mask": rollout["action_mask"]}
 
 
@@ -138,9 +145,11 @@ class PPOTrainer:
     """Holds the controller's state; `iteration()` is one pass of generate, score, advantages, update."""
 
     def __init__(self, cfg: Config, roles: Roles, tokenizer, prompts: list[Dialogue], prompt_ids: list[list[int]],
-                 ptx: Optional[list[dict]], reward_stats: Optional[dict]):
+                 ptx: Optional[list[dict]], reward_stats: Optional[dict], rules: Optional[dict[str, Rule]] = None):
         self.cfg, self.roles, self.tokenizer = cfg, roles, tokenizer
         self.prompts, self.prompt_ids, self.ptx = prompts, prompt_ids, ptx
+        self.rules = rules or {}
+        self.eom_id = tokenizer.convert_tokens_to_ids("<eom>")
         p = cfg.ppo
         self.kl_ctl = pm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
         self.moments = pm.RunningMoments()
@@ -183,17 +192,23 @@ class PPOTrainer:
         t = time.time()
         exp = _experience(prompts, rollout)
         exp_ref = ray.put(exp)
-        # Nothing waits on what it does not need: all four roles read the same experience at once.
-        calls = {"old_logprobs": ("policy", "logprobs"), "scores": ("reward", "score")}
+        # Nothing waits on what it does not need: all four roles read the same experience at once, and the
+        # controller reads the rollouts' text for the rule rewards meanwhile.
+        calls = {"old_logprobs": ("policy", "logprobs")}
+        if "reward" in g:
+            calls["scores"] = ("reward", "score")
         calls["ref_logprobs"] = ("reference", "logprobs") if "reference" in g else ("policy", "reference_logprobs")
         if "critic" in g:
             calls["values"] = ("critic", "values")
         pending = {name: (role, method, g[role].call(method, exp_ref)) for name, (role, method) in calls.items()}
+        rollouts = self.rollouts([self.prompts[i] for i in rows], rollout)
+        rule_scores = score_rules(self.rules, rollouts)
         got = {name: g[role].gather(method, refs) for name, (role, method, refs) in pending.items()}
         timings["time/score"] = time.time() - t
 
         mask = exp["action_mask"].float()
-        raw = got["scores"].float()
+        model_scores = got["scores"].float().tolist() if "scores" in got else None
+        raw = torch.tensor(combine(model_scores, rule_scores, p.reward_model_weight, p.reward_rules))
         values = got.get("values")
         # Checked before the running statistics see them: one NaN would poison every later normalisation.
         bad = [name for name, tensor in (("reward", raw), ("policy log-probs", got["old_logprobs"]),
@@ -235,11 +250,12 @@ class PPOTrainer:
         }
         if values is not None:
             metrics["ppo/value_mean"] = float(pm.masked_mean(values, mask))
-        from rlhf.sample import prompt_key, rule_score
-        texts = self.decode(rollout)
-        picked = [self.prompts[i] for i in rows]
-        if all(prompt_key(d) is not None for d in picked):
-            metrics["ppo/rule_score"] = sum(rule_score(d, r) for d, r in zip(picked, texts)) / len(texts)
+        if model_scores is not None:
+            metrics["reward/model"] = sum(model_scores) / len(model_scores)
+        metrics |= {f"reward/{name}": sum(v) / len(v) for name, v in rule_scores.items()}
+        if self.cfg.data.plugin:
+            metrics["ppo/tool_call_fraction"] = sum(_called_tool(r) for r in rollouts) / len(rollouts)
+        metrics |= {f"ppo/{k}": v for k, v in task_scores(rollouts).items()}
         self.state.iteration = it + 1
         return metrics
 
@@ -283,51 +299,100 @@ class PPOTrainer:
         batch = collate_sft([self.ptx[rng.randrange(len(self.ptx))] for _ in range(rows)], self.tokenizer.pad_token_id)
         return ray.put(batch), int(batch["loss_mask"][:, 1:].sum())
 
-    def decode(self, rollout: Batch) -> list[str]:
+    def rollouts(self, prompts: list[Dialogue], rollout: Batch) -> list[Rollout]:
+        """What the rules see of each row: the final reply and, for a plugin policy, its commands and results."""
+        from rlhf.generation import reply_text
+        plugin = self.cfg.data.plugin
         out = []
-        for ids, mask in zip(rollout["response_ids"], rollout["action_mask"]):
-            text = self.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=False)
-            out.append(split_reply(text))
+        for prompt, ids, action, seen, ended in zip(prompts, rollout["response_ids"], rollout["action_mask"],
+                                                    rollout["response_mask"], rollout["ended"]):
+            reply = reply_text(self.tokenizer, ids, action, self.eom_id, plugin)
+            commands, results = (plugin_segments(self.tokenizer.decode(ids[seen.bool()].tolist(),
+                                                                       skip_special_tokens=False))
+                                 if plugin else ("", ""))
+            out.append(Rollout(prompt, reply, commands, results, bool(ended)))
         return out
 
-    def replies(self, prompts: list[Dialogue], greedy: bool = False) -> list[str]:
-        """Replies of the current policy to held-out prompts, sampled with the run's generation settings."""
+    def replies(self, prompts: list[Dialogue], greedy: bool = False) -> list[Rollout]:
+        """Rollouts of the current policy on held-out prompts, sampled with the run's generation settings."""
         import ray
         world = ranks(self.cfg.roles.policy.layout)
         ids = [tokenize_prompt(d, self.tokenizer, self.cfg.data.max_prompt_length, self.cfg.data.plugin) for d in prompts]
         batch, real = pad_rows(collate_prompts(ids, self.tokenizer.pad_token_id), world)
         gen = dict(self.gen, do_sample=not greedy)
         rollout = self.roles.groups["policy"].run("generate", ray.put(batch), gen)
-        return self.decode({k: v[:real] for k, v in rollout.items()})
+        return self.rollouts(prompts, {k: v[:real] for k, v in rollout.items()})
 
 
 def rule_score_of(prompts: list[Dialogue], replies: list[str]) -> Optional[float]:
+    """The sample's rule over reply texts, or None when some prompt has nothing the rule can check."""
     from rlhf.sample import prompt_key, score_responses
     if not prompts or any(prompt_key(d) is None for d in prompts):
         return None
     return score_responses(prompts, replies)
 
 
-def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: str, resume: bool = False) -> dict:
+def _called_tool(rollout: Rollout) -> bool:
+    return rollout.commands not in ("", "None")
+
+
+def task_scores(rollouts: list[Rollout]) -> dict[str, float]:
+    """The bundled task's checks where every prompt allows them: `rule_score` (the sample's rule) and
+    `answer_accuracy` (the final number equals the prompt's known answer)."""
+    from rlhf.plugins import answer_reward
+    from rlhf.sample import prompt_key, rule_score
+    out: dict[str, float] = {}
+    if not rollouts:
+        return out
+    if all(prompt_key(r.prompt) is not None for r in rollouts):
+        out["rule_score"] = sum(rule_score(r.prompt, r.reply) for r in rollouts) / len(rollouts)
+    if all(r.prompt.metadata.get("answer") is not None for r in rollouts):
+        out["answer_accuracy"] = sum(answer_reward(r.prompt.metadata, r.reply) for r in rollouts) / len(rollouts)
+    return out
+
+
+def load_reward_setup(cfg: Config, reward: Optional[str]) -> tuple[dict[str, Rule], Optional[dict]]:
+    """The run's rules and the preference model's score statistics, checked before Ray starts: a missing
+    --reward, a rule that does not import or a tool that does not load fails here in one line."""
+    from reward.model import load_reward_stats
+    from reward.rules import load_rules
+    from rlhf.modeling import check_model_dir
+    from rlhf.plugins import build_registry
+    p = cfg.ppo
+    if needs_reward_group(cfg) and not (reward or cfg.roles.reward.model):
+        raise SystemExit("--reward: needed while ppo.reward_model_weight > 0; give the preference model, or set "
+                         "ppo.reward_model_weight=0 and train on ppo.reward_rules alone")
+    if reward:
+        check_model_dir(reward, "--reward")
+    registry = build_registry(cfg.plugins.tools, cfg.plugins.solver, cfg.plugins.timeout)
+    rules = load_rules(p.reward_rules, registry)
+    # The preference model's own score statistics start the running normalisation when its score is the reward.
+    stats = load_reward_stats(reward) if reward and needs_reward_group(cfg) and not rules else None
+    if stats:
+        stats = {"mean": stats["mean"] * p.reward_model_weight, "std": stats["std"] * p.reward_model_weight}
+    return rules, stats
+
+
+def run_ppo(cfg: Config, policy: str, reward: Optional[str], prompts_path: str, output: str,
+            resume: bool = False) -> dict:
     import ray
     from actors.runtime import ensure_ray
     from rlhf.modeling import ModelLoadError, load_tokenizer
-    from reward.model import load_reward_stats
     from rlhf.sft import encode_dialogues
 
     from rlhf.modeling import check_model_dir
     cfg.model.path, cfg.data.train = policy, prompts_path
     check_model_dir(policy, "--policy")
-    check_model_dir(reward, "--reward")
     for role in ("policy", "reference", "reward", "critic"):
         if getattr(cfg.roles, role).model:
             check_model_dir(getattr(cfg.roles, role).model, f"roles.{role}.model")
-    reward_stats = load_reward_stats(reward)
+    rules, reward_stats = load_reward_setup(cfg, reward)
     tokenizer = load_tokenizer(cfg.model.tokenizer or policy, cfg.model.trust_remote_code)
-    reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)
-    if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ModelLoadError(f"{reward}: the reward model's tokenizer differs from the policy's ({policy}); "
-                             "PPO scores the policy's token ids, so train the reward model from the same tokenizer")
+    if reward and (needs_reward_group(cfg) or role_model(cfg, "critic", policy, reward) == reward):
+        reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ModelLoadError(f"{reward}: the reward model's tokenizer differs from the policy's ({policy}); "
+                                 "PPO scores the policy's token ids, so train the reward model from the same tokenizer")
     prompts = load_prompts(prompts_path)
     held_out = load_prompts(cfg.data.eval)[: cfg.ppo.eval_prompts] if cfg.data.eval else []
     ptx = encode_dialogues(cfg.data.ptx, tokenizer, cfg) if cfg.data.ptx and cfg.ppo.ptx_coef > 0 else None
@@ -342,16 +407,16 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
     started = ensure_ray(cfg.ray, cpus)
     roles = Roles(cfg, policy, reward)
     try:
-        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats)
+        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules)
         _record_placement(output, roles)
         summary: dict = {}
         if run.resume_from:
             _restore(roles, trainer, run.resume_from)
         elif held_out:
-            start_score = rule_score_of(held_out, trainer.replies(held_out))
-            if start_score is not None:
-                summary["eval/rule_score_start"] = start_score
-                run.metrics.log(0, {"eval/rule_score": start_score})
+            start = {f"eval/{k}": v for k, v in task_scores(trainer.replies(held_out)).items()}
+            summary |= {f"{k}_start": v for k, v in start.items()}
+            if start:
+                run.metrics.log(0, start)
         progress = Progress(cfg.ppo.iterations, desc="ppo", enabled=cfg.logging.progress,
                             initial=trainer.state.iteration)
         restarts = skipped_in_row = 0
@@ -369,7 +434,7 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
                 roles.shutdown()
                 roles = Roles(cfg, policy, reward)
                 latest = run.checkpoints.latest()
-                trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats)
+                trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules)
                 if latest:
                     _restore(roles, trainer, latest)
                 run.metrics.truncate_after(trainer.state.iteration)
@@ -398,10 +463,10 @@ def run_ppo(cfg: Config, policy: str, reward: str, prompts_path: str, output: st
         progress.close()
         _checkpoint(run, roles, trainer, cfg.ppo.iterations)
         if held_out:
-            end_score = rule_score_of(held_out, trainer.replies(held_out))
-            if end_score is not None:
-                summary["eval/rule_score"] = end_score
-                run.metrics.log(cfg.ppo.iterations, {"eval/rule_score": end_score})
+            end = {f"eval/{k}": v for k, v in task_scores(trainer.replies(held_out)).items()}
+            summary |= end
+            if end:
+                run.metrics.log(cfg.ppo.iterations, end)
         ray.get(roles.groups["policy"].call("save_pretrained", run.final, cfg.roles.policy.lora.merge_on_save))
         return summary | {"final": run.final}
     finally:

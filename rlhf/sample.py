@@ -2,7 +2,9 @@
 
 A prompt asks about one topic word (or an arithmetic expression); a reply earns 0.5 for naming the topic
 (or the right answer) and 0.5 for thanking the user. SFT replies mix all four qualities on purpose, so an SFT
-policy is mediocre and PPO has room to raise `rule_score`. Everything is deterministic for a seed.
+policy is mediocre and PPO has room to raise `rule_score`. Arithmetic questions under the plugin meta
+instruction carry their `answer`: the plugin SFT dialogues always call the calculator but more often guess than
+use its result, which gives PPO with the verifiable answer reward room too. Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -47,18 +49,26 @@ _TOPIC_SENTENCES = {"en": ["Many people enjoy {t}, and so do I.", "There is a lo
 _EMPTY_SENTENCES = {"en": ["I am not sure what to say.", "I have nothing to add.",
                            "That is hard for me to answer."],
                     "zh": ["这个问题我不太清楚。", "我没有什么可以补充的。", "这个很难回答。"]}
-_ANSWER_SENTENCES = {"en": ["{e} = {a}.", "The result of {e} is {a}."],
-                     "zh": ["{e}的结果是{a}。", "{e}等于{a}。"]}
-_THOUGHTS = {"en": ("The user asks for a calculation, so I should use the calculator.",
-                    "The user asks about {t}; no tool is needed."),
-             "zh": ("用户需要计算，我应该使用计算器。", "用户问的是{t}，不需要使用工具。")}
+_ANSWER_SENTENCES = {"en": ["The answer is {a}.", "It is {a}."], "zh": ["答案是{a}。", "结果是{a}。"]}
+_GUESS_SENTENCES = {"en": ["I think it is {a}.", "Maybe {a}."], "zh": ["我猜是{a}。", "大概是{a}。"]}
+# Inner Thoughts: (use the calculator, a topic question). Short, so a plugin turn fits the tiny models'
+# generation budget in Chinese too.
+_THOUGHTS = {"en": ("I should use the calculator.", "No tool is needed for {t}."),
+             "zh": ("需要计算器。", "{t}不需要工具。")}
 
 # style -> (polite, on topic); SFT replies mix them (SFT_STYLE_WEIGHTS) so the SFT policy is deliberately mixed.
 STYLES = {"best": (True, True), "topic": (False, True), "polite": (True, False), "bad": (False, False)}
 # Politeness is rare in the SFT replies (30%), so the SFT policy leaves PPO clear room to learn what the
 # preference data rewards; a tiny model learns it far more easily than copying the topic word.
 SFT_STYLE_WEIGHTS = {"best": 0.15, "topic": 0.45, "polite": 0.15, "bad": 0.25}
-PLUGIN_STYLE_WEIGHTS = {"best": 0.5, "topic": 0.3, "polite": 0.1, "bad": 0.1}
+# Arithmetic: operands small enough for a two-layer model to copy into a command and back out of its result;
+# enough of them that it must copy rather than memorise.
+OPERANDS = range(2, 21)
+# In the plugin SFT data the model always calls the calculator, but answers with its result only 40% of the
+# time and otherwise guesses, off by a little (a tool user that ignores its tool: a known failure of tool-using
+# chat models). PPO with the verifiable answer reward has clear room to learn to trust the Results
+# (see tests/test_plugin_ppo.py).
+TRUST_FRACTION = 0.4
 ZH_FRACTION = 0.3
 MULTI_TURN_FRACTION = 0.15
 EVAL_FRACTION = 0.2
@@ -122,12 +132,11 @@ def _reply(rng: random.Random, lang: str, style: str, topic: str) -> str:
     return opener + sentence
 
 
-def _math_reply(rng: random.Random, lang: str, style: str, expression: str, answer: str) -> str:
-    polite, correct = STYLES[style]
+def _math_reply(rng: random.Random, lang: str, answer: str, guess: bool) -> str:
+    """A sentence naming `answer` (or a guess), thanking the user as often as the SFT topic replies do."""
+    polite = rng.random() < SFT_STYLE_WEIGHTS["best"] + SFT_STYLE_WEIGHTS["polite"]
     opener = rng.choice(_OPENERS[lang]) if polite else ""
-    if correct:
-        return opener + rng.choice(_ANSWER_SENTENCES[lang]).format(e=expression, a=answer)
-    return opener + rng.choice(_EMPTY_SENTENCES[lang])
+    return opener + rng.choice((_GUESS_SENTENCES if guess else _ANSWER_SENTENCES)[lang]).format(a=answer)
 
 
 def _pick_style(rng: random.Random, weights: dict[str, float]) -> str:
@@ -209,35 +218,42 @@ def _preference(rng: random.Random, pool: _Pool, shorthand: bool) -> dict:
     return record
 
 
-def _expressions(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """n distinct (expression, answer) pairs with small integers."""
-    seen: dict[str, str] = {}
-    while len(seen) < n:
-        a, b, op = rng.randint(2, 60), rng.randint(2, 60), rng.choice("+-*")
-        a, b = max(a, b), min(a, b)  # no negative answers
-        expression = f"{a}{op}{b}"
-        seen.setdefault(expression, str(a + b if op == "+" else a - b if op == "-" else a * b))
-    return list(seen.items())
+def _answer(expression: str) -> str:
+    a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", expression).groups()
+    x, y = int(a), int(b)
+    return str(x + y if op == "+" else x - y if op == "-" else x * y)
 
 
-def _math_prompt(rng: random.Random, expression: str, answer: str) -> Dialogue:
+def _split_expressions(rng: random.Random) -> tuple[list[str], list[str]]:
+    """Every `a op b` over OPERANDS (a >= b, so no negative answers), split 3:1 into train and held-out."""
+    every = sorted({f"{max(a, b)}{op}{min(a, b)}" for a in OPERANDS for b in OPERANDS for op in "+-*"})
+    rng.shuffle(every)
+    n_eval = len(every) // 4
+    return every[n_eval:], every[:n_eval]
+
+
+def _math_prompt(rng: random.Random, expression: str) -> Dialogue:
     lang = "zh" if rng.random() < ZH_FRACTION else "en"
     human = rng.choice(_MATH_PROMPTS[lang]).format(e=expression)
     return Dialogue([Turn(human=human)], PLUGIN_META_INSTRUCTION,
-                    {"task": "arithmetic", "expression": expression, "answer": answer, "lang": lang})
+                    {"task": "arithmetic", "expression": expression, "answer": _answer(expression), "lang": lang})
 
 
-def _plugin_dialogue(rng: random.Random, expression: str, answer: str) -> Dialogue:
-    """A calculator call (Inner Thoughts, command, result, reply)."""
-    prompt = _math_prompt(rng, expression, answer)
-    lang = prompt.metadata["lang"]
+def _plugin_dialogue(rng: random.Random, expression: str) -> Dialogue:
+    """An arithmetic turn: a calculator call, its result, then the answer from the result or a guess that
+    ignores it and is off by 1 to 3."""
+    prompt = _math_prompt(rng, expression)
+    lang, answer = prompt.metadata["lang"], prompt.metadata["answer"]
     turn = prompt.turns[-1]
     turn.inner_thoughts = _THOUGHTS[lang][0]
     turn.commands = f'Calculate("{expression}")'
     turn.results = f'Calculate("{expression}") => {answer}'
-    style = _pick_style(rng, PLUGIN_STYLE_WEIGHTS)
-    turn.moss = _math_reply(rng, lang, style, expression, answer)
-    prompt.metadata["style"] = style
+    trusted = rng.random() < TRUST_FRACTION
+    prompt.metadata["trusted"] = trusted
+    if not trusted:
+        value = int(answer)
+        answer = str(value + rng.choice([1, 2, 3] if value < 3 else [-3, -2, -1, 1, 2, 3]))
+    turn.moss = _math_reply(rng, lang, answer, guess=not trusted)
     return prompt
 
 
@@ -259,11 +275,9 @@ def write_sample(out_dir: str, seed: int = 0, n_sft: int = 600, n_prompts: int =
     rng = random.Random(seed)
     train, held_out = _split_pools(rng)
     n_eval_sft, n_eval_prompts, n_eval_prefs = max(n_sft // 5, 1), max(n_prompts // 4, 1), max(n_prefs // 4, 1)
-    n_plugin_sft, n_plugin_prompts = max(n_sft // 5, 4), max(n_prompts // 4, 2)
-    expressions = _expressions(rng, n_plugin_sft + n_plugin_prompts)
-    n_calls = n_plugin_sft * 3 // 4
-    plugin_sft = [_plugin_dialogue(rng, e, a) for e, a in expressions[:n_calls]]
-    plugin_sft += [_plugin_chat(rng, train) for _ in range(n_plugin_sft - n_calls)]
+    math_train, math_eval = _split_expressions(rng)
+    plugin_sft = [_plugin_dialogue(rng, rng.choice(math_train)) for _ in range(n_sft)]
+    plugin_sft += [_plugin_chat(rng, train) for _ in range(max(n_sft // 10, 2))]
     rng.shuffle(plugin_sft)
     files: dict[str, list] = {
         "sft_train": [_sft_dialogue(rng, train) for _ in range(n_sft)],
@@ -273,7 +287,8 @@ def write_sample(out_dir: str, seed: int = 0, n_sft: int = 600, n_prompts: int =
         "prefs_train": [_preference(rng, train, rng.random() < 0.25) for _ in range(n_prefs)],
         "prefs_eval": [_preference(rng, held_out, rng.random() < 0.25) for _ in range(n_eval_prefs)],
         "plugin_sft": plugin_sft,
-        "plugin_prompts": [_math_prompt(rng, e, a) for e, a in expressions[n_plugin_sft:]],
+        "plugin_prompts": [_math_prompt(rng, rng.choice(math_train)) for _ in range(n_prompts)],
+        "plugin_prompts_eval": [_math_prompt(rng, e) for e in math_eval],
     }
     paths = {}
     for name, records in files.items():

@@ -337,7 +337,7 @@ def run_trial(config: dict, job: dict) -> None:
             run_rm(cfg, args["model"], args["data"], run_dir, resume)
         else:
             from rlhf.ppo import run_ppo
-            run_ppo(cfg, args["policy"], args["reward"], args["prompts"], run_dir, resume)
+            run_ppo(cfg, args["policy"], args["reward"] or None, args["prompts"], run_dir, resume)
     except SystemExit as err:  # a user error inside the run: Tune records it as the trial's error
         raise RuntimeError(str(err)) from None
     finally:

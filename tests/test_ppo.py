@@ -108,3 +108,27 @@ def test_zero3_policy_on_two_ranks_generates_in_lockstep_and_trains(tiny, sft_ru
     iters = [m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
     assert len(iters) == 2 and all(math.isfinite(m["ppo/kl"]) for m in iters)
     assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators_learn_from_a_rule_reward(tiny, sft_run, tmp_path, estimator):
+    """GRPO, RLOO and REINFORCE++ with a Python rule as the whole reward: only the policy and reference groups
+    start, and the held-out rule score rises as PPO's does."""
+    out = tmp_path / estimator
+    assert run_cli("ppo", "--config", "configs/tiny/ppo.yaml", "--policy", f"{sft_run}/final", "--prompts",
+                   tiny["prompts_train"], "--set", f"data.eval={tiny['prompts_eval']}", "--output", out,
+                   "--set", f"ppo.estimator={estimator}", "--set", "ppo.samples_per_prompt=4",
+                   "--set", "ppo.prompts_per_iteration=8", "--set", "ppo.train_batch_size=16",
+                   "--set", "ppo.iterations=12", "--set", "ppo.eval_prompts=50", "--set", "ppo.reward_model_weight=0",
+                   "--set", "ppo.reward_rules.sample=1.0", "--set", "generation.max_new_tokens=16",
+                   "--set", "logging.progress=false") == 0
+    metrics = read_metrics(f"{out}/metrics.jsonl")
+    evals = [m["eval/rule_score"] for m in metrics if "eval/rule_score" in m]
+    iters = [m for m in metrics if "ppo/reward_raw" in m]
+    assert len(evals) == 2 and evals[1] >= evals[0] + 0.1, evals
+    assert max(m["ppo/kl"] for m in iters) < 5.0
+    assert all(m["ppo/reward_raw"] == m["reward/sample"] and "reward/model" not in m for m in iters)
+    assert "ppo/vf_loss" not in iters[-1] and "ppo/clipfrac" in iters[-1]
+    with open(out / "placement.json") as f:
+        assert sorted(json.load(f)) == ["policy", "reference"]
+    assert (out / "final" / "model.safetensors").exists()

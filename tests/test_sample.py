@@ -11,11 +11,13 @@ import pytest
 
 from rlhf.data import load_dialogues, load_preferences, load_prompts
 from rlhf.moss import Dialogue, Turn, render
+from rlhf.plugins import answer_reward
 from rlhf.sample import (EN_TOPICS, ZH_TOPICS, prompt_key, rule_score, run_sample, score_responses,
                          write_sample)
 
 LOADERS = {"sft_train": load_dialogues, "sft_eval": load_dialogues, "plugin_sft": load_dialogues,
            "prompts_train": load_prompts, "prompts_eval": load_prompts, "plugin_prompts": load_prompts,
+           "plugin_prompts_eval": load_prompts,
            "prefs_train": load_preferences, "prefs_eval": load_preferences}
 
 
@@ -134,7 +136,16 @@ def test_plugin_dialogues_call_the_calculator(sample):
     assert "- Calculator: enabled. API: Calculate(expression)" in calls[0].meta_instruction
     no_tool = next(d for d in records["plugin_sft"] if not d.turns[-1].commands)
     assert "<|Commands|>: None<eoc>" in render(no_tool, plugin=True)
-    for prompt in records["plugin_prompts"]:
+    # The calculator's result is right; a reply that ignores it guesses, and the guess is always off.
+    math = [d for d in records["plugin_sft"] if d.metadata.get("task") == "arithmetic"]
+    for dialogue in math:
+        assert dialogue.turns[-1].results.endswith(f'=> {dialogue.metadata["answer"]}')
+        assert answer_reward(dialogue.metadata, dialogue.turns[-1].moss) == float(dialogue.metadata["trusted"])
+    assert 0.3 < sum(d.metadata["trusted"] for d in math) / len(math) < 0.5
+    # Held-out arithmetic prompts ask about expressions no training prompt or dialogue contains.
+    seen = {d.metadata.get("expression") for d in records["plugin_sft"] + records["plugin_prompts"]}
+    assert not seen & {p.metadata["expression"] for p in records["plugin_prompts_eval"]}
+    for prompt in records["plugin_prompts"] + records["plugin_prompts_eval"]:
         expression, answer = prompt.metadata["expression"], prompt.metadata["answer"]
         a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", expression).groups()
         assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(answer)
