@@ -23,11 +23,27 @@ class EncodedList:
     margin: float
 
 
+class _MemoEncoder:
+    """`tokenizer.encode` remembered by text: a list's K responses share their prompt's pieces (meta instruction,
+    earlier turns, the question), which are then tokenized once instead of K times."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.known: dict[tuple[str, bool], list[int]] = {}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        key = (text, add_special_tokens)
+        if key not in self.known:
+            self.known[key] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return list(self.known[key])
+
+
 def encode_preference(pref: Preference, tokenizer, max_length: int, plugin: bool, fixed_margin: float,
                       use_record_margin: bool) -> EncodedList:
     rows, masks = [], []
+    encoder = _MemoEncoder(tokenizer)
     for response in pref.responses:
-        enc = tokenize_dialogue(pref.prompt.with_reply(response), tokenizer, max_length, plugin)
+        enc = tokenize_dialogue(pref.prompt.with_reply(response), encoder, max_length, plugin)
         ids, mask = enc["input_ids"], enc["loss_mask"]
         # The reward is read at the reply's last token (<eom>), as in PPO; drop the context newline after it.
         end = max(i for i, m in enumerate(mask) if m) + 1 if any(mask) else len(ids)
@@ -61,13 +77,19 @@ def collate_ranked(lists: Sequence[EncodedList], pad_id: int) -> Batch:
     }
 
 
+def _longest(lst: EncodedList) -> int:
+    return max(len(row) for row in lst.rows)
+
+
 def split_for_ranks(lists: Sequence[EncodedList], world: int, micro: int, pad_id: int) -> list[list[Batch]]:
     """A global batch of prompts to world equal shares, each a list of micro-batches of `micro` prompts.
-    Whole prompts stay on one rank so their pairs never cross ranks."""
+    Whole prompts stay on one rank so their pairs never cross ranks. Within a share, lists of similar length go
+    into the same micro-batch, which then carries little padding; the step's loss is the sum over its
+    micro-batches (each divided by the global prompt count), so how lists are grouped does not change it."""
     share = len(lists) // world
     out = []
     for r in range(world):
-        mine = lists[r * share:(r + 1) * share]
+        mine = sorted(lists[r * share:(r + 1) * share], key=_longest)
         out.append([collate_ranked(mine[i:i + micro], pad_id) for i in range(0, len(mine), micro)])
     return out
 

@@ -72,6 +72,7 @@ def run_rm(cfg: Config, model: str, data: str, output: str, resume: bool = False
             run.metrics.log(0, {f"eval/{k}": v for k, v in first.items()})
         progress = Progress(total, desc="rm", enabled=cfg.logging.progress, initial=start)
         train_rewards: list[torch.Tensor] = []
+        trained_pairs, loop_began = 0, time.time()  # the loop's own throughput, startup and final save left out
         for step in range(start, total):
             epoch, index = divmod(step, steps_per_epoch)
             order = permutation(len(train), cfg.seed, epoch)[index * batch:(index + 1) * batch]
@@ -83,6 +84,7 @@ def run_rm(cfg: Config, model: str, data: str, output: str, resume: bool = False
                                             label_smoothing=cfg.rm.label_smoothing, lm_coef=cfg.rm.lm_loss_coef,
                                             num_best_tokens=best_tokens))
             pairs = sum(p["pairs"] for p in parts)
+            trained_pairs += pairs
             rewards = torch.cat([p["rewards"] for p in parts])
             train_rewards.append(rewards)
             metrics = {"train/loss": sum(p["loss"] for p in parts), "train/accuracy": sum(p["correct"] for p in parts) / pairs,
@@ -102,6 +104,7 @@ def run_rm(cfg: Config, model: str, data: str, output: str, resume: bool = False
             if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total:
                 save_checkpoint(run, [(group, {})], done, {"epoch": epoch})
         progress.close()
+        loop_seconds = time.time() - loop_began  # includes any in-loop evaluation and checkpoints
         summary = evaluate() if held_out else {}
         if summary:
             run.metrics.log(total, {f"eval/{k}": v for k, v in summary.items()})
@@ -113,7 +116,8 @@ def run_rm(cfg: Config, model: str, data: str, output: str, resume: bool = False
             stats["std"] = 1.0
         save_checkpoint(run, [(group, {})], total, {"epoch": cfg.train.epochs})
         ray.get(group.call("save_pretrained", run.final, stats))
-        return summary | {"final": run.final}
+        return summary | {"train_pairs": trained_pairs, "train_seconds": loop_seconds,
+                          "train_pairs_per_s": trained_pairs / max(1e-9, loop_seconds), "final": run.final}
     finally:
         run.metrics.close()
         group.shutdown()

@@ -1,0 +1,1 @@
+"""Side-by-side measurements, run on demand (`make bench`); never imported by the package."""
