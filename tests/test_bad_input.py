@@ -424,7 +424,8 @@ def _(tmp, kit):
 @case("rm: ranks that contradict the best-first order")
 def _(tmp, kit):
     good = json.loads(Path(kit["prefs_train"]).read_text(encoding="utf-8").splitlines()[0])
-    path = jsonl(tmp / "prefs.jsonl", good, {**good, "responses": ["a", "b", "c"], "ranks": [1, 0, 2]})
+    listed = {k: v for k, v in good.items() if k not in ("chosen", "rejected", "rule_scores")}
+    path = jsonl(tmp / "prefs.jsonl", good, {**listed, "responses": ["a", "b", "c"], "ranks": [1, 0, 2]})
     return train("rm", kit, tmp, data=path), [at(path, 2, "ranks") + r"ranks\[1\]=0 is better than ranks\[0\]=1"]
 
 
