@@ -28,10 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, RayPPO, cpus_needed, local_ray, parser, ppo_config, workspace  # noqa: E402
 
 
+RATE = 100  # samples per second and process
+
+
 class Spy:
     """py-spy record on a set of processes, raw stacks to out_dir/<name>.txt; `stop()` makes them write."""
 
-    def __init__(self, out_dir: Path, rate: int = 100):
+    def __init__(self, out_dir: Path, rate: int = RATE):
         self.out_dir, self.rate = out_dir, rate
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not os.path.exists(exe):
@@ -68,7 +71,7 @@ def read_stacks(path: Path, under: str = "") -> collections.Counter:
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         if under:
-            hits = [i for i, f in enumerate(frames) if f.split(" ")[0].rsplit(".", 1)[-1] == under]
+            hits = [i for i, f in enumerate(frames) if _name(f) == under]
             if not hits:
                 continue
             frames = frames[hits[0]:]
@@ -76,16 +79,40 @@ def read_stacks(path: Path, under: str = "") -> collections.Counter:
     return stacks
 
 
-def summarize(name: str, stacks: collections.Counter, top: int = 12) -> str:
-    """The functions with the most samples of their own, and in total (a frame counted once per stack)."""
+# Worker and controller methods whose share of a process's samples says which phase its time goes to.
+METHODS = ("generate", "logprobs", "reference_logprobs", "score", "values", "ppo_step", "value_step", "rm_step",
+           "backward_step", "update", "gae", "rollouts")
+
+
+def _name(frame: str) -> str:
+    return frame.split(" ")[0].rsplit(".", 1)[-1]
+
+
+def _method(frame: str) -> str:
+    """The frame's function name when it is one of METHODS in this repository's code (or Ray's `put`), else ""."""
+    name, where = _name(frame), frame[frame.rfind("(") + 1:-1]
+    if name in METHODS and where.startswith(("actors/", "rlhf/", "reward/")):
+        return name
+    return "ray.put" if name == "put" and where.startswith("ray/") else ""
+
+
+def summarize(name: str, stacks: collections.Counter, top: int = 12, per: float = 0.0) -> str:
+    """The worker methods' shares, then the functions with the most samples of their own and in total (a frame
+    counted once per stack); with `per` (sampled iterations x rate), also seconds per iteration."""
     total = sum(stacks.values())
     own: collections.Counter = collections.Counter()
     inclusive: collections.Counter = collections.Counter()
+    methods: collections.Counter = collections.Counter()
     for frames, count in stacks.items():
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
-    lines = [f"== {name}: {total} samples"]
+        for method in {_method(f) for f in frames} - {""}:
+            methods[method] += count
+    seconds = f", {total / per:.3f} s of samples per iteration" if per else ""
+    lines = [f"== {name}: {total} samples{seconds}"]
+    if methods:
+        lines.append("  by method: " + ", ".join(f"{m} {100 * c / max(1, total):.0f}%" for m, c in methods.most_common()))
     for title, counter in (("own", own), ("total", inclusive)):
         lines.append(f"  top by {title} samples:")
         lines += [f"    {100 * c / max(1, total):5.1f}%  {frame}" for frame, c in counter.most_common(top)]
@@ -111,7 +138,8 @@ def profile_ppo(args: argparse.Namespace, out_dir: Path) -> str:
             ray_side.close()
     phases = "\n".join(f"iteration {i + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items())
                        for i, r in enumerate(runs))
-    parts = [summarize(p.stem, read_stacks(p)) for p in sorted(out_dir.glob("*.txt")) if p.name != "summary.txt"]
+    per = args.iterations * RATE
+    parts = [summarize(p.stem, read_stacks(p), per=per) for p in sorted(out_dir.glob("*.txt")) if p.name != "summary.txt"]
     return phases + "\n\n" + "\n\n".join(parts)
 
 
