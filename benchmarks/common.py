@@ -305,7 +305,7 @@ def write_record(name: str, args: argparse.Namespace, record: dict, text: str) -
     out_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     payload = {"benchmark": name, "command": f"python {command}", "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "machine": machine(), "settings": {k: v for k, v in vars(args).items()}, **record, "table": text}
+               "machine": machine(), "settings": dict(vars(args)), **record, "table": text}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"\n{text}\n\n-> {path}", flush=True)

@@ -89,7 +89,8 @@ class Theirs:
         """`iterations` + 1 optimizer steps (max_steps); the first is warm-up and not counted."""
         self.trainer.train()
         times = self.timer.times[1:iterations + 1]
-        lengths = [h["completions/mean_length"] for h in self.trainer.state.log_history if "completions/mean_length" in h]
+        key = "completions/mean_length"
+        lengths = [h[key] for h in self.trainer.state.log_history if key in h]
         return {"iteration_s": median(times), **({"response_length": lengths[-1]} if lengths else {})}
 
 

@@ -112,7 +112,8 @@ def summarize(name: str, stacks: collections.Counter, top: int = 12, per: float 
     seconds = f", {total / per:.3f} s of samples per iteration" if per else ""
     lines = [f"== {name}: {total} samples{seconds}"]
     if methods:
-        lines.append("  by method: " + ", ".join(f"{m} {100 * c / max(1, total):.0f}%" for m, c in methods.most_common()))
+        shares = (f"{m} {100 * c / max(1, total):.0f}%" for m, c in methods.most_common())
+        lines.append("  by method: " + ", ".join(shares))
     for title, counter in (("own", own), ("total", inclusive)):
         lines.append(f"  top by {title} samples:")
         lines += [f"    {100 * c / max(1, total):5.1f}%  {frame}" for frame, c in counter.most_common(top)]
@@ -139,7 +140,8 @@ def profile_ppo(args: argparse.Namespace, out_dir: Path) -> str:
     phases = "\n".join(f"iteration {i + 1}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items())
                        for i, r in enumerate(runs))
     per = args.iterations * RATE
-    parts = [summarize(p.stem, read_stacks(p), per=per) for p in sorted(out_dir.glob("*.txt")) if p.name != "summary.txt"]
+    files = [p for p in sorted(out_dir.glob("*.txt")) if p.name != "summary.txt"]
+    parts = [summarize(p.stem, read_stacks(p), per=per) for p in files]
     return phases + "\n\n" + "\n\n".join(parts)
 
 

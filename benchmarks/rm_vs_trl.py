@@ -16,12 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (ROOT, Stopwatch, Workspace, alternate, local_ray, medians, parser, set_threads,  # noqa: E402
-                               table, target, workspace, write_record)
+from benchmarks.common import (QUALITIES, ROOT, Stopwatch, Workspace, alternate, local_ray,  # noqa: E402
+                               medians, parser, set_threads, table, target, workspace, write_record)
 
 GOAL = 2.5  # our pairs/s over TRL's, at equal held-out accuracy
 ACCURACY_TOLERANCE = 0.03  # "equal": within this of each other (pairwise accuracy, 0..1)
 FIGURES = ("pairs_per_s", "train_s", "wall_s", "accuracy", "sequences_per_step")
+K = len(QUALITIES)  # responses per ranked list
+PAIRS = K * (K - 1) // 2  # pairs per list: all ranks are distinct
 
 
 def rm_config(args: argparse.Namespace, ws: Workspace):
@@ -42,7 +44,7 @@ def run_ours(args: argparse.Namespace, ws: Workspace, rep: int) -> dict:
         summary = run_rm(cfg, ws.models["llama"], ws.data["ranked4_train"], f"{ws.root}/ours-{rep}")
     return {"pairs_per_s": summary["train_pairs_per_s"], "train_s": summary["train_seconds"], "wall_s": wall.seconds,
             "accuracy": summary["pairwise_accuracy"], "pairs": summary["train_pairs"],
-            "sequences_per_step": args.lists_per_step * 4}
+            "sequences_per_step": args.lists_per_step * K}
 
 
 def encoded_lists(path: str, ws: Workspace, cfg) -> list:
@@ -62,10 +64,9 @@ def trl_trainer(args: argparse.Namespace, ws: Workspace, cfg, train_lists: list,
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
     from rlhf.modeling import load_tokenizer
-    pairs_per_list = len(train_lists[0].pairs)
     conf = RewardConfig(
         output_dir=out, num_train_epochs=args.epochs, seed=args.seed, use_cpu=True, report_to="none",
-        per_device_train_batch_size=args.micro_lists * pairs_per_list,
+        per_device_train_batch_size=args.micro_lists * PAIRS,
         gradient_accumulation_steps=args.lists_per_step // args.micro_lists,
         learning_rate=args.lr, warmup_steps=args.warmup, lr_scheduler_type="constant_with_warmup",
         adam_beta2=cfg.optim.betas[1], weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.grad_clip,
@@ -96,7 +97,8 @@ def held_out_accuracy(model, lists: list, pad_id: int, batch: int = 16) -> float
 def run_trl(args: argparse.Namespace, ws: Workspace, rep: int) -> dict:
     cfg = rm_config(args, ws)
     with Stopwatch() as wall:
-        train, held_out = encoded_lists(ws.data["ranked4_train"], ws, cfg), encoded_lists(ws.data["ranked4_eval"], ws, cfg)
+        train = encoded_lists(ws.data["ranked4_train"], ws, cfg)
+        held_out = encoded_lists(ws.data["ranked4_eval"], ws, cfg)
         trainer = trl_trainer(args, ws, cfg, train, f"{ws.root}/trl-{rep}")
         with Stopwatch() as loop:
             trainer.train()
@@ -104,7 +106,7 @@ def run_trl(args: argparse.Namespace, ws: Workspace, rep: int) -> dict:
         trainer.save_model(f"{ws.root}/trl-{rep}/final")
     pairs = len(trainer.train_dataset) * args.epochs
     return {"pairs_per_s": pairs / loop.seconds, "train_s": loop.seconds, "wall_s": wall.seconds,
-            "accuracy": accuracy, "pairs": pairs, "sequences_per_step": args.lists_per_step * 6 * 2}
+            "accuracy": accuracy, "pairs": pairs, "sequences_per_step": args.lists_per_step * PAIRS * 2}
 
 
 def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:

@@ -36,7 +36,8 @@ def targets(out: Path, names: list[str]) -> list[str]:
         record = json.loads(path.read_text(encoding="utf-8"))
         t = record.get("target")
         if t:
-            lines.append(f"{name}: {t['name']} = {t['value']:.3g} (goal {t['goal']}): {'met' if t['met'] else 'NOT met'}")
+            verdict = "met" if t["met"] else "NOT met"
+            lines.append(f"{name}: {t['name']} = {t['value']:.3g} (goal {t['goal']}): {verdict}")
         else:
             lines.append(f"{name}: no target; see {path}")
     return lines
