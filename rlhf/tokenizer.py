@@ -1,7 +1,8 @@
 """Train a byte-level BPE tokenizer with the MOSS special tokens, for tiny models trained from scratch.
 
 Byte-level BPE decodes back to exactly the input (Chinese included), and the MOSS end tokens are registered
-as special so they stay single ids wherever they appear in text, as in the MOSS-003 tokenizer.
+as special so they stay single ids wherever they appear in text, as in the MOSS-003 tokenizer. Every digit
+is a token of its own.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
         raise ValueError(f"--vocab-size {vocab_size} is too small: the 256 bytes and {len(specials)} special "
                          f"tokens alone need {minimum}; use at least {minimum + 100}")
     backend = Tokenizer(models.BPE())
+    # Digits are split one by one first (as Llama and Qwen do): a number is then the same tokens wherever it
+    # stands (` 14` in a question, `("14` in a command, `是14` in Chinese), so a model copies it token for token.
     # No prefix space: decode(encode(x)) must give back x exactly.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
