@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m rlhf pipeline --config configs/tiny/pipeline.yaml --output runs/demo
 
 test: install
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'

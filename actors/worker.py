@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from actors.group import chunked
-from rlhf.batching import Batch, micro_batches, position_ids, trim_padding
+from rlhf.batching import Batch, micro_batches, position_ids, trim_left_padding, trim_padding
 from rlhf.config import DeepSpeedConfig, LoRAConfig, OptimConfig, from_dict
 
 log = logging.getLogger(__name__)
@@ -254,11 +254,23 @@ class LMWorker(RankWorker):
         n_params = sum(p.numel() for p in self.module.parameters())
         return {"parameters": n_params, "trainable": sum(p.numel() for p in self.module.parameters() if p.requires_grad)}
 
-    def _logits(self, mb: Batch) -> torch.Tensor:
+    def _logits(self, mb: Batch, keep: int = 0) -> torch.Tensor:
+        """Float32 logits [b, T, V]; with `keep`, only the last `keep` positions' (the LM head and the float32
+        copy then cover the reply alone, not the prompt) where the model's forward supports it."""
         mb = {k: v.to(self.device) for k, v in mb.items()}
+        extra = {"logits_to_keep": keep} if keep and self._keeps_logits() else {}
         out = self.forward_module()(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                    position_ids=position_ids(mb["attention_mask"]), use_cache=False)
-        return out.logits.float()
+                                    position_ids=position_ids(mb["attention_mask"]), use_cache=False, **extra)
+        return out.logits[:, -keep:].float() if keep else out.logits.float()
+
+    def _keeps_logits(self) -> bool:
+        """Whether the underlying model's forward takes `logits_to_keep` (transformers' own models do; a
+        checkpoint's remote code may not)."""
+        if not hasattr(self, "_logits_to_keep"):
+            import inspect
+            base = self.module.get_base_model() if self.lora_enabled else self.module
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return self._logits_to_keep
 
     def _lm_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         from rlhf.ppo_math import logprobs_from_logits
@@ -317,8 +329,9 @@ class LMWorker(RankWorker):
         """Log-probs of the reply tokens: mb has sequences/attention_mask [b, P+R] and prompt width P."""
         from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
         width = mb["response_ids"].shape[1]
-        logits = self._logits({"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]})
-        logits = logits[:, -width - 1:-1]
+        mb = trim_left_padding(mb)
+        logits = self._logits({"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]}, keep=width + 1)
+        logits = logits[:, :-1]
         logp = logprobs_from_logits(logits, mb["response_ids"].to(self.device))
         return (logp, entropy_from_logits(logits)) if with_entropy else (logp, None)
 
@@ -348,21 +361,29 @@ class LMWorker(RankWorker):
 
     @chunked
     def ppo_step(self, batch: Batch, num_tokens: int, clip_eps: float, entropy_coef: float,
-                 ptx: Optional[Batch] = None, ptx_tokens: int = 0, ptx_coef: float = 0.0) -> Batch:
-        """One optimizer step of the clipped surrogate over this rank's chunk of a train batch."""
+                 ptx: Optional[Batch] = None, ptx_tokens: int = 0, ptx_coef: float = 0.0,
+                 kl_coef: float = 0.0) -> Batch:
+        """One optimizer step of the clipped surrogate over this rank's chunk of a train batch; with `kl_coef`
+        (GRPO, RLOO) the batch carries `ref_logprobs` and the loss adds kl_coef x k3 KL to the reference.
+        A batch without `old_logprobs` is on-policy (the weights that sampled it): the ratio's denominator is
+        this forward's own detached log-probs, which come back as `logprobs` [b, R]."""
         from rlhf.batching import chunk as take
-        from rlhf.ppo_math import masked_sum, policy_loss
+        from rlhf.ppo_math import kl_loss, masked_sum, policy_loss
         self.engine.train()
         n_micro = max(1, len(batch["response_ids"]) // self.micro_batch_size)
         ptx_parts = None
         if ptx is not None and ptx_coef > 0:  # this rank's share of the SFT batch, one part per micro-batch
             mine = take(ptx, self.rank, self.world_size)
             ptx_parts = [take(mine, i, n_micro) for i in range(n_micro)]
-        sums = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "ptx_loss": 0.0}
+        sums = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "ptx_loss": 0.0, "kl_loss": 0.0}
+        fresh: list[torch.Tensor] = []
         for i, mb in enumerate(micro_batches(batch, self.micro_batch_size)):
             mask = mb["action_mask"].to(self.device).float()
             logp, entropy = self._response_logprobs(mb, with_entropy=True)
-            loss, stats = policy_loss(logp, mb["old_logprobs"].to(self.device), mb["advantages"].to(self.device),
+            old = mb["old_logprobs"].to(self.device) if "old_logprobs" in mb else logp.detach()
+            if "old_logprobs" not in mb:
+                fresh.append(logp.detach().cpu())
+            loss, stats = policy_loss(logp, old, mb["advantages"].to(self.device),
                                       mask, clip_eps, num_tokens=num_tokens)
             tokens = mask.sum()
             sums["pg_loss"] += float(loss.detach())
@@ -372,14 +393,19 @@ class LMWorker(RankWorker):
             sums["entropy"] += float(ent.detach())
             if entropy_coef:
                 loss = loss - entropy_coef * ent
+            if kl_coef:
+                kl, _ = kl_loss(logp, mb["ref_logprobs"].to(self.device), mask, num_tokens)
+                sums["kl_loss"] += float(kl.detach())
+                loss = loss + kl_coef * kl
             if ptx_parts is not None:
                 ptx_sum, _ = self._lm_loss_sum(trim_padding(ptx_parts[i]))
                 ptx_loss = ptx_sum / max(1, ptx_tokens)
                 sums["ptx_loss"] += float(ptx_loss.detach())
                 loss = loss + ptx_coef * ptx_loss
             self.backward_step(loss)
-        return {k: torch.tensor([v]) for k, v in sums.items()} | {"grad_norm": torch.tensor([self.grad_norm()]),
-                                                                  "nonfinite": torch.tensor([self.take_nonfinite()])}
+        out = {k: torch.tensor([v]) for k, v in sums.items()} | {"grad_norm": torch.tensor([self.grad_norm()]),
+                                                                 "nonfinite": torch.tensor([self.take_nonfinite()])}
+        return out | ({"logprobs": torch.cat(fresh)} if fresh else {})
 
     # --- output ------------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str, merge_lora: bool = True) -> None:
@@ -500,6 +526,7 @@ class ScalarWorker(RankWorker):
         out = []
         with torch.no_grad():
             for mb in micro_batches(batch, self.micro_batch_size):
+                mb = trim_left_padding(mb)
                 seq = {"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]}
                 out.append(_last_values(self._values(seq), seq["attention_mask"].to(self.device)).float().cpu())
         return torch.cat(out)
@@ -516,6 +543,7 @@ class ScalarWorker(RankWorker):
 
     def _response_values(self, mb: Batch) -> torch.Tensor:
         width = mb["response_ids"].shape[1]
+        mb = trim_left_padding(mb)
         values = self._values({"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]})
         return values[:, -width - 1:-1]
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (PHASES, load_prompt_ids, median, parser, ppo_config, set_threads,  # noqa: E402
                                table, workspace)
-from rlhf.batching import Batch, micro_batches, position_ids  # noqa: E402
+from rlhf.batching import Batch, micro_batches, position_ids, trim_left_padding  # noqa: E402
 
 
 class InProcessPPO:
@@ -59,9 +59,10 @@ class InProcessPPO:
     def response_logprobs(self, model: torch.nn.Module, mb: Batch, with_entropy: bool = False):
         from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
         width = mb["response_ids"].shape[1]
+        mb = trim_left_padding(mb)
         out = model(input_ids=mb["sequences"], attention_mask=mb["attention_mask"],
-                    position_ids=position_ids(mb["attention_mask"]), use_cache=False)
-        logits = out.logits.float()[:, -width - 1:-1]
+                    position_ids=position_ids(mb["attention_mask"]), use_cache=False, logits_to_keep=width + 1)
+        logits = out.logits.float()[:, :-1]
         logp = logprobs_from_logits(logits, mb["response_ids"])
         return logp, (entropy_from_logits(logits) if with_entropy else None)
 
@@ -72,12 +73,13 @@ class InProcessPPO:
 
     def scores(self, exp: Batch) -> torch.Tensor:
         with torch.no_grad():
+            parts = [trim_left_padding(mb) for mb in micro_batches(exp, self.cfg.roles.reward.micro_batch_size)]
             return torch.cat([self.reward.score(mb["sequences"], mb["attention_mask"],
-                                                position_ids(mb["attention_mask"])).float()
-                              for mb in micro_batches(exp, self.cfg.roles.reward.micro_batch_size)])
+                                                position_ids(mb["attention_mask"])).float() for mb in parts])
 
     def response_values(self, mb: Batch) -> torch.Tensor:
         width = mb["response_ids"].shape[1]
+        mb = trim_left_padding(mb)
         return self.critic(mb["sequences"], mb["attention_mask"], position_ids(mb["attention_mask"]))[:, -width - 1:-1]
 
     def values(self, exp: Batch) -> Optional[torch.Tensor]:

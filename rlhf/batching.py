@@ -72,6 +72,16 @@ def trim_padding(batch: Batch, right_keys: Sequence[str] = ("input_ids", "attent
     return {k: (v[:, :width] if k in right_keys else v) for k, v in batch.items()}
 
 
+def trim_left_padding(batch: Batch, keys: Sequence[str] = ("sequences", "attention_mask")) -> Batch:
+    """Drop the leading columns that are padding in every row of an experience micro-batch (left-padded prompts
+    of very different lengths). Positions come from the attention mask, so every row's outputs are unchanged."""
+    seen = batch["attention_mask"].bool().any(0)
+    start = int(seen.long().argmax()) if bool(seen.any()) else 0
+    if start == 0:
+        return batch
+    return {k: (v[:, start:] if k in keys else v) for k, v in batch.items()}
+
+
 def pad_rows(batch: Batch, multiple: int, zero_keys: Sequence[str] = ("loss_mask",)) -> tuple[Batch, int]:
     """Repeat the last row until the row count is a multiple of `multiple`; the copies carry no loss.
     Returns the padded batch and the number of real rows."""

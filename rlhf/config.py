@@ -208,7 +208,7 @@ class PPOConfig:
     value_loss_coef: float = 1.0
     """Weight of the critic's loss (the critic has its own optimizer; this scales its gradient)."""
     kl_coef: float = 0.05
-    """Initial coefficient of the per-token KL penalty."""
+    """Initial coefficient of the per-token KL penalty (in the rewards; for grpo and rloo a k3 term of the loss)."""
     kl_estimator: str = "k1"
     """k1, k2 or k3."""
     kl_controller: str = "fixed"

@@ -121,7 +121,13 @@ def _experience(prompts: Batch, rollout: Batch) -> Batch:
             "response_ids": rollout["response_ids"], "action_mask": rollout["action_mask"]}
 
 
-def advantages_for(cfg: Config, scores: torch.Tensor, rewards: torch.Tensor, values: Optional[torch.Tensor],
+def kl_in_loss(cfg: Config) -> bool:
+    """GRPO and RLOO take their advantages from the scores alone, so the KL penalty is a loss term instead of
+    a reward (as in DeepSeekMath); GAE and REINFORCE++ fold it into the per-token rewards."""
+    return cfg.ppo.estimator in ("grpo", "rloo") and cfg.ppo.kl_coef > 0
+
+
+def advantages_for(cfg: Config, scores: torch.Tensor, rewards: Optional[torch.Tensor], values: Optional[torch.Tensor],
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The configured estimator; returns (advantages, returns) [B, R]."""
     p = cfg.ppo
@@ -194,7 +200,9 @@ class PPOTrainer:
         exp_ref = ray.put(exp)
         # Nothing waits on what it does not need: all four roles read the same experience at once, and the
         # controller reads the rollouts' text for the rule rewards meanwhile.
-        calls = {"old_logprobs": ("policy", "logprobs")}
+        # On-policy (one epoch, one minibatch, critic-free) the update's own forward gives the rollout's log-probs.
+        on_policy = self.on_policy(len(rows))
+        calls = {} if on_policy else {"old_logprobs": ("policy", "logprobs")}
         if "reward" in g:
             calls["scores"] = ("reward", "score")
         calls["ref_logprobs"] = ("reference", "logprobs") if "reference" in g else ("policy", "reference_logprobs")
@@ -211,7 +219,7 @@ class PPOTrainer:
         raw = torch.tensor(combine(model_scores, rule_scores, p.reward_model_weight, p.reward_rules))
         values = got.get("values")
         # Checked before the running statistics see them: one NaN would poison every later normalisation.
-        bad = [name for name, tensor in (("reward", raw), ("policy log-probs", got["old_logprobs"]),
+        bad = [name for name, tensor in (("reward", raw), ("policy log-probs", got.get("old_logprobs")),
                                          ("reference log-probs", got["ref_logprobs"]), ("critic values", values))
                if tensor is not None and not torch.isfinite(tensor).all()]
         if bad:  # never train on NaN/inf: skip the update, count it, let the caller decide when to stop
@@ -220,28 +228,32 @@ class PPOTrainer:
         ended = rollout["ended"].float()
         scores = raw + p.no_eom_penalty * (1 - ended)
         norm = pm.normalize_scores(scores, self.moments, p.reward_clip or None) if p.reward_normalize else scores
-        rewards, kl = pm.shape_rewards(norm, got["old_logprobs"], got["ref_logprobs"], mask, self.kl_ctl.coef,
-                                       p.kl_estimator)
+        rewards = None if on_policy else self.shaped(norm, got["old_logprobs"], got["ref_logprobs"], mask)[0]
         advantages, returns = advantages_for(cfg, norm, rewards, values, mask)
-        train = {**exp, "old_logprobs": got["old_logprobs"], "advantages": advantages}
+        train = {**exp, "advantages": advantages}
+        if not on_policy:
+            train["old_logprobs"] = got["old_logprobs"]
+        if kl_in_loss(cfg):  # GRPO/RLOO: their advantages never see the shaped rewards, so the KL goes in the loss
+            train["ref_logprobs"] = got["ref_logprobs"]
         if values is not None:
             train |= {"old_values": values, "returns": returns}
 
         t = time.time()
-        stats = self.update(train, warmup="critic" in g and it < p.critic_warmup_iterations)
+        stats, fresh = self.update(train, warmup="critic" in g and it < p.critic_warmup_iterations)
         timings["time/train"] = time.time() - t
         if stats.pop("nonfinite", 0.0):
             self.state.iteration = it + 1
             return {"ppo/skipped": 1.0, "ppo/skipped_phase": "train: a non-finite loss", **timings}
+        logp = got["old_logprobs"] if not on_policy else fresh
+        _, kl = self.shaped(norm, logp, got["ref_logprobs"], mask)
 
         kl_per_reply = pm.masked_sum(kl, mask, dim=1)
         self.kl_ctl.update(float(kl_per_reply.mean()), len(rows))
         lengths = mask.sum(1)
         tokens = float(mask.sum())
-        logp = got["old_logprobs"]
         metrics = {
             "ppo/reward_raw": float(raw.mean()), "ppo/reward": float(scores.mean()), "ppo/reward_norm": float(norm.mean()),
-            "ppo/kl": float(kl_per_reply.mean()), "ppo/kl_coef": float(self.kl_ctl.coef),
+            "ppo/kl": float(kl_per_reply.mean()), "ppo/kl_coef": float(self.kl_ctl.coef), "ppo/on_policy": float(on_policy),
             "ppo/response_length": float(lengths.mean()), "ppo/ended_fraction": float(ended.mean()),
             "ppo/perplexity": math.exp(-float(pm.masked_mean(logp, mask))),
             "ppo/advantage_mean": float(pm.masked_mean(advantages, mask)),
@@ -259,11 +271,25 @@ class PPOTrainer:
         self.state.iteration = it + 1
         return metrics
 
-    def update(self, train: Batch, warmup: bool) -> dict:
-        """PPO epochs over shuffled minibatches of the rollouts; policy and critic step side by side."""
+    def on_policy(self, rows: int) -> bool:
+        """Whether the iteration's only update runs with the weights that sampled and nothing needs the
+        rollout's log-probs before it: one PPO epoch over one minibatch with GRPO or RLOO (whose advantages come
+        from the scores and whose KL is a loss term). The ratio is then exactly 1, and the update's own forward
+        pass returns the log-probs instead of a separate pass before it."""
+        p = self.cfg.ppo
+        return p.estimator in ("grpo", "rloo") and p.ppo_epochs == 1 and p.train_batch_size >= rows
+
+    def shaped(self, scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pm.shape_rewards(scores, logp, ref_logp, mask, self.kl_ctl.coef, self.cfg.ppo.kl_estimator)
+
+    def update(self, train: Batch, warmup: bool) -> tuple[dict, Optional[torch.Tensor]]:
+        """PPO epochs over shuffled minibatches of the rollouts; policy and critic step side by side. Returns the
+        mean stats and, when the batch has no `old_logprobs` (on-policy), the log-probs the update computed."""
         import ray
         cfg, p, g = self.cfg, self.cfg.ppo, self.roles.groups
         n = train["response_ids"].shape[0]
+        fresh = None if "old_logprobs" in train else torch.zeros_like(train["response_ids"], dtype=torch.float)
         sums: dict[str, float] = {}
         steps = 0
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.state.iteration)
@@ -277,18 +303,21 @@ class PPOTrainer:
                 refs = {}
                 if not warmup:
                     ptx, ptx_tokens = self.ptx_batch(len(idx))
+                    kl_coef = self.kl_ctl.coef if kl_in_loss(cfg) else 0.0
                     refs["policy"] = g["policy"].call("ppo_step", mb_ref, num_tokens, p.clip_eps, p.entropy_coef,
-                                                      ptx, ptx_tokens, p.ptx_coef)
+                                                      ptx, ptx_tokens, p.ptx_coef, kl_coef)
                 if "critic" in g:
                     refs["critic"] = g["critic"].call("value_step", mb_ref, num_tokens, p.value_clip_eps,
                                                       p.value_loss_coef)
                 for role, r in refs.items():
                     out = g[role].gather("ppo_step" if role == "policy" else "value_step", r)
+                    if fresh is not None and role == "policy":
+                        fresh[idx] = out.pop("logprobs")
                     for k, v in out.items():
                         key = "nonfinite" if k == "nonfinite" else f"ppo/{k}"
                         sums[key] = sums.get(key, 0.0) + (float(v.mean()) if "grad_norm" in k else float(v.sum()))
                 steps += 1
-        return {k: v / max(1, steps) for k, v in sums.items()}
+        return {k: v / max(1, steps) for k, v in sums.items()}, fresh
 
     def ptx_batch(self, rows: int) -> tuple[Optional[Any], int]:
         if not self.ptx or self.cfg.ppo.ptx_coef <= 0:

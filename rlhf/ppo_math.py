@@ -362,6 +362,21 @@ def policy_loss(
     return loss, stats
 
 
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    action_mask: Tensor,
+    num_tokens: int | float | Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The KL penalty as a loss term, for estimators whose advantages come from the scores alone (GRPO, RLOO):
+    the k3 estimate of KL(policy || reference) at the current log-probs, summed over action tokens and divided
+    by `num_tokens` (DeepSeekMath's GRPO objective). Its gradient pulls the policy toward the reference on the
+    tokens it sampled. Returns (loss, the detached masked mean of k3)."""
+    k3 = kl_estimate(logprobs, ref_logprobs, "k3")
+    loss = masked_sum(k3, action_mask) / _normaliser(action_mask, num_tokens)
+    return loss, masked_mean(k3.detach(), action_mask)
+
+
 def value_loss(
     values: Tensor,
     old_values: Tensor,

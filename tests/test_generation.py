@@ -191,3 +191,31 @@ def test_run_generate_reports_bad_prompt_lines(tiny, tmp_path, capsys):
     assert run_generate(tiny["base"], str(bad), str(out)) == 1
     assert f"{bad}:2: turns: " in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_trimming_all_pad_left_columns_and_keeping_only_reply_logits_change_nothing(policy):
+    """What the PPO passes do to save work: drop prompt columns that are padding in every row, and ask the model
+    for the reply positions' logits only. The reply's log-probs must not move."""
+    from rlhf.batching import position_ids, trim_left_padding
+    from rlhf.ppo_math import logprobs_from_logits
+    batch = _batch(policy, policy["prompts"][:4])
+    torch.manual_seed(0)
+    out = generate_replies(policy["model"], batch, _gen(), policy["eom"], policy["pad"], "cpu", micro_batch=4)
+    extra = torch.full((4, 9), policy["pad"])  # nine more columns of padding on the left of every prompt
+    seq = torch.cat([extra, batch["input_ids"], out["response_ids"]], 1)
+    mask = torch.cat([torch.zeros_like(extra), batch["attention_mask"], out["response_mask"]], 1)
+    width = out["response_ids"].shape[1]
+
+    def reply_logprobs(ids, attention, keep=0):
+        with torch.no_grad():
+            logits = policy["model"](input_ids=ids, attention_mask=attention, position_ids=position_ids(attention),
+                                     logits_to_keep=keep).logits
+        return logprobs_from_logits(logits[:, -width - 1:-1], out["response_ids"])
+
+    trimmed = trim_left_padding({"sequences": seq, "attention_mask": mask, "response_ids": out["response_ids"]})
+    assert trimmed["sequences"].shape[1] == seq.shape[1] - 9 - int((batch["attention_mask"] == 0).all(0).sum())
+    assert trimmed["response_ids"] is out["response_ids"]
+    full = reply_logprobs(seq, mask)
+    fast = reply_logprobs(trimmed["sequences"], trimmed["attention_mask"], keep=width + 1)
+    seen = out["action_mask"].bool()
+    torch.testing.assert_close(fast[seen], full[seen], atol=1e-5, rtol=1e-5)

@@ -110,6 +110,10 @@ def test_zero3_policy_on_two_ranks_generates_in_lockstep_and_trains(tiny, sft_ru
     assert (out / "final" / "model.safetensors").exists()
 
 
+# RLOO runs on-policy (one epoch over one minibatch of all 32 rollouts): no separate log-prob pass.
+ON_POLICY = {"rloo": ["--set", "ppo.ppo_epochs=1", "--set", "ppo.train_batch_size=32"]}
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
 def test_critic_free_estimators_learn_from_a_rule_reward(tiny, sft_run, tmp_path, estimator):
     """GRPO, RLOO and REINFORCE++ with a Python rule as the whole reward: only the policy and reference groups
@@ -118,7 +122,7 @@ def test_critic_free_estimators_learn_from_a_rule_reward(tiny, sft_run, tmp_path
     assert run_cli("ppo", "--config", "configs/tiny/ppo.yaml", "--policy", f"{sft_run}/final", "--prompts",
                    tiny["prompts_train"], "--set", f"data.eval={tiny['prompts_eval']}", "--output", out,
                    "--set", f"ppo.estimator={estimator}", "--set", "ppo.samples_per_prompt=4",
-                   "--set", "ppo.prompts_per_iteration=8", "--set", "ppo.train_batch_size=16",
+                   "--set", "ppo.prompts_per_iteration=8", *ON_POLICY.get(estimator, ["--set", "ppo.train_batch_size=16"]),
                    "--set", "ppo.iterations=12", "--set", "ppo.eval_prompts=50", "--set", "ppo.reward_model_weight=0",
                    "--set", "ppo.reward_rules.sample=1.0", "--set", "generation.max_new_tokens=16",
                    "--set", "logging.progress=false") == 0
@@ -129,6 +133,28 @@ def test_critic_free_estimators_learn_from_a_rule_reward(tiny, sft_run, tmp_path
     assert max(m["ppo/kl"] for m in iters) < 5.0
     assert all(m["ppo/reward_raw"] == m["reward/sample"] and "reward/model" not in m for m in iters)
     assert "ppo/vf_loss" not in iters[-1] and "ppo/clipfrac" in iters[-1]
+    assert iters[-1]["ppo/on_policy"] == (1.0 if estimator in ON_POLICY else 0.0)
+    if estimator != "reinforce_pp":  # GRPO and RLOO take the KL penalty as a loss term
+        assert iters[-1]["ppo/kl_loss"] > 0
     with open(out / "placement.json") as f:
         assert sorted(json.load(f)) == ["policy", "reference"]
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_an_on_policy_update_reads_the_rollout_log_probs_from_its_own_forward(tiny, sft_run, tmp_path):
+    """GRPO with one epoch over one minibatch skips the log-prob pass before the update; the log-probs its update
+    returns must be the rollout's: the first iteration's perplexity (of the weights that sampled) equals that of
+    the same run split into two minibatches, which does the pass."""
+    first = {}
+    for name, batch in (("one", 16), ("two", 8)):
+        out = tmp_path / name
+        assert run_cli("ppo", "--config", "configs/tiny/ppo.yaml", "--policy", f"{sft_run}/final", "--prompts",
+                       tiny["prompts_train"], "--set", "data.eval=", "--output", out, "--set", "ppo.estimator=grpo",
+                       "--set", "ppo.samples_per_prompt=4", "--set", "ppo.prompts_per_iteration=4",
+                       "--set", "ppo.ppo_epochs=1", "--set", f"ppo.train_batch_size={batch}", "--set", "ppo.iterations=1",
+                       "--set", "ppo.reward_model_weight=0", "--set", "ppo.reward_rules.sample=1.0",
+                       "--set", "generation.max_new_tokens=12", "--set", "logging.progress=false") == 0
+        first[name] = next(m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m)
+    assert first["one"]["ppo/on_policy"] == 1.0 and first["two"]["ppo/on_policy"] == 0.0
+    for key in ("ppo/reward_raw", "ppo/response_length", "ppo/perplexity", "ppo/kl"):
+        assert first["one"][key] == pytest.approx(first["two"][key], rel=1e-4, abs=1e-5), key

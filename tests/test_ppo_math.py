@@ -16,6 +16,7 @@ from rlhf.ppo_math import (
     gae,
     grpo_advantages,
     kl_estimate,
+    kl_loss,
     logprobs_from_logits,
     make_kl_controller,
     masked_mean,
@@ -215,6 +216,19 @@ def test_policy_loss_is_minus_the_advantage_when_the_ratio_is_one():
     assert stats["clipfrac"].item() == 0.0 and stats["approx_kl"].item() == approx(0.0)
     loss.backward()  # d loss / d logprob = -A / num_tokens at ratio 1; padding gets no gradient
     assert logprobs.grad.tolist() == [approx([-0.5, 1.0, 0.0])]
+
+
+def test_kl_loss_is_k3_over_the_global_tokens_and_pulls_toward_the_reference():
+    ref = torch.tensor([[-1.0, -1.0, -1.0]])
+    logprobs = torch.tensor([[-0.5, -1.0, -3.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    loss, mean_kl = kl_loss(logprobs, ref, mask, num_tokens=4)
+    k3 = math.exp(-0.5) - 1 + 0.5  # first token; the second equals the reference; the third is padding
+    assert loss.item() == approx(k3 / 4) and mean_kl.item() == approx(k3 / 2)
+    loss.backward()  # d k3 / d logp = 1 - exp(ref - logp): positive where the policy is above the reference
+    assert logprobs.grad.tolist() == [approx([(1 - math.exp(-0.5)) / 4, 0.0, 0.0])]
+    same, _ = kl_loss(ref, ref, mask)
+    assert same.item() == 0.0
 
 
 def test_policy_loss_clips_on_both_sides():
