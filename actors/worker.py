@@ -375,7 +375,9 @@ class LMWorker(RankWorker):
         if ptx is not None and ptx_coef > 0:  # this rank's share of the SFT batch, one part per micro-batch
             mine = take(ptx, self.rank, self.world_size)
             ptx_parts = [take(mine, i, n_micro) for i in range(n_micro)]
-        sums = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "ptx_loss": 0.0, "kl_loss": 0.0}
+        sums = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "ptx_loss": 0.0}
+        if kl_coef:
+            sums["kl_loss"] = 0.0
         fresh: list[torch.Tensor] = []
         for i, mb in enumerate(micro_batches(batch, self.micro_batch_size)):
             mask = mb["action_mask"].to(self.device).float()

@@ -55,6 +55,17 @@ def test_decode_gives_back_the_text_chinese_included(tokenizer_dir):
     assert tokenizer.unk_token_id not in ids or tokenizer.unk_token_id is None
 
 
+def test_a_number_is_the_same_digit_tokens_wherever_it_stands(tokenizer_dir):
+    """Question, command, Results and a Chinese answer: 147 is always the tokens 1, 4, 7, so a model can copy it."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in "147"]
+    for text in ("What is 147?", 'Calculate("147+2")', "=> 147<eor>", "答案是147。"):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        at = ids.index(digits[0])
+        assert ids[at:at + 3] == digits, text
+        assert tokenizer.decode(ids) == text
+
+
 def test_texts_from_files_reads_every_kind(sample_paths):
     texts = list(texts_from_files([sample_paths["prefs_eval"], sample_paths["plugin_sft"]]))
     assert any(t.endswith("<eom>\n") and "<|Human|>:" in t for t in texts)
