@@ -101,6 +101,7 @@ class InProcessPPO:
         n = p.prompts_per_iteration
         epoch, index = divmod(self.it, len(self.prompt_ids) // n)
         order = permutation(len(self.prompt_ids), cfg.seed, epoch)[index * n:(index + 1) * n]
+        order = sorted(order, key=lambda i: len(self.prompt_ids[i]))  # as PPOTrainer.prompt_batch
         rows = [i for i in order for _ in range(p.samples_per_prompt)]
         prompts = collate_prompts([self.prompt_ids[i] for i in rows], self.tokenizer.pad_token_id)
         rollout = generate_replies(self.policy, prompts, self.gen, self.eom_id, self.tokenizer.pad_token_id,
@@ -151,7 +152,7 @@ class InProcessPPO:
         for _ in range(p.ppo_epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, p.train_batch_size):
-                mb = {k: v[order[start:start + p.train_batch_size]] for k, v in train.items()}
+                mb = {k: v[order[start:start + p.train_batch_size].sort().values] for k, v in train.items()}
                 num_tokens = int(mb["action_mask"].sum())
                 self.policy_step(mb, num_tokens)
                 if self.critic is not None:

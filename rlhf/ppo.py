@@ -183,6 +183,9 @@ class PPOTrainer:
         per_epoch = len(self.prompt_ids) // n
         epoch, index = divmod(iteration, per_epoch)
         order = permutation(len(self.prompt_ids), self.cfg.seed, epoch)[index * n:(index + 1) * n]
+        # Shortest prompts first (each prompt's samples stay together): the ranks' chunks and the micro-batches
+        # of every pass then hold prompts of like length, and the all-pad columns they share are dropped.
+        order = sorted(order, key=lambda i: len(self.prompt_ids[i]))
         return [i for i in order for _ in range(self.cfg.ppo.samples_per_prompt)]
 
     def iteration(self, it: int) -> dict:
@@ -296,7 +299,8 @@ class PPOTrainer:
         for epoch in range(p.ppo_epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, p.train_batch_size):
-                idx = order[start:start + p.train_batch_size]
+                # A random minibatch, its rows in rollout order (prompt length): like-length micro-batches, same sums.
+                idx = order[start:start + p.train_batch_size].sort().values
                 mb = {k: v[idx] for k, v in train.items()}
                 num_tokens = int(mb["action_mask"].sum())
                 mb_ref = ray.put(mb)
