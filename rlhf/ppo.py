@@ -306,7 +306,7 @@ class PPOTrainer:
                 mb_ref = ray.put(mb)
                 refs = {}
                 if not warmup:
-                    ptx, ptx_tokens = self.ptx_batch(len(idx))
+                    ptx, ptx_tokens = self.ptx_batch(len(idx), steps)
                     kl_coef = self.kl_ctl.coef if kl_in_loss(cfg) else 0.0
                     refs["policy"] = g["policy"].call("ppo_step", mb_ref, num_tokens, p.clip_eps, p.entropy_coef,
                                                       ptx, ptx_tokens, p.ptx_coef, kl_coef)
@@ -323,12 +323,13 @@ class PPOTrainer:
                 steps += 1
         return {k: v / max(1, steps) for k, v in sums.items()}, fresh
 
-    def ptx_batch(self, rows: int) -> tuple[Optional[Any], int]:
+    def ptx_batch(self, rows: int, step: int = 0) -> tuple[Optional[Any], int]:
+        """SFT rows for the PPO-ptx loss of one minibatch step: fresh rows each step, the same on a resume."""
         if not self.ptx or self.cfg.ppo.ptx_coef <= 0:
             return None, 0
         import random
         import ray
-        rng = random.Random(self.cfg.seed + 31 * self.state.iteration)
+        rng = random.Random(f"{self.cfg.seed}-{self.state.iteration}-{step}")
         batch = collate_sft([self.ptx[rng.randrange(len(self.ptx))] for _ in range(rows)], self.tokenizer.pad_token_id)
         return ray.put(batch), int(batch["loss_mask"][:, 1:].sum())
 

@@ -1,0 +1,67 @@
+"""The PPO controller's own decisions, without role groups: which prompts an iteration takes and in what order,
+when an iteration is on-policy, and the SFT rows of the PPO-ptx loss."""
+from __future__ import annotations
+
+import pytest
+import ray
+
+from rlhf.config import load_config
+from rlhf.ppo import PPOTrainer, kl_in_loss
+
+
+def _trainer(tiny, *overrides: str, ptx=None) -> PPOTrainer:
+    from rlhf.data import load_prompts
+    from rlhf.modeling import load_tokenizer
+    from rlhf.moss import tokenize_prompt
+    cfg = load_config("configs/tiny/ppo.yaml", list(overrides))
+    tokenizer = load_tokenizer(tiny["tokenizer"])
+    prompts = load_prompts(tiny["prompts_train"])
+    ids = [tokenize_prompt(d, tokenizer, cfg.data.max_prompt_length) for d in prompts]
+    return PPOTrainer(cfg, None, tokenizer, prompts, ids, ptx, None)
+
+
+def test_an_iteration_takes_its_prompts_shortest_first_with_each_prompts_samples_together(tiny):
+    trainer = _trainer(tiny, "ppo.samples_per_prompt=4", "ppo.prompts_per_iteration=8")
+    rows = trainer.prompt_batch(3)
+    assert len(rows) == 32
+    groups = [rows[i:i + 4] for i in range(0, 32, 4)]
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 8
+    lengths = [len(trainer.prompt_ids[g[0]]) for g in groups]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    assert trainer.prompt_batch(3) == rows  # the same on a resume
+    assert set(trainer.prompt_batch(4)) != set(rows)
+
+
+@pytest.mark.parametrize("overrides, on_policy", [
+    (["ppo.estimator=grpo", "ppo.samples_per_prompt=4", "ppo.ppo_epochs=1", "ppo.train_batch_size=128"], True),
+    (["ppo.estimator=rloo", "ppo.samples_per_prompt=2", "ppo.ppo_epochs=1", "ppo.train_batch_size=64"], True),
+    (["ppo.estimator=grpo", "ppo.samples_per_prompt=4", "ppo.ppo_epochs=2", "ppo.train_batch_size=128"], False),
+    (["ppo.estimator=grpo", "ppo.samples_per_prompt=4", "ppo.ppo_epochs=1", "ppo.train_batch_size=64"], False),
+    (["ppo.estimator=gae", "ppo.ppo_epochs=1", "ppo.train_batch_size=32"], False),  # GAE's rewards need them first
+    (["ppo.estimator=reinforce_pp", "ppo.ppo_epochs=1", "ppo.train_batch_size=32"], False),
+])
+def test_on_policy_only_when_one_update_sees_what_was_sampled_and_nothing_needs_log_probs_before(tiny, overrides,
+                                                                                                 on_policy):
+    trainer = _trainer(tiny, "ppo.prompts_per_iteration=32", *overrides)
+    assert trainer.on_policy(len(trainer.prompt_batch(0))) is on_policy
+
+
+def test_the_kl_penalty_is_a_loss_term_for_grpo_and_rloo_only():
+    assert kl_in_loss(load_config("configs/tiny/ppo.yaml", ["ppo.estimator=grpo", "ppo.samples_per_prompt=2"]))
+    assert kl_in_loss(load_config("configs/tiny/ppo.yaml", ["ppo.estimator=rloo", "ppo.samples_per_prompt=2"]))
+    assert not kl_in_loss(load_config("configs/tiny/ppo.yaml", ["ppo.estimator=grpo", "ppo.samples_per_prompt=2",
+                                                                "ppo.kl_coef=0"]))
+    assert not kl_in_loss(load_config("configs/tiny/ppo.yaml", ["ppo.estimator=gae"]))
+
+
+def test_each_minibatch_step_gets_fresh_ptx_rows_the_same_on_a_resume(tiny, local_ray):
+    from rlhf.modeling import load_tokenizer
+    from rlhf.sft import encode_dialogues
+    cfg = load_config("configs/tiny/ppo.yaml", [f"data.ptx={tiny['sft_train']}", "ppo.ptx_coef=0.1"])
+    ptx = encode_dialogues(cfg.data.ptx, load_tokenizer(tiny["tokenizer"]), cfg)
+    trainer = _trainer(tiny, f"data.ptx={tiny['sft_train']}", "ppo.ptx_coef=0.1", ptx=ptx)
+    trainer.state.iteration = 5
+    batches = [ray.get(trainer.ptx_batch(8, step)[0])["input_ids"] for step in (0, 1, 0)]
+    assert not batches[0].equal(batches[1]) and batches[0].equal(batches[2])
+    trainer.state.iteration = 6
+    assert not ray.get(trainer.ptx_batch(8, 0)[0])["input_ids"].equal(batches[0])
