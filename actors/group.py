@@ -15,6 +15,7 @@ from ray.util.placement_group import (PlacementGroup, get_current_placement_grou
                                       remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.faults import fault_point, runtime_env
 from rlhf.batching import chunk, concat
 from rlhf.config import LayoutConfig, ranks
 
@@ -26,6 +27,7 @@ def chunked(method: Callable) -> Callable:
     and the controller concatenates the ranks' results in rank order."""
     @functools.wraps(method)
     def wrapper(self, batch, *args, **kwargs):
+        fault_point(self.role, self.rank, method.__name__)
         return method(self, chunk(batch, self.rank, self.world_size), *args, **kwargs)
     wrapper.gather = "concat"  # type: ignore[attr-defined]
     return wrapper
@@ -112,12 +114,17 @@ class RoleGroup:
                 num_gpus=layout.gpu_fraction if self.use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement,
                                                                      placement_group_bundle_index=offset + rank),
+                **({"runtime_env": runtime_env()} if runtime_env() else {}),
             ).remote(role, rank, self.world_size, num_threads=threads, **init_kwargs)
             for rank in range(self.world_size)
         ]
-        one_node = len({info["node_id"] for info in self.node_info()}) == 1
-        addr, port = ray.get(self.workers[0].master_endpoint.remote(one_node))
-        ray.get([w.init_distributed.remote(addr, port) for w in self.workers])
+        try:
+            one_node = len({info["node_id"] for info in self.node_info()}) == 1
+            addr, port = ray.get(self.workers[0].master_endpoint.remote(one_node))
+            ray.get([w.init_distributed.remote(addr, port) for w in self.workers])
+        except BaseException:
+            self.shutdown()
+            raise
         self._gather = {name: getattr(getattr(worker_cls, name), "gather", None) for name in dir(worker_cls)
                         if callable(getattr(worker_cls, name, None)) and not name.startswith("__")}
 

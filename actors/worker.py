@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from actors.faults import fault_point
 from actors.group import chunked
 from rlhf.batching import Batch, micro_batches, position_ids, trim_left_padding, trim_padding
 from rlhf.config import DeepSpeedConfig, LoRAConfig, OptimConfig, from_dict
@@ -161,6 +162,7 @@ class RankWorker:
 
     # --- checkpoints (DeepSpeed's format: optimizer and ZeRO partitions included) -------------------------
     def save_checkpoint(self, directory: str, client_state: Optional[dict] = None) -> None:
+        fault_point(self.role, self.rank, "save_checkpoint")
         if self.engine is None or self.engine.optimizer is None:
             return  # frozen roles are rebuilt from their checkpoint path; nothing trained to save
         from rlhf.checkpoint import save_rng

@@ -211,6 +211,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(err, ConfigError) or isinstance(err, _user_errors()):
             print(f"rlhf {args.command}: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
+        if type(err).__module__.startswith("ray."):  # a rank or task died past what the command recovers from
+            reason = " ".join(str(err).split())[:200]
+            print(f"rlhf {args.command}: {type(err).__name__}: {reason}; see the Ray logs, then rerun with --resume "
+                  "to continue from the last complete checkpoint", file=sys.stderr)
+            return 3
         raise
 
 

@@ -20,6 +20,7 @@ from rlhf.config import Config, gradient_accumulation_steps, ranks, to_dict
 from rlhf.data import load_prompts
 from rlhf.metrics import Progress
 from rlhf.moss import Dialogue, tokenize_prompt
+from rlhf.checkpoint import read_meta
 from rlhf.runs import RunDir, open_run, permutation, save_checkpoint
 from reward.rules import Rollout, Rule, combine, plugin_segments, score_rules
 
@@ -58,23 +59,32 @@ class Roles:
     """The run's role groups, placed as the config says (own placement groups or colocated on another's)."""
 
     def __init__(self, cfg: Config, policy: str, reward: Optional[str]):
+        from actors.group import RoleGroup
+        self.cfg = cfg
+        self.groups: dict[str, RoleGroup] = {}
+        self.hosts: dict[str, Any] = {}
+        try:
+            self._start(cfg, policy, reward)
+        except BaseException:  # a rank that dies in start-up must not leave the others holding their bundles
+            self.shutdown()
+            raise
+
+    def _start(self, cfg: Config, policy: str, reward: Optional[str]) -> None:
         import ray
         from actors.group import RoleGroup, cluster_has_gpus, make_placement_group
         from actors.worker import LMWorker, ScalarWorker
-        self.cfg = cfg
         conf = to_dict(cfg)
         use_gpu = cluster_has_gpus()
         wanted = ["policy"] + (["reward"] if needs_reward_group(cfg) else []) + \
                  (["reference"] if needs_reference_group(cfg) else []) + (["critic"] if needs_critic(cfg) else [])
         # Colocated roles share the host role's bundles: one placement group, each rank a fraction of a GPU.
-        hosts: dict[str, Any] = {}
+        hosts = self.hosts
         for role in wanted:
             layout = getattr(cfg.roles, role).layout
             if not layout.colocate_with and any(getattr(cfg.roles, r).layout.colocate_with == role for r in wanted):
                 guests = [r for r in wanted if getattr(cfg.roles, r).layout.colocate_with == role]
                 cpus = layout.cpus_per_rank + sum(getattr(cfg.roles, g).layout.cpus_per_rank for g in guests)
                 hosts[role] = make_placement_group(f"{role}-shared", layout, use_gpu, cpus)
-        self.groups: dict[str, RoleGroup] = {}
         kinds = {"policy": LMWorker, "reference": LMWorker, "reward": ScalarWorker, "critic": ScalarWorker}
         for role in wanted:
             layout = getattr(cfg.roles, role).layout
@@ -86,7 +96,6 @@ class Roles:
                                  f"bundles of {host}, which it colocates with")
             self.groups[role] = RoleGroup(role, kinds[role], layout, {"config": conf}, placement=hosts.get(host),
                                           use_gpu=use_gpu)
-        self.hosts = hosts
         rollouts = cfg.ppo.prompts_per_iteration * cfg.ppo.samples_per_prompt
         refs = []
         for role, group in self.groups.items():
@@ -101,6 +110,15 @@ class Roles:
                                conf["roles"][role]["lora"] if role != "reference" else None,
                                rc.micro_batch_size, accum, steps)
         ray.get(refs)
+
+    def who(self, err: Exception) -> str:
+        """`critic rank 0` for the error of a dead rank actor (or `a rank` when it names none of ours)."""
+        dead = getattr(err, "actor_id", None)
+        for role, group in self.groups.items():
+            for rank, worker in enumerate(group.workers):
+                if dead and worker._actor_id.hex() == dead:
+                    return f"{role} rank {rank}"
+        return "a rank"
 
     def placement(self) -> dict[str, list[dict]]:
         return {role: group.node_info() for role, group in self.groups.items()}
@@ -439,75 +457,112 @@ def run_ppo(cfg: Config, policy: str, reward: Optional[str], prompts_path: str, 
     cpus = sum(getattr(cfg.roles, r).layout.cpus_per_rank * ranks(getattr(cfg.roles, r).layout)
                for r in ("policy", "reference", "reward", "critic"))
     started = ensure_ray(cfg.ray, cpus)
-    roles = Roles(cfg, policy, reward)
+    roles: Optional[Roles] = None
+    summary: dict = {}
+    stage = Stage()
+    restarts = 0
     try:
-        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules)
-        _record_placement(output, roles)
-        summary: dict = {}
-        if run.resume_from:
-            _restore(roles, trainer, run.resume_from)
-        elif held_out:
-            start = {f"eval/{k}": v for k, v in task_scores(trainer.replies(held_out)).items()}
-            summary |= {f"{k}_start": v for k, v in start.items()}
-            if start:
-                run.metrics.log(0, start)
-        progress = Progress(cfg.ppo.iterations, desc="ppo", enabled=cfg.logging.progress,
-                            initial=trainer.state.iteration)
-        restarts = skipped_in_row = 0
-        while trainer.state.iteration < cfg.ppo.iterations:
-            it = trainer.state.iteration
+        while True:
             try:
-                metrics = trainer.iteration(it)
-            except ray.exceptions.RayActorError as err:
-                # A rank died (process killed, node lost): rebuild every group and go back to the last checkpoint.
-                restarts += 1
-                reason = " ".join(str(err).split())[:200]
-                if restarts > cfg.ray.max_restarts:
-                    raise SystemExit(f"iteration {it + 1}: a role rank died again after {cfg.ray.max_restarts} "
-                                     f"restarts ({reason}); see the Ray logs of that rank") from None
-                roles.shutdown()
+                stage.now("start-up")
                 roles = Roles(cfg, policy, reward)
-                latest = run.checkpoints.latest()
                 trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules)
-                if latest:
-                    _restore(roles, trainer, latest)
-                run.metrics.truncate_after(trainer.state.iteration)
-                lost = it - trainer.state.iteration
-                print(f"ppo: a rank died in iteration {it + 1}; rebuilt the role groups from "
-                      f"{latest or 'the start'}, losing {lost} iteration(s) (restart {restarts}/{cfg.ray.max_restarts})",
-                      flush=True)
-                run.metrics.log(trainer.state.iteration, {"ppo/restarts": restarts, "ppo/iterations_lost": lost})
                 _record_placement(output, roles)
-                continue
-            done = it + 1
-            if metrics.get("ppo/skipped"):
-                skipped_in_row += 1
-                phase = metrics.pop("ppo/skipped_phase")
-                print(f"ppo: iteration {done} skipped ({phase})", flush=True)
-                if skipped_in_row >= cfg.ppo.max_skipped_in_row:
-                    raise SystemExit(f"iteration {done}: {skipped_in_row} iterations in a row were skipped for NaN/inf "
-                                     f"in {phase}; lower the learning rate or check the reward model")
-                run.metrics.log(done, metrics)
-                continue
-            skipped_in_row = 0
-            run.metrics.log(done, metrics)
-            progress.update(1, reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.ppo.iterations:
-                _checkpoint(run, roles, trainer, done)
-        progress.close()
-        _checkpoint(run, roles, trainer, cfg.ppo.iterations)
-        if held_out:
-            end = {f"eval/{k}": v for k, v in task_scores(trainer.replies(held_out)).items()}
-            summary |= end
-            if end:
-                run.metrics.log(cfg.ppo.iterations, end)
-        ray.get(roles.groups["policy"].call("save_pretrained", run.final, cfg.roles.policy.lora.merge_on_save))
-        return summary | {"final": run.final}
+                return _train(cfg, run, roles, trainer, held_out, summary, stage, restarts)
+            except ray.exceptions.RayActorError as err:
+                # A rank died (process killed, node lost) anywhere: in start-up, an iteration, an evaluation or a
+                # checkpoint save. Rebuild every group and go back to the last complete checkpoint; a half-written
+                # one was never committed, so it is not taken.
+                restarts += 1
+                who = roles.who(err) if roles is not None else "a rank"
+                latest = run.checkpoints.latest()
+                if restarts > cfg.ray.max_restarts:
+                    reason = " ".join(str(err).split())[:160]
+                    raise SystemExit(f"{stage.where}: {who} died ({reason}); gave up after {restarts - 1} "
+                                     f"restart(s) (ray.max_restarts={cfg.ray.max_restarts}); see the Ray logs of "
+                                     f"that rank, then rerun with --resume to continue from "
+                                     f"{latest or 'the start'}") from None
+                print(f"ppo: {who} died during {stage.where}; rebuilding the role groups from "
+                      f"{latest or 'the start'} (restart {restarts}/{cfg.ray.max_restarts})", flush=True)
+                if roles is not None:
+                    roles.shutdown()
+                    roles = None
     finally:
         run.metrics.close()
-        roles.shutdown()
+        if roles is not None:
+            roles.shutdown()
         if started:
             ray.shutdown()
+
+
+class Stage:
+    """Where the run is, for the line that says what a dead rank interrupted."""
+
+    def __init__(self) -> None:
+        self.where = "start-up"
+        self.reached = 0
+        """The furthest iteration begun, to count what a restart loses."""
+
+    def now(self, where: str, iteration: int = 0) -> None:
+        self.where = where
+        self.reached = max(self.reached, iteration)
+
+
+def _train(cfg: Config, run: RunDir, roles: Roles, trainer: "PPOTrainer", held_out: list[Dialogue], summary: dict,
+           stage: Stage, restarts: int) -> dict:
+    """The run from its last complete checkpoint (or the start) to final/: iterations, checkpoints, evaluations.
+    Called again after a rank died, on fresh role groups; `summary` keeps what earlier attempts measured."""
+    import ray
+    latest = run.checkpoints.latest()
+    if latest:
+        stage.now(f"the restore of {latest}")
+        _restore(roles, trainer, latest)
+    if restarts:
+        run.metrics.truncate_after(trainer.state.iteration)
+        lost = max(0, stage.reached - trainer.state.iteration)
+        print(f"ppo: resumed at iteration {trainer.state.iteration}, losing {lost} iteration(s)", flush=True)
+        run.metrics.log(trainer.state.iteration, {"ppo/restarts": restarts, "ppo/iterations_lost": lost})
+    elif held_out and not latest:
+        stage.now("the held-out evaluation before training")
+        start = {f"eval/{k}": v for k, v in task_scores(trainer.replies(held_out)).items()}
+        summary |= {f"{k}_start": v for k, v in start.items()}
+        if start:
+            run.metrics.log(0, start)
+    progress = Progress(cfg.ppo.iterations, desc="ppo", enabled=cfg.logging.progress,
+                        initial=trainer.state.iteration)
+    skipped_in_row = 0
+    while trainer.state.iteration < cfg.ppo.iterations:
+        done = trainer.state.iteration + 1
+        stage.now(f"iteration {done}", done)
+        metrics = trainer.iteration(done - 1)
+        if metrics.get("ppo/skipped"):
+            skipped_in_row += 1
+            phase = metrics.pop("ppo/skipped_phase")
+            print(f"ppo: iteration {done} skipped ({phase})", flush=True)
+            if skipped_in_row >= cfg.ppo.max_skipped_in_row:
+                raise SystemExit(f"iteration {done}: {skipped_in_row} iterations in a row were skipped for NaN/inf "
+                                 f"in {phase}; lower the learning rate or check the reward model")
+            run.metrics.log(done, metrics)
+            continue
+        skipped_in_row = 0
+        run.metrics.log(done, metrics)
+        progress.update(1, reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.ppo.iterations:
+            stage.now(f"the checkpoint of iteration {done}", done)
+            _checkpoint(run, roles, trainer, done)
+    progress.close()
+    if not (latest and read_meta(latest)["step"] == cfg.ppo.iterations):
+        stage.now("the final checkpoint", cfg.ppo.iterations)
+        _checkpoint(run, roles, trainer, cfg.ppo.iterations)
+    if held_out:
+        stage.now("the held-out evaluation after training", cfg.ppo.iterations)
+        end = {f"eval/{k}": v for k, v in task_scores(trainer.replies(held_out)).items()}
+        summary |= end
+        if end:
+            run.metrics.log(cfg.ppo.iterations, end)
+    stage.now("the save of final/", cfg.ppo.iterations)
+    ray.get(roles.groups["policy"].call("save_pretrained", run.final, cfg.roles.policy.lora.merge_on_save))
+    return summary | {"final": run.final}
 
 
 def _record_placement(output: str, roles: Roles) -> None:
@@ -518,7 +573,6 @@ def _record_placement(output: str, roles: Roles) -> None:
 
 def _restore(roles: Roles, trainer: "PPOTrainer", checkpoint: str) -> None:
     import ray
-    from rlhf.checkpoint import read_meta
     ray.get([r for grp in roles.groups.values() for r in grp.call("load_checkpoint", checkpoint)])
     trainer.load_state_dict(read_meta(checkpoint)["controller"])
 
