@@ -1,9 +1,10 @@
 """Chaos hook for the fault tests: a rank kills itself at a call the test chooses, once.
 
 `RLHF_FAULT=ROLE:METHOD:N:MARKER` in the driver's environment makes rank 0 of ROLE SIGKILL its own process at the
-start of its N-th call of METHOD (1-based), unless the file MARKER exists; it writes MARKER first, so the rank
-that recovery starts in its place lives. A kill, not an exception: the run sees exactly what a lost process or
-node gives it. Unset (always, outside tests), the hook costs one dictionary lookup per call.
+start of its N-th call of METHOD (1-based, counted in that process), unless the file MARKER exists; it writes
+MARKER first, so the rank that recovery starts in its place lives. Several faults are separated by commas. A kill,
+not an exception: the run sees exactly what a lost process or node gives it. Unset (always, outside tests), the
+hook costs one dictionary lookup per call.
 """
 from __future__ import annotations
 
@@ -22,15 +23,15 @@ def runtime_env() -> dict:
 
 
 def fault_point(role: str, rank: int, method: str) -> None:
-    spec = os.environ.get(ENV, "")
-    if not spec or rank != 0:
+    specs = os.environ.get(ENV, "")
+    if not specs or rank != 0:
         return
-    want_role, want_method, count, marker = spec.split(":", 3)
-    if (want_role, want_method) != (role, method):
+    faults = [spec.split(":", 3) for spec in specs.split(",")]
+    if not any((r, m) == (role, method) for r, m, _, _ in faults):
         return
     _calls[method] = _calls.get(method, 0) + 1
-    if _calls[method] != int(count) or os.path.exists(marker):
-        return
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(f"{role}:{method}:{count} pid {os.getpid()}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+    for want_role, want_method, count, marker in faults:
+        if (want_role, want_method) == (role, method) and _calls[method] == int(count) and not os.path.exists(marker):
+            with open(marker, "w", encoding="utf-8") as f:
+                f.write(f"{role}:{method}:{count} pid {os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)

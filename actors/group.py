@@ -1,156 +1,157 @@
-"""A role as a group of ranks: one Ray actor per rank, placed with a placement group, joined by torch.distributed.
+"""Role groups on Ray: one actor per rank, placed as the planner says, joined by torch.distributed.
 
-The controller calls a method on every rank at once; a worker method decorated with `@chunked` takes its own
-rank's share of the global batch, and `gather` concatenates the ranks' results in rank order.
+A call of a role method splits the arguments its worker method declares (`actors.dispatch`) and puts each rank's
+shard into the object store on its own, so a rank receives its shard only; the future reduces the ranks' results as
+declared, and turns a dead rank into `RankDied` naming the role and rank.
 """
 from __future__ import annotations
 
-import functools
-import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import ray
-import torch
-from ray.util.placement_group import (PlacementGroup, get_current_placement_group, placement_group,
-                                      remove_placement_group)
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.faults import fault_point, runtime_env
-from rlhf.batching import chunk, concat
-from rlhf.config import LayoutConfig, ranks
-
-log = logging.getLogger(__name__)
-
-
-def chunked(method: Callable) -> Callable:
-    """Marks a worker method whose first argument is the global batch: the rank sees only its contiguous chunk,
-    and the controller concatenates the ranks' results in rank order."""
-    @functools.wraps(method)
-    def wrapper(self, batch, *args, **kwargs):
-        fault_point(self.role, self.rank, method.__name__)
-        return method(self, chunk(batch, self.rank, self.world_size), *args, **kwargs)
-    wrapper.gather = "concat"  # type: ignore[attr-defined]
-    return wrapper
+from actors.dispatch import declared, reduce_results, shard_arguments
+from actors.faults import runtime_env
+from actors.placement import PlacementPlan, plan_placement, release, reserve
+from actors.rank import RankSpec
+from rlhf.config import RayConfig, ranks
+from rlhf.roles import RankDied
 
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-class PlacementSlice(PlacementGroup):
-    """Bundles [offset, offset + count) of the placement group this process runs in: a Ray Tune trial reserves
-    every bundle of its run up front (rlhf.sweep), so the run's role groups take theirs from it."""
+class RayFuture:
+    def __init__(self, group: "RayGroup", method: str, refs: list, real: Optional[list[int]]):
+        self.group, self.method, self.refs, self.real = group, method, refs, real
 
-    def __init__(self, enclosing: PlacementGroup, offset: int, count: int):
-        super().__init__(enclosing.id, enclosing.bundle_cache)
-        self.offset, self.count = offset, count
-
-
-# Bundles of an enclosing placement group held by role groups, by its id; bundle 0 is the trial's controller.
-_taken: dict[Any, set[int]] = {}
+    def result(self) -> Any:
+        return reduce_results(declared(self.group.worker_cls, self.method), wait(self.group, self.refs), self.real)
 
 
-def _take_bundles(enclosing: PlacementGroup, name: str, count: int, wanted: dict) -> PlacementSlice:
-    """The first `count` consecutive free bundles of the enclosing group that each fit `wanted`."""
-    specs = enclosing.bundle_specs
-    taken = _taken.setdefault(enclosing.id, {0})
-    for start in range(1, len(specs) - count + 1):
-        block = range(start, start + count)
-        if all(i not in taken and all(specs[i].get(k, 0) >= v - 1e-9 for k, v in wanted.items()) for i in block):
-            taken.update(block)
-            return PlacementSlice(enclosing, start, count)
-    raise RuntimeError(f"{name}: the enclosing placement group (a sweep trial's) has no {count} free bundles of "
-                       f"{wanted}; its bundles are {specs} and {sorted(taken)} are taken, so the trial's resources "
-                       f"do not match the role layout")
+def wait(group: "RayGroup", refs: list) -> list:
+    """ray.get, with a dead rank as RankDied and one of our own errors raised on a rank (a bad model path, a rule
+    that broke) as itself, so the command line prints it in one line as it would in the driver."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayActorError as err:
+        raise RankDied(group.who(err), " ".join(str(err).split())[:160]) from None
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, Exception) and type(cause).__module__.split(".")[0] in ("rlhf", "reward", "actors"):
+            raise cause from None
+        if type(cause).__name__ == "DistNetworkError":
+            # The group could not rendezvous (the free port rank 0 picked was taken before it bound it, a node went
+            # away): as good as a dead rank; the run's recovery starts the groups again on fresh ports.
+            raise RankDied(f"{group.role} rank 0 (at its rendezvous)", " ".join(str(cause).split())[:160]) from None
+        raise
 
 
-def release_placement_group(pg: PlacementGroup) -> None:
-    """Give a role group's bundles back: a slice returns to the enclosing trial, a group of its own is removed."""
-    if isinstance(pg, PlacementSlice):
-        _taken.get(pg.id, set()).difference_update(range(pg.offset, pg.offset + pg.count))
-    else:
-        remove_placement_group(pg)
+class RayGroup:
+    """N ranks of one role. `worker_cls` is an `actors.rank.RankWorker`; every rank gets the same `spec`."""
 
-
-def make_placement_group(name: str, layout: LayoutConfig, use_gpu: bool, cpus_per_bundle: float) -> PlacementGroup:
-    """One bundle per rank (a whole GPU each when there are GPUs; colocated roles take fractions of it).
-
-    Inside a placement group already (a Ray Tune trial), the bundles come from it instead: reserving more would
-    oversubscribe what the trial was given."""
-    bundle = {"CPU": cpus_per_bundle}
-    if use_gpu:
-        bundle["GPU"] = 1
-    enclosing = get_current_placement_group()
-    if enclosing is not None:
-        return _take_bundles(enclosing, name, ranks(layout), bundle)
-    pg = placement_group([dict(bundle) for _ in range(ranks(layout))], strategy=layout.strategy, name=name)
-    ready, _ = ray.wait([pg.ready()], timeout=600)
-    if not ready:
-        remove_placement_group(pg)
-        raise RuntimeError(f"{name}: the cluster cannot place {ranks(layout)} bundles of {bundle} "
-                           f"({layout.strategy}); free resources or shrink the layout")
-    return pg
-
-
-class RoleGroup:
-    """N ranks of one role. `worker_cls` is a plain class (actors.worker.RankWorker subclass); its constructor
-    receives (role, rank, world_size, **init_kwargs)."""
-
-    def __init__(self, role: str, worker_cls: type, layout: LayoutConfig, init_kwargs: dict,
-                 placement: Optional[PlacementGroup] = None, use_gpu: Optional[bool] = None):
-        self.role = role
-        self.layout = layout
+    def __init__(self, role: str, worker_cls: type, spec: RankSpec, placement: PlacementGroup, offset: int,
+                 use_gpu: bool):
+        self.role, self.worker_cls, self.spec, self.use_gpu = role, worker_cls, spec, use_gpu
+        layout = spec.role.layout
         self.world_size = ranks(layout)
-        self.use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
-        self.owns_placement = placement is None
-        self.placement = placement or make_placement_group(
-            f"{role}-{id(self):x}", layout, self.use_gpu, layout.cpus_per_rank)
-        offset = getattr(self.placement, "offset", 0)  # a slice of a trial's placement group starts further on
         remote_cls = ray.remote(worker_cls)
-        threads = max(1, int(layout.cpus_per_rank))
+        extra = {"runtime_env": runtime_env()} if runtime_env() else {}
         self.workers = [
             remote_cls.options(
-                num_cpus=layout.cpus_per_rank,
-                num_gpus=layout.gpu_fraction if self.use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement,
+                num_cpus=layout.cpus_per_rank, num_gpus=layout.gpu_fraction if use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement,
                                                                      placement_group_bundle_index=offset + rank),
-                **({"runtime_env": runtime_env()} if runtime_env() else {}),
-            ).remote(role, rank, self.world_size, num_threads=threads, **init_kwargs)
+                **extra,
+            ).remote(role, rank, self.world_size, spec, num_threads=max(1, int(layout.cpus_per_rank)))
             for rank in range(self.world_size)
         ]
-        try:
-            one_node = len({info["node_id"] for info in self.node_info()}) == 1
-            addr, port = ray.get(self.workers[0].master_endpoint.remote(one_node))
-            ray.get([w.init_distributed.remote(addr, port) for w in self.workers])
-        except BaseException:
-            self.shutdown()
-            raise
-        self._gather = {name: getattr(getattr(worker_cls, name), "gather", None) for name in dir(worker_cls)
-                        if callable(getattr(worker_cls, name, None)) and not name.startswith("__")}
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
-        """Start `method` on every rank with the same arguments (ObjectRefs are resolved by Ray on each rank)."""
-        return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+    def start(self) -> list:
+        """Rendezvous and build every rank's engine; returns the refs to wait on (groups start side by side)."""
+        one_node = len({info["node_id"] for info in self.node_info()}) == 1
+        addr, port = ray.get(self.workers[0].master_endpoint.remote(one_node))
+        return [w.setup.remote(addr, port) for w in self.workers]
 
-    def call_each(self, method: str, per_rank: Sequence[tuple], **kwargs: Any) -> list[ray.ObjectRef]:
-        """Start `method` on every rank with that rank's own arguments (batches the controller split itself)."""
-        return [getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, per_rank)]
-
-    def gather(self, method: str, refs: Sequence[ray.ObjectRef]) -> Any:
-        """Wait for a call and combine its results as the method declares: concatenated, or rank 0's."""
-        results = ray.get(list(refs))
-        if self._gather.get(method) == "concat":
-            return concat(results) if isinstance(results[0], dict) else torch.cat(results)
-        return results[0]
-
-    def run(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self.gather(method, self.call(method, *args, **kwargs))
+    def call(self, method: str, *args: Any, **kwargs: Any) -> RayFuture:
+        per_rank, real = shard_arguments(self.worker_cls, method, self.world_size, args, kwargs)
+        split = declared(self.worker_cls, method).split
+        refs = []
+        for worker, rank_kwargs in zip(self.workers, per_rank):
+            # Each rank's shard goes into the object store on its own: a rank fetches only what it was given.
+            sent = {k: (ray.put(v) if k in split and v is not None else v) for k, v in rank_kwargs.items()}
+            refs.append(getattr(worker, method).remote(**sent))
+        return RayFuture(self, method, refs, real)
 
     def node_info(self) -> list[dict]:
-        return ray.get([w.node_info.remote() for w in self.workers])
+        return wait(self, [w.node_info.remote() for w in self.workers])
+
+    def who(self, err: Exception) -> str:
+        """`critic rank 0` for the error of one of this group's dead ranks."""
+        dead = getattr(err, "actor_id", None)
+        for rank, worker in enumerate(self.workers):
+            if dead and worker._actor_id.hex() == dead:
+                return f"{self.role} rank {rank}"
+        return f"a {self.role} rank"
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        if self.owns_placement:
-            release_placement_group(self.placement)
+
+
+class RayBackend:
+    """Starts (or joins) Ray for a run and places its role groups with the planner."""
+
+    local = False
+
+    def __init__(self, cfg: RayConfig):
+        self.cfg = cfg
+        self.started = False
+
+    def open(self, cpus_needed: float) -> None:
+        from actors.runtime import ensure_ray
+        self.started = ensure_ray(self.cfg, cpus_needed)
+
+    def close(self) -> None:
+        if self.started:
+            ray.shutdown()
+            self.started = False
+
+    def plan(self, roles: dict[str, tuple[type, RankSpec]]) -> PlacementPlan:
+        return plan_placement({name: spec.role.layout for name, (_, spec) in roles.items()},
+                              ray.is_initialized() and cluster_has_gpus())
+
+    def start(self, roles: dict[str, tuple[type, RankSpec]]) -> "Groups":
+        """Every role's ranks, placed and built (side by side); on any failure nothing is left holding bundles."""
+        plan = self.plan(roles)
+        use_gpu = cluster_has_gpus()
+        groups = Groups({}, reserve(plan))
+        try:
+            for name, (worker_cls, spec) in roles.items():
+                slot = plan.slots[name]
+                pg = groups.placements[slot.group]
+                offset = getattr(pg, "offset", 0) + slot.offset
+                groups.groups[name] = RayGroup(name, worker_cls, spec, pg, offset, use_gpu)
+            pending = {name: group.start() for name, group in groups.groups.items()}
+            for name, refs in pending.items():
+                wait(groups.groups[name], refs)
+        except BaseException:
+            groups.stop()
+            raise
+        return groups
+
+
+class Groups:
+    """The started groups of a run and the bundles they hold."""
+
+    def __init__(self, groups: dict, placements: dict[str, PlacementGroup]):
+        self.groups, self.placements = groups, placements
+
+    def stop(self) -> None:
+        for group in self.groups.values():
+            group.shutdown()
+        release(self.placements)
+        self.placements = {}

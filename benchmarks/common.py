@@ -163,7 +163,7 @@ def ppo_config(overrides: Sequence[str]):
     rate 0: the optimizer does all its work, the weights stay at their random start, so every iteration (and every
     side of a comparison) samples replies of the same length instead of drifting as a policy learns to stop early."""
     from rlhf.config import load_config
-    return load_config(str(ROOT / "configs/tiny/ppo.yaml"), [
+    return load_config("ppo", str(ROOT / "configs/tiny/ppo.yaml"), [
         "ppo.critic_warmup_iterations=0", "ppo.iterations=100000", "roles.policy.optim.lr=0",
         "roles.critic.optim.lr=0", "logging.progress=false", "logging.tensorboard=false", *overrides])
 
@@ -171,10 +171,8 @@ def ppo_config(overrides: Sequence[str]):
 def cpus_needed(cfg: Any) -> int:
     """Logical CPUs for the run's roles, as `rlhf ppo` sizes its local Ray (at least the machine's cores)."""
     from rlhf.config import ranks
-    from rlhf.ppo import needs_critic, needs_reference_group
-    roles = ["policy", "reward"] + (["reference"] if needs_reference_group(cfg) else []) + \
-            (["critic"] if needs_critic(cfg) else [])
-    total = sum(getattr(cfg.roles, r).layout.cpus_per_rank * ranks(getattr(cfg.roles, r).layout) for r in roles)
+    total = sum(getattr(cfg.roles, r).layout.cpus_per_rank * ranks(getattr(cfg.roles, r).layout)
+                for r in cfg.derive().roles)
     return max(os.cpu_count() or 1, math.ceil(total))
 
 
@@ -186,21 +184,25 @@ def load_prompt_ids(cfg: Any, tokenizer: Any, prompts_path: str) -> tuple[list, 
     return prompts, [tokenize_prompt(d, tokenizer, cfg.data.max_prompt_length, cfg.data.plugin) for d in prompts]
 
 
-class RayPPO:
-    """Our role groups (`rlhf.ppo.Roles`) set up once, then `PPOTrainer.iteration` timed from the controller."""
+class PPOSide:
+    """`rlhf ppo`'s role groups set up once on a backend (Ray role groups, or `actors.local.LocalBackend`: every
+    role in this process, the no-Ray baseline), then `PPOTrainer.iteration` timed from the controller."""
 
-    def __init__(self, cfg: Any, policy: str, reward: str, prompts_path: str):
-        from rlhf.ppo import Roles
+    def __init__(self, cfg: Any, policy: str, reward: str, prompts_path: str, backend: Any = None):
+        from rlhf.drivers.ppo import start_roles
+        from rlhf.drivers.runs import backend_for
         self.policy, self.reward, self.prompts_path = policy, reward, prompts_path
-        self.roles = Roles(cfg, policy, reward)
+        cfg.model.path, cfg.roles.reward.model = policy, reward
+        self.roles, self.groups = start_roles(cfg, backend_for(cfg, backend))
         self.use(cfg)
 
     def use(self, cfg: Any) -> None:
         """A new controller over the same role groups: batch sizes and generation length are the controller's
         (the ranks take them with each call), so a sweep need not restart the groups."""
         from reward.model import load_reward_stats
+        from rlhf.drivers.ppo import PPOTrainer
         from rlhf.modeling import load_tokenizer
-        from rlhf.ppo import PPOTrainer
+        cfg.model.path, cfg.roles.reward.model = self.policy, self.reward
         tokenizer = load_tokenizer(self.policy)
         prompts, ids = load_prompt_ids(cfg, tokenizer, self.prompts_path)
         self.trainer = PPOTrainer(cfg, self.roles, tokenizer, prompts, ids, None, load_reward_stats(self.reward))
@@ -215,7 +217,7 @@ class RayPPO:
                 **{k: metrics[k] for k in PHASES}}
 
     def close(self) -> None:
-        self.roles.shutdown()
+        self.groups.stop()
 
 
 def timed_block(step: Callable[[], dict], iterations: int) -> dict:

@@ -1,6 +1,6 @@
 """One critic-free RL iteration (GRPO): ours on Ray against TRL's GRPOTrainer with a reward model.
 
-Ours is `rlhf.ppo.PPOTrainer.iteration` with `ppo.estimator: grpo` over `rlhf.ppo.Roles`: the policy, the reference
+Ours is `rlhf.drivers.ppo.PPOTrainer.iteration` with `ppo.estimator: grpo` over Ray role groups: the policy, the reference
 and the reward run as separate Ray actors. TRL's GRPOTrainer runs the same roles in one process, with the reward
 function a sequence-classification model of the same tiny size. Both sides: the same random tiny Llama policy and
 reward model, the same prompts (MOSS-rendered), prompts x samples per iteration, generation length and sampling
@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PHASES, RayPPO, alternate, cpus_needed, local_ray, median, medians,  # noqa: E402
+from benchmarks.common import (PHASES, PPOSide, alternate, cpus_needed, local_ray, median, medians,  # noqa: E402
                                parser, ppo_config, set_threads, table, target, timed_block, workspace, write_record)
-from benchmarks.ppo_inprocess import InProcessPPO  # noqa: E402
+from benchmarks.ppo_inprocess import in_process  # noqa: E402
 
 
 def grpo_config(args: argparse.Namespace):
@@ -129,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     with workspace(args, ["llama"], seed=args.seed) as ws, local_ray(num_cpus=cpus_needed(cfg)):
         model = ws.models["llama"]
-        ours = RayPPO(cfg, model, model, ws.data["prompts_train"])
+        ours = PPOSide(cfg, model, model, ws.data["prompts_train"])
         theirs = Theirs(args, cfg, model, model, ws.data["prompts_train"], f"{ws.root}/trl")
-        alone = InProcessPPO(cfg, model, model, ws.data["prompts_train"])  # where Ray's share of our time shows
+        alone = in_process(cfg, model, model, ws.data["prompts_train"])  # where Ray's share of our time shows
         try:
             runs = alternate({"ours": lambda rep: timed_block(ours.iteration, args.iterations),
                               "trl": lambda rep: theirs.block(args.iterations),
                               "inprocess": lambda rep: timed_block(alone.iteration, args.iterations)}, args.reps)
         finally:
             ours.close()
+            alone.close()
     report(args, runs)
     return 0
 

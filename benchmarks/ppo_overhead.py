@@ -1,9 +1,9 @@
 """The orchestration overhead of PPO on Ray: one iteration over four role groups against the same computation in
 one process without Ray (`ppo_inprocess.py`).
 
-Ours is `rlhf.ppo.PPOTrainer.iteration` over `rlhf.ppo.Roles` (policy, reference, reward, critic: one CPU rank
-each, as configs/tiny/ppo.yaml lays them out); the baseline runs the same models and functions in this process
-with one torch thread, as each of our ranks has. Same tiny model, prompts, lengths, batch and micro-batch sizes,
+Ours is `rlhf.drivers.ppo.PPOTrainer.iteration` over Ray role groups (policy, reference, reward, critic: one CPU
+rank each, as configs/tiny/ppo.yaml lays them out); the baseline is the same controller over the role interface's
+one-process implementation (`actors.local`), with one torch thread, as each of our ranks has. Same tiny model, prompts, lengths, batch and micro-batch sizes,
 PPO epochs. Blocks of iterations alternate between the two; the first iteration of every block is dropped.
 
     python benchmarks/ppo_overhead.py [--reps 3] [--iterations 3] [--prompts 32] [--max-new-tokens 24] [--quick]
@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PHASES, RayPPO, alternate, cpus_needed, local_ray, medians, parser,  # noqa: E402
+from benchmarks.common import (PHASES, PPOSide, alternate, cpus_needed, local_ray, medians, parser,  # noqa: E402
                                ppo_config, set_threads, table, target, timed_block, workspace, write_record)
-from benchmarks.ppo_inprocess import InProcessPPO  # noqa: E402
+from benchmarks.ppo_inprocess import in_process  # noqa: E402
 
 GOAL = 1.15  # Ray's seconds per iteration over the in-process baseline's
 FIGURES = ("iteration_s", *PHASES, "response_length")
@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     with workspace(args, [args.arch], seed=args.seed) as ws, local_ray(num_cpus=cpus_needed(cfg)):
         model = ws.models[args.arch]
-        ray_side = RayPPO(cfg, model, model, ws.data["prompts_train"])
-        baseline = InProcessPPO(cfg, model, model, ws.data["prompts_train"])
+        ray_side = PPOSide(cfg, model, model, ws.data["prompts_train"])
+        baseline = in_process(cfg, model, model, ws.data["prompts_train"])
         try:
             runs = alternate({"ray": lambda rep: timed_block(ray_side.iteration, args.iterations),
                               "inprocess": lambda rep: timed_block(baseline.iteration, args.iterations)}, args.reps)
         finally:
             ray_side.close()
+            baseline.close()
     report(args, runs)
     return 0
 

@@ -1,7 +1,7 @@
 """Where the time goes: py-spy on the controller and on every role's rank while the real code runs.
 
-`ppo`: PPO iterations on Ray (`rlhf.ppo.Roles` + `PPOTrainer`), sampled after one warm-up iteration.
-`rm`: `reward.trainer.run_rm` on the K = 4 lists; the rank is sampled from the moment it starts, and the summary
+`ppo`: PPO iterations on Ray (`rlhf.drivers.ppo.start_roles` + `PPOTrainer`), sampled after one warm-up iteration.
+`rm`: `rlhf.drivers.rm.run_rm` on the K = 4 lists; the rank is sampled from the moment it starts, and the summary
 keeps the stacks under `rm_step` (the training steps) apart from setup.
 
 Each process gets py-spy's raw stacks (collapsed format: feed them to flamegraph.pl or speedscope) and
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, RayPPO, cpus_needed, local_ray, parser, ppo_config, workspace  # noqa: E402
+from benchmarks.common import RESULTS_DIR, PPOSide, cpus_needed, local_ray, parser, ppo_config, workspace  # noqa: E402
 
 
 RATE = 100  # samples per second and process
@@ -124,7 +124,7 @@ def profile_ppo(args: argparse.Namespace, out_dir: Path) -> str:
     cfg = ppo_config([f"seed={args.seed}", f"ppo.prompts_per_iteration={args.prompts}",
                       f"generation.max_new_tokens={args.max_new_tokens}", *args.set])
     with workspace(args, [args.arch], seed=args.seed) as ws, local_ray(num_cpus=cpus_needed(cfg)):
-        ray_side = RayPPO(cfg, ws.models[args.arch], ws.models[args.arch], ws.data["prompts_train"])
+        ray_side = PPOSide(cfg, ws.models[args.arch], ws.models[args.arch], ws.data["prompts_train"])
         try:
             ray_side.iteration()  # warm-up, not sampled
             spy = Spy(out_dir)
@@ -162,15 +162,17 @@ def _watch_for(name: str, spy: Spy, stop: threading.Event) -> None:
 
 def profile_rm(args: argparse.Namespace, out_dir: Path) -> str:
     from benchmarks.rm_vs_trl import rm_config
-    from reward.trainer import run_rm
+    from rlhf.drivers.rm import run_rm
     with workspace(args, ["llama"], seed=args.seed) as ws, local_ray(num_cpus=2):
         rm_args = argparse.Namespace(seed=args.seed, epochs=args.epochs, lists_per_step=16, micro_lists=4, lr=1e-3,
                                      warmup=5, ranks=1)
         spy, stop = Spy(out_dir), threading.Event()
         spy.attach("controller", os.getpid())
-        watcher = threading.Thread(target=_watch_for, args=("ray::ScalarWorker", spy, stop), daemon=True)
+        watcher = threading.Thread(target=_watch_for, args=("ray::RMWorker", spy, stop), daemon=True)
         watcher.start()
-        summary = run_rm(rm_config(rm_args, ws), ws.models["llama"], ws.data["ranked4_train"], f"{ws.root}/rm")
+        cfg = rm_config(rm_args, ws)
+        cfg.model.path, cfg.data.train = ws.models["llama"], ws.data["ranked4_train"]
+        summary = run_rm(cfg, f"{ws.root}/rm")
         stop.set()
         spy.stop()
     head = f"run_rm: {summary['train_pairs']} pairs in {summary['train_seconds']:.2f} s " \

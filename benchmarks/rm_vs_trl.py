@@ -1,6 +1,6 @@
 """Reward-model training on K = 4 ranked lists: ours against TRL's RewardTrainer on the same pairs.
 
-Ours is `reward.trainer.run_rm` (a Ray role group of DeepSpeed ranks): each response is encoded once and a list's 6
+Ours is `rlhf.drivers.rm.run_rm` (a Ray role group of DeepSpeed ranks): each response is encoded once and a list's 6
 pairs are formed from its 4 scores. TRL's RewardTrainer gets the same lists expanded into their 6 (chosen, rejected)
 pairs, as the exact token ids ours trains on, and encodes both sides of every pair. Both start from the same random
 tiny Llama, take the same pairs per optimizer step (lists x 6), epochs, learning rate, warm-up, Adam betas, gradient
@@ -29,7 +29,7 @@ PAIRS = K * (K - 1) // 2  # pairs per list: all ranks are distinct
 def rm_config(args: argparse.Namespace, ws: Workspace):
     """configs/tiny/rm.yaml with the benchmark's sizes; evaluation only before and after the loop."""
     from rlhf.config import load_config
-    return load_config(str(ROOT / "configs/tiny/rm.yaml"), [
+    return load_config("rm", str(ROOT / "configs/tiny/rm.yaml"), [
         f"seed={args.seed}", f"data.eval={ws.data['ranked4_eval']}", f"train.epochs={args.epochs}",
         f"train.global_batch_size={args.lists_per_step}", f"train.micro_batch_size={args.micro_lists}",
         "train.eval_every=0", "train.save_every=0", "train.log_every=1000", f"optim.lr={args.lr}",
@@ -38,19 +38,20 @@ def rm_config(args: argparse.Namespace, ws: Workspace):
 
 
 def run_ours(args: argparse.Namespace, ws: Workspace, rep: int) -> dict:
-    from reward.trainer import run_rm
+    from rlhf.drivers.rm import run_rm
     cfg = rm_config(args, ws)
+    cfg.model.path, cfg.data.train = ws.models["llama"], ws.data["ranked4_train"]
     with Stopwatch() as wall:
-        summary = run_rm(cfg, ws.models["llama"], ws.data["ranked4_train"], f"{ws.root}/ours-{rep}")
+        summary = run_rm(cfg, f"{ws.root}/ours-{rep}")
     return {"pairs_per_s": summary["train_pairs_per_s"], "train_s": summary["train_seconds"], "wall_s": wall.seconds,
             "accuracy": summary["pairwise_accuracy"], "pairs": summary["train_pairs"],
             "sequences_per_step": args.lists_per_step * K}
 
 
 def encoded_lists(path: str, ws: Workspace, cfg) -> list:
-    from reward.trainer import encode_file
+    from reward.batches import encode_file
     from rlhf.modeling import load_tokenizer
-    return encode_file(path, load_tokenizer(ws.models["llama"]), cfg)
+    return encode_file(path, load_tokenizer(ws.models["llama"]), cfg.data, cfg.rm)
 
 
 def trl_dataset(lists: list):

@@ -50,16 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="directory for the JSON records (default benchmarks/results)")
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
     p.add_argument("--profile", action="store_true",
-                   help="also the diagnostics: py-spy over PPO and RM runs (profile_roles.py), ppo_calls.py")
+                   help="also the diagnostics: py-spy over PPO and RM runs (profile_roles.py)")
     args = p.parse_args(argv)
     extra = (["--quick"] if args.quick else []) + (["--reps", str(args.reps)] if args.reps else []) + \
             (["--out", args.out] if args.out else [])
     began = time.time()
     failed = [name for name in args.only if run(name, extra) != 0]
-    if args.profile:  # diagnostics: py-spy over a PPO run and an RM run, and each role call on its own
+    if args.profile:  # diagnostics: py-spy over a PPO run and an RM run
         out = ["--out", args.out] if args.out else []
         failed += [f"profile_roles {w}" for w in ("ppo", "rm") if run("profile_roles", [w, *out]) != 0]
-        failed += ["ppo_calls"] if run("ppo_calls", extra) != 0 else []
     out = Path(args.out) if args.out else HERE / "results"
     print(f"\n=== all done in {time.time() - began:.0f} s", *targets(out, args.only), sep="\n")
     if failed:

@@ -2,7 +2,7 @@
 the reply length doubles, split into PPO's own phase timings (`time/generate`, `time/score`, `time/train`).
 
 configs/tiny/ppo.yaml's roles and batch sizes throughout (train_batch_size 16, so more prompts mean more optimizer
-steps); one set of role groups serves every point (`RayPPO.use`). Points run in turn, the order reversed every
+steps); one set of role groups serves every point (`PPOSide.use`). Points run in turn, the order reversed every
 repetition. The slope column is d log(time) / d log(size) between neighbouring points: 1 is linear, below 1 means
 a fixed cost is being amortised.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PHASES, RayPPO, alternate, cpus_needed, local_ray, medians, parser,  # noqa: E402
+from benchmarks.common import (PHASES, PPOSide, alternate, cpus_needed, local_ray, medians, parser,  # noqa: E402
                                ppo_config, table, timed_block, workspace, write_record)
 
 FIGURES = ("iteration_s", *PHASES, "response_length")
@@ -36,7 +36,7 @@ def points(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     return out
 
 
-def run_point(ray_side: RayPPO, args: argparse.Namespace, prompts: int, length: int) -> dict:
+def run_point(ray_side: PPOSide, args: argparse.Namespace, prompts: int, length: int) -> dict:
     ray_side.use(point_config(args, prompts, length))
     return timed_block(ray_side.iteration, args.iterations)
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     with workspace(args, [args.arch], n_prompts=max(200, max(args.prompts)), seed=args.seed) as ws, \
             local_ray(num_cpus=cpus_needed(cfg)):
         model = ws.models[args.arch]
-        ray_side = RayPPO(cfg, model, model, ws.data["prompts_train"])
+        ray_side = PPOSide(cfg, model, model, ws.data["prompts_train"])
         try:
             sides = {name: (lambda rep, n=n, length=length: run_point(ray_side, args, n, length))
                      for name, (n, length) in points(args).items()}

@@ -6,12 +6,13 @@ encoding each pair's two sides again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from rlhf.batching import Batch, pad
-from rlhf.data import Preference
+from rlhf.config import DataConfig, RewardLossConfig
+from rlhf.data import Preference, load_preferences
 from rlhf.moss import tokenize_dialogue
 
 
@@ -81,36 +82,20 @@ def _longest(lst: EncodedList) -> int:
     return max(len(row) for row in lst.rows)
 
 
-def split_for_ranks(lists: Sequence[EncodedList], world: int, micro: int, pad_id: int) -> list[list[Batch]]:
-    """A global batch of prompts to world equal shares, each a list of micro-batches of `micro` prompts.
-    Whole prompts stay on one rank so their pairs never cross ranks. Within a share, lists of similar length go
-    into the same micro-batch, which then carries little padding; the step's loss is the sum over its
-    micro-batches (each divided by the global prompt count), so how lists are grouped does not change it."""
-    share = len(lists) // world
-    out = []
-    for r in range(world):
-        mine = sorted(lists[r * share:(r + 1) * share], key=_longest)
-        out.append([collate_ranked(mine[i:i + micro], pad_id) for i in range(0, len(mine), micro)])
-    return out
+def micro_batches_of(lists: Sequence[EncodedList], micro: int, pad_id: int, by_length: bool = True,
+                     with_lists: bool = False) -> Iterator:
+    """A rank's ranked lists as micro-batches of `micro` lists. Whole lists stay together so their pairs never
+    cross a micro-batch; `by_length` groups lists of similar length, which then carry little padding (the step's
+    loss is the sum over its micro-batches, each divided by the global prompt count, so grouping does not change
+    it). With `with_lists`, each batch comes with its lists."""
+    ordered = sorted(lists, key=_longest) if by_length else list(lists)
+    for i in range(0, len(ordered), micro):
+        part = ordered[i:i + micro]
+        batch = collate_ranked(part, pad_id)
+        yield (batch, part) if with_lists else batch
 
 
-def split_for_eval(lists: Sequence[EncodedList], world: int, micro: int, pad_id: int) -> list[list[Batch]]:
-    """Held-out lists spread over ranks in equal shares (ZeRO-3 ranks must run the same forwards): the last share
-    is filled with copies that carry no pairs and are flagged `real` 0, so nothing is counted twice."""
-    padded = list(lists)
-    filler = EncodedList(lists[0].rows, lists[0].reply_masks, [], 0.0)
-    while len(padded) % (world * micro):
-        padded.append(filler)
-    share = len(padded) // world
-    out = []
-    for r in range(world):
-        mine = padded[r * share:(r + 1) * share]
-        micro_batches = []
-        for i in range(0, len(mine), micro):
-            part = mine[i:i + micro]
-            batch = collate_ranked(part, pad_id)
-            batch["real"] = torch.tensor([float(r * share + i + j < len(lists)) for j, lst in enumerate(part)
-                                          for _ in lst.rows])
-            micro_batches.append(batch)
-        out.append(micro_batches)
-    return out
+def encode_file(path: str, tokenizer, data: DataConfig, loss: RewardLossConfig) -> list[EncodedList]:
+    """A preference file's ranked lists, each response tokenized once (shared prompt pieces too)."""
+    return [encode_preference(p, tokenizer, data.max_length, data.plugin, loss.margin, loss.use_record_margin)
+            for p in load_preferences(path)]

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rlhf.batching import position_ids as default_position_ids
-from rlhf.modeling import ModelLoadError
+from rlhf.modeling import ModelLoadError, merged_state_dict
 
 HEAD_FILE = "value_head.safetensors"
 STATS_FILE = "reward_stats.json"
@@ -44,42 +44,15 @@ def _new_head(hidden_size: int) -> torch.nn.Linear:
     return head
 
 
-def _merged_lora_state_dict(lm: torch.nn.Module) -> dict[str, Tensor] | None:
-    """The LM's weights with in-place LoRA deltas added and LoRA keys dropped, or None when it has no LoRA layers.
-
-    Saving the raw state dict would write `base_layer` keys that plain transformers cannot load.
-    """
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return None
-    lora_layers = {name: m for name, m in lm.named_modules() if isinstance(m, LoraLayer)}
-    if not lora_layers:
-        return None
-    state = dict(lm.state_dict())
-    with torch.no_grad():
-        for name, module in lora_layers.items():
-            key = f"{name}.base_layer.weight"
-            if key not in state:
-                continue
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A and not module.merged:
-                    state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
-    merged: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if "lora_" in key or ".original_module." in key:
-            continue
-        merged[key.replace(".base_layer.", ".")] = value
-    return merged
-
-
 class ScalarHeadModel(torch.nn.Module):
     """A causal LM's backbone with a linear head: one scalar per position (critic values; reward = the value at
     the reply's last token)."""
 
     def __init__(self, lm: PreTrainedModel, head: torch.nn.Linear | None = None) -> None:
         super().__init__()
-        # A plain module with params lm.* and head.* is what DeepSpeed ZeRO wraps and partitions.
+        # A plain module with params lm.* and head.* is what DeepSpeed ZeRO wraps and partitions; a PEFT wrapper is
+        # kept aside (not as a submodule: its weights are lm's) to save the adapter in PEFT's own format.
+        object.__setattr__(self, "peft", lm if _unwrap(lm) is not lm else None)
         self.lm = _unwrap(lm)
         self.config = self.lm.config
         hidden_size = int(self.config.hidden_size)  # CodeGen maps hidden_size to n_embd
@@ -122,15 +95,21 @@ class ScalarHeadModel(torch.nn.Module):
         logits = self.lm.get_output_embeddings()(hidden)
         return self._values(hidden), logits
 
-    def save_pretrained(self, out_dir: str, stats: dict | None = None) -> None:
-        """An HF model directory (safetensors; LoRA merged in) plus the head and optional reward stats.
+    def save_pretrained(self, out_dir: str, stats: dict | None = None, merge_lora: bool = True) -> None:
+        """An HF model directory (safetensors; LoRA merged in) plus the head and optional reward stats; with LoRA
+        also the adapter in PEFT's format with the head in `adapter/` (and, without merge_lora, only that).
 
         The tokenizer is the caller's to save; out_dir is expected to be a temp dir renamed into place later.
         """
         os.makedirs(out_dir, exist_ok=True)
-        self.lm.save_pretrained(out_dir, state_dict=_merged_lora_state_dict(self.lm))
         head = {"weight": self.head.weight.detach().float().cpu().contiguous(),
                 "bias": self.head.bias.detach().float().cpu().contiguous()}
+        if self.peft is not None:
+            adapter = os.path.join(out_dir, "adapter")
+            self.peft.save_pretrained(adapter, safe_serialization=True)
+            save_file(head, os.path.join(adapter, HEAD_FILE))
+        if self.peft is None or merge_lora:
+            self.lm.save_pretrained(out_dir, state_dict=merged_state_dict(self.lm))
         save_file(head, os.path.join(out_dir, HEAD_FILE))
         if stats is not None:
             with open(os.path.join(out_dir, STATS_FILE), "w", encoding="utf-8") as f:

@@ -38,16 +38,8 @@ class CheckpointError(Exception):
     """A checkpoint could not be read; the message is one line saying what to fix."""
 
 
-def _fsync_dir(path: str) -> None:
-    # A rename is only durable once the directory holding it is synced.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
+def _fsync(path: str) -> None:
+    """Flush a file, or a directory (a rename is only durable once the directory holding it is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -69,16 +61,16 @@ def atomic_write_json(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """Save tensors as safetensors through a temp file and os.replace."""
     tmp = _tmp_path(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    _fsync_file(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    _fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -129,13 +121,13 @@ class CheckpointManager:
         # Everything else in the directory must be on disk before the marker says it is complete.
         for directory, _, files in os.walk(tmp_dir):
             for name in files:
-                _fsync_file(os.path.join(directory, name))
-            _fsync_dir(directory)
+                _fsync(os.path.join(directory, name))
+            _fsync(directory)
         with open(os.path.join(tmp_dir, COMPLETE_FILE), "w", encoding="utf-8") as f:
             f.write(f"{step}\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp_dir)
+        _fsync(tmp_dir)
         final = self.path(step)
         if os.path.exists(final):
             # Moving the old one aside first means a crash leaves either it, the new one, or the previous step.
@@ -147,7 +139,7 @@ class CheckpointManager:
             shutil.rmtree(aside)
         else:
             os.rename(tmp_dir, final)
-        _fsync_dir(self.root)
+        _fsync(self.root)
         self._prune()
         self._remove_stale(step)
         if _on_commit is not None:
@@ -228,7 +220,7 @@ def save_rng(path: str) -> None:
     """Write this process's RNG state to `path` atomically (one file per rank: the caller names it)."""
     tmp = _tmp_path(path)
     torch.save(save_rng_state(), tmp)
-    _fsync_file(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
 
 

@@ -13,9 +13,9 @@ from typing import Callable, Optional
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, command: str):
     from rlhf.config import load_config
-    return load_config(getattr(args, "config", None), getattr(args, "set", None) or [])
+    return load_config(command, getattr(args, "config", None), getattr(args, "set", None) or [])
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -52,58 +52,47 @@ def _check_models(**paths: str) -> None:
             check_model_dir(path, flag)
 
 
-def cmd_sft(args) -> int:
-    cfg = _config(args)
-    _check_models(**{"--model": args.model})
-    from rlhf.sft import run_sft
-    cfg.model.path = args.model
-    cfg.data.train = args.data
-    summary = run_sft(cfg, args.model, args.data, args.output, args.resume)
-    print(_summary_line("sft", summary))
-    return 0
-
-
-def cmd_rm(args) -> int:
-    cfg = _config(args)
-    _check_models(**{"--model": args.model})
-    from reward.trainer import run_rm
-    cfg.model.path = args.model
-    cfg.data.train = args.data
-    summary = run_rm(cfg, args.model, args.data, args.output, args.resume)
-    print(_summary_line("rm", summary))
+def cmd_train(args) -> int:
+    """`rlhf sft`, `rlhf rm`, `rlhf ppo`: the flags fill the config's paths, then the command's driver runs."""
+    cfg = _config(args, args.command)
+    if args.command == "ppo":
+        cfg.model.path, cfg.data.train = args.policy, args.prompts
+        cfg.roles.reward.model = args.reward or cfg.roles.reward.model
+        _check_models(**{"--policy": args.policy, "--reward": args.reward},
+                      **{f"roles.{r}.model": getattr(cfg.roles, r).model for r in ("policy", "reference", "critic")})
+        from rlhf.drivers.ppo import run_ppo as run
+    else:
+        cfg.model.path, cfg.data.train = args.model, args.data
+        _check_models(**{"--model": args.model})
+        if args.command == "sft":
+            from rlhf.drivers.sft import run_sft as run
+        else:
+            from rlhf.drivers.rm import run_rm as run
+    summary = run(cfg, args.output, args.resume)
+    print(_summary_line(args.command, summary))
     return 0
 
 
 def cmd_rm_eval(args) -> int:
-    cfg = _config(args)
+    cfg = _config(args, "rm")
     _check_models(**{"--model": args.model})
-    from reward.evaluate import run_rm_eval
+    from rlhf.drivers.rm import run_rm_eval
     return run_rm_eval(args.model, args.data, cfg)
-
-
-def cmd_ppo(args) -> int:
-    cfg = _config(args)
-    _check_models(**{"--policy": args.policy, "--reward": args.reward},
-                  **{f"roles.{r}.model": getattr(cfg.roles, r).model for r in ("policy", "reference", "reward", "critic")})
-    from rlhf.ppo import run_ppo
-    summary = run_ppo(cfg, args.policy, args.reward or None, args.prompts, args.output, args.resume)
-    print(_summary_line("ppo", summary))
-    return 0
 
 
 def cmd_generate(args) -> int:
     _check_models(**{"--model": args.model})
-    from rlhf.generation import run_generate
+    from rlhf.drivers.generate import run_generate
     return run_generate(args.model, args.prompts, args.out, args.config, args.set)
 
 
 def cmd_sweep(args) -> int:
-    from rlhf.sweep import run_sweep
+    from rlhf.drivers.sweep import run_sweep
     return run_sweep(args.config, args.set or [], args.resume, args.output)
 
 
 def cmd_pipeline(args) -> int:
-    from rlhf.pipeline import run_pipeline
+    from rlhf.drivers.pipeline import run_pipeline
     return run_pipeline(args.config, args.output, args.set or [], args.resume)
 
 
@@ -142,13 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True)
 
-    p = add("sft", cmd_sft, "supervised fine-tuning on MOSS dialogues")
+    p = add("sft", cmd_train, "supervised fine-tuning on MOSS dialogues")
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--data", required=True)
     p.add_argument("--output", required=True)
     _train_args(p)
 
-    p = add("rm", cmd_rm, "train a preference model from ranked responses")
+    p = add("rm", cmd_train, "train a preference model from ranked responses")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--output", required=True)
@@ -160,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
 
-    p = add("ppo", cmd_ppo, "PPO on Ray with policy, reference, reward and critic role groups")
+    p = add("ppo", cmd_train, "PPO on Ray with policy, reference, reward and critic role groups")
     p.add_argument("--policy", required=True)
     p.add_argument("--reward", default="", help="preference model (not needed with ppo.reward_model_weight=0)")
     p.add_argument("--prompts", required=True)
@@ -212,8 +201,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"rlhf {args.command}: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         if type(err).__module__.startswith("ray."):  # a rank or task died past what the command recovers from
-            reason = " ".join(str(err).split())[:200]
-            print(f"rlhf {args.command}: {type(err).__name__}: {reason}; see the Ray logs, then rerun with --resume "
+            cause = getattr(err, "cause", None) or err  # a task's own error says more than Ray's wrapper
+            reason = " ".join(str(cause).split())[:200]
+            print(f"rlhf {args.command}: {type(cause).__name__}: {reason}; see the Ray logs, then rerun with --resume "
                   "to continue from the last complete checkpoint", file=sys.stderr)
             return 3
         raise

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+import sys
+from typing import Any, Optional, Union
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -22,23 +23,28 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training file (JSONL): dialogues for SFT, preferences for RM, prompts for PPO."""
+    """Training file: dialogues for SFT, preferences for RM (--data), prompts for PPO (--prompts); the command
+    line's flag overrides it."""
     eval: str = ""
     """Held-out file of the same kind; empty means no evaluation."""
-    ptx: str = ""
-    """SFT dialogues for PPO's pretraining (ptx) loss; empty turns the loss off."""
     max_length: int = 512
-    """Tokens per training sequence; longer dialogues lose their oldest turns."""
-    max_prompt_length: int = 256
-    """Tokens per PPO prompt; longer prompts lose their oldest turns."""
+    """Tokens per training sequence (PPO: per PPO-ptx dialogue); longer dialogues lose their oldest turns."""
     plugin: bool = False
     """Render in the MOSS-003-plugin style (absent plugin segments written as None)."""
 
 
 @dataclass
+class PromptDataConfig(DataConfig):
+    max_prompt_length: int = 256
+    """Tokens per PPO prompt; longer prompts lose their oldest turns."""
+    ptx: str = ""
+    """SFT dialogues for PPO's pretraining (ptx) loss; empty turns the loss off."""
+
+
+@dataclass
 class ModelConfig:
     path: str = ""
-    """Model directory or hub id; the command line's --model/--policy fills it."""
+    """Model directory or hub id to start from (PPO: the policy); the command line's --model/--policy overrides it."""
     tokenizer: str = ""
     """Tokenizer directory or hub id; empty means the model's own."""
     dtype: str = "auto"
@@ -73,6 +79,10 @@ class DeepSpeedConfig:
     """Keep optimizer state in CPU memory (ZeRO 1-3)."""
     offload_param: bool = False
     """Keep parameters in CPU memory (ZeRO 3)."""
+
+
+@dataclass
+class RoleDeepSpeedConfig(DeepSpeedConfig):
     gather_for_generation: bool = True
     """ZeRO-3 policy: gather the full weights once per rollout (fast); off when the model does not fit one GPU
     (then every decoding step gathers layer by layer, with the ranks in lockstep)."""
@@ -111,9 +121,17 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class CheckpointConfig:
+    save_every: int = 100
+    """Write a checkpoint every N steps (PPO: iterations); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (oldest deleted first)."""
+
+
+@dataclass
+class TrainConfig(CheckpointConfig):
     epochs: int = 1
-    """Passes over the training file (SFT, RM)."""
+    """Passes over the training file."""
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 means epochs decide."""
     global_batch_size: int = 16
@@ -122,10 +140,6 @@ class TrainConfig:
     """Records per forward pass on one rank."""
     eval_every: int = 50
     """Evaluate on data.eval every N steps (0: only at the end)."""
-    save_every: int = 100
-    """Write a checkpoint every N steps (PPO: iterations); 0: only at the end."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk (oldest deleted first)."""
     log_every: int = 10
     """Log training metrics every N steps."""
 
@@ -144,8 +158,12 @@ class RewardLossConfig:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 64
-    """Tokens a reply may have; a reply that never reaches <eom> stops here."""
+    max_new_tokens: Union[int, str] = 64
+    """Tokens a reply may have (one that never reaches <eom> stops here), or `auto`: enough for 99% of the replies
+    in generation.lengths_from, in the policy's tokens."""
+    lengths_from: str = ""
+    """SFT dialogues or ranked responses whose replies show how long a good reply runs (PPO: data.ptx when
+    empty); a max_new_tokens below 99% of them is named in one line at start-up."""
     temperature: float = 0.7
     """MOSS-003 sampling default."""
     top_p: float = 0.8
@@ -176,7 +194,7 @@ class RoleConfig:
     model: str = ""
     """Checkpoint of this role; empty means the default (policy: --policy, reference: the policy, reward: --reward)."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    deepspeed: RoleDeepSpeedConfig = field(default_factory=RoleDeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     micro_batch_size: int = 4
@@ -184,7 +202,8 @@ class RoleConfig:
 
 
 @dataclass
-class PPOConfig:
+class AlgorithmConfig:
+    """The `ppo:` section: the RL algorithm of `rlhf ppo`."""
     iterations: int = 20
     """PPO iterations (rollout, score, update)."""
     prompts_per_iteration: int = 32
@@ -211,6 +230,12 @@ class PPOConfig:
     """Initial coefficient of the per-token KL penalty (in the rewards; for grpo and rloo a k3 term of the loss)."""
     kl_estimator: str = "k1"
     """k1, k2 or k3."""
+    kl_clip: float = 10.0
+    """Bound on the log-ratio inside k3 (the reward penalty and GRPO/RLOO's KL loss); 0 turns it off."""
+    log_ratio_clip: float = 20.0
+    """Bound on log(new/old) in the policy loss before the exponential (logged: ppo/log_ratio_clipfrac); 0: off."""
+    dual_clip: float = 0.0
+    """Dual-clip PPO (Ye et al. 2020): cap a negative-advantage token's loss at dual_clip x |A|; > 1, or 0: off."""
     kl_controller: str = "fixed"
     """fixed or adaptive (Ziegler et al.)."""
     kl_target: float = 6.0
@@ -225,6 +250,9 @@ class PPOConfig:
     """Whiten advantages over the batch's action tokens."""
     no_eom_penalty: float = -1.0
     """Added to the score of a reply that never reaches <eom>; 0 turns it off."""
+    min_ended_fraction: float = 0.8
+    """Below this share of replies reaching <eom> for 3 iterations in a row, the run warns that the generation cap
+    may cut the replies the reward model prefers (and the report shows it); 0 turns the warning off."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (off, as in PPO-max)."""
     ptx_coef: float = 0.0
@@ -243,6 +271,9 @@ class PPOConfig:
     """Weight of the preference model's score in the reward; 0 starts no reward group (rules alone)."""
     reward_rules: dict[str, float] = field(default_factory=dict)
     """Rule rewards and their weights, added to the model's: answer, command, grounded, sample, module:function."""
+    eval_rules: dict[str, str] = field(default_factory=lambda: {"answer_accuracy": "answer"})
+    """Metric name -> rule, logged per iteration (`ppo/NAME`) and on held-out prompts (`eval/NAME`) but never
+    rewarded, where the rule can judge every prompt (e.g. `{rule_score: sample}` for the bundled task)."""
 
 
 @dataclass
@@ -266,7 +297,10 @@ class RayConfig:
     namespace: str = "rlhf"
     """Ray namespace of the run's actors."""
     max_restarts: int = 2
-    """Times PPO rebuilds a dead role group and reloads the last checkpoint before giving up."""
+    """Times a run rebuilds its role groups after a rank died and reloads the last checkpoint before giving up."""
+    in_process: bool = False
+    """Run every role as one rank in the command's own process, without Ray (debugging, quick checks on a laptop):
+    the same workers, engines and controller; the layouts' rank counts become 1."""
 
 
 @dataclass
@@ -278,23 +312,104 @@ class LoggingConfig:
 
 
 @dataclass
-class Config:
+class RunConfig:
+    """What every training command has: seeds, the model to start from, where it runs, what it logs."""
     seed: int = 0
     """Seeds Python, NumPy and torch on every rank."""
-    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """`rlhf sft`: one trained group, described by the top-level lora, deepspeed, layout and optim sections."""
+    data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def role(self) -> RoleConfig:
+        """The trained group as a role, as PPO's roles are described."""
+        return RoleConfig(model=self.model.path, layout=self.layout,
+                          deepspeed=RoleDeepSpeedConfig(**dataclasses.asdict(self.deepspeed)), optim=self.optim,
+                          lora=self.lora, micro_batch_size=self.train.micro_batch_size)
+
+    def derive(self, records: int) -> "TrainPlan":
+        """The values that follow from the config and the number of training records, computed here only."""
+        world = ranks(self.layout)
+        batch = self.train.global_batch_size
+        steps_per_epoch = records // batch
+        return TrainPlan(world=world, steps_per_epoch=steps_per_epoch,
+                         total_steps=self.train.max_steps or self.train.epochs * steps_per_epoch,
+                         grad_accum=gradient_accumulation_steps(batch, self.train.micro_batch_size, world))
+
+
+@dataclass
+class RMConfig(SFTConfig):
+    """`rlhf rm`: SFT's sections and the ranking loss."""
     rm: RewardLossConfig = field(default_factory=RewardLossConfig)
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    """`rlhf ppo` (and the sampling settings `rlhf generate` takes from it)."""
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    train: CheckpointConfig = field(default_factory=CheckpointConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ppo: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def derive(self) -> "PPOPlan":
+        """The role groups this run starts and the batch arithmetic, computed here only."""
+        from rlhf.estimators import ESTIMATORS
+        p = self.ppo
+        estimator = ESTIMATORS[p.estimator]
+        started = ["policy"]
+        if p.reward_model_weight > 0:  # rule rewards alone need no preference model
+            started.append("reward")
+        if not (self.roles.policy.lora.enabled and p.reference_from_lora_base):
+            started.append("reference")
+        if estimator.needs_critic:
+            started.append("critic")
+        rollouts = p.prompts_per_iteration * p.samples_per_prompt
+        minibatches = max(1, rollouts // p.train_batch_size)
+        accum = {r: gradient_accumulation_steps(p.train_batch_size, getattr(self.roles, r).micro_batch_size,
+                                                ranks(getattr(self.roles, r).layout)) for r in ("policy", "critic")}
+        return PPOPlan(roles=tuple(started), rollouts=rollouts, minibatches=minibatches,
+                       optimizer_steps=p.iterations * p.ppo_epochs * minibatches, grad_accum=accum)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    world: int
+    """Ranks of the trained group."""
+    steps_per_epoch: int
+    total_steps: int
+    grad_accum: int
+    """Micro-batches a rank runs per optimizer step."""
+
+
+@dataclass(frozen=True)
+class PPOPlan:
+    roles: tuple[str, ...]
+    """The role groups the run starts, in start order (no reward group for rules alone, no reference for a LoRA
+    policy that is its own reference, no critic for critic-free estimators)."""
+    rollouts: int
+    """Replies per iteration (prompts x samples)."""
+    minibatches: int
+    """Optimizer steps per PPO epoch."""
+    optimizer_steps: int
+    """Optimizer steps of the whole run (the learning-rate schedule's length)."""
+    grad_accum: dict[str, int]
+    """Micro-batches a rank of the policy / critic runs per optimizer step."""
+
+
+COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+"""The config class of each training command (`rlhf generate` reads a PPO config's sampling settings)."""
 
 
 _CHOICES = {
@@ -306,69 +421,96 @@ _CHOICES = {
     "ppo.kl_controller": ("fixed", "adaptive"),
     "ppo.critic_init": ("reward", "policy"),
 }
+ROLE_NAMES = ("policy", "reference", "reward", "critic")
+AnyConfig = Union[SFTConfig, RMConfig, PPOConfig]
 
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _layouts(cfg: Config) -> dict[str, LayoutConfig]:
-    return {"layout": cfg.layout, **{f"roles.{r}.layout": getattr(cfg.roles, r).layout for r in ROLE_NAMES}}
+def _sections(cfg: AnyConfig) -> dict[str, tuple[LayoutConfig, DeepSpeedConfig, OptimConfig]]:
+    """Key prefix -> (layout, deepspeed, optim) of every group the config describes."""
+    if isinstance(cfg, PPOConfig):
+        return {f"roles.{r}": (getattr(cfg.roles, r).layout, getattr(cfg.roles, r).deepspeed,
+                               getattr(cfg.roles, r).optim) for r in ROLE_NAMES}
+    return {"": (cfg.layout, cfg.deepspeed, cfg.optim)}
 
 
-ROLE_NAMES = ("policy", "reference", "reward", "critic")
-
-
-def check(cfg: Config) -> Config:
+def check(cfg: AnyConfig) -> AnyConfig:
     """Value checks OmegaConf's types cannot express; raises ConfigError naming the key."""
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    for prefix, layout in _layouts(cfg).items():
+        if hasattr(cfg, section) and section != "layout" and getattr(getattr(cfg, section), name) not in allowed:
+            raise ConfigError(f"{key}: {getattr(getattr(cfg, section), name)!r} is not one of {', '.join(allowed)}")
+    for prefix, (layout, ds, optim) in _sections(cfg).items():
+        dot = f"{prefix}." if prefix else ""
         if layout.strategy not in _CHOICES["layout.strategy"]:
-            raise ConfigError(f"{prefix}.strategy: {layout.strategy!r} is not one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
+            raise ConfigError(f"{dot}layout.strategy: {layout.strategy!r} is not one of PACK, SPREAD, STRICT_PACK, "
+                              "STRICT_SPREAD")
         if layout.num_nodes < 1 or layout.gpus_per_node < 1:
-            raise ConfigError(f"{prefix}: num_nodes and gpus_per_node must be at least 1 (ranks per node on CPU)")
+            raise ConfigError(f"{dot}layout: num_nodes and gpus_per_node must be at least 1 (ranks per node on CPU)")
         if not 0 < layout.gpu_fraction <= 1:
-            raise ConfigError(f"{prefix}.gpu_fraction: must be in (0, 1], got {layout.gpu_fraction}")
-    for prefix, ds in [("deepspeed", cfg.deepspeed)] + [(f"roles.{r}.deepspeed", getattr(cfg.roles, r).deepspeed) for r in ROLE_NAMES]:
+            raise ConfigError(f"{dot}layout.gpu_fraction: must be in (0, 1], got {layout.gpu_fraction}")
         if ds.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{prefix}.zero_stage: must be 0, 1, 2 or 3, got {ds.zero_stage}")
+            raise ConfigError(f"{dot}deepspeed.zero_stage: must be 0, 1, 2 or 3, got {ds.zero_stage}")
         if ds.offload_param and ds.zero_stage != 3:
-            raise ConfigError(f"{prefix}.offload_param: needs zero_stage 3")
+            raise ConfigError(f"{dot}deepspeed.offload_param: needs zero_stage 3")
+        if optim.schedule not in _CHOICES["optim.schedule"]:
+            raise ConfigError(f"{dot}optim.schedule: {optim.schedule!r} is not one of constant, cosine")
+    if isinstance(cfg, PPOConfig):
+        _check_ppo(cfg)
+        cap = cfg.generation.max_new_tokens
+        if cap != "auto" and (isinstance(cap, str) or cap < 1):
+            raise ConfigError(f"generation.max_new_tokens: {cap!r} is neither a positive number of tokens nor auto")
+    else:
+        world = ranks(cfg.layout)
+        if cfg.train.global_batch_size % (cfg.train.micro_batch_size * world):
+            raise ConfigError(
+                f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size ({cfg.train.micro_batch_size}) x ranks ({world})")
+    return cfg
+
+
+def _check_ppo(cfg: PPOConfig) -> None:
+    p = cfg.ppo
     for r in ROLE_NAMES:
         other = getattr(cfg.roles, r).layout.colocate_with
         if other and (other not in ROLE_NAMES or other == r):
             raise ConfigError(f"roles.{r}.layout.colocate_with: {other!r} must name another role ({', '.join(ROLE_NAMES)})")
-    world = ranks(cfg.layout)
-    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * world):
-        raise ConfigError(
-            f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size ({cfg.train.micro_batch_size}) x ranks ({world})")
     policy_ranks = ranks(cfg.roles.policy.layout)
-    rollouts = cfg.ppo.prompts_per_iteration * cfg.ppo.samples_per_prompt
-    if rollouts % cfg.ppo.train_batch_size:
-        raise ConfigError(f"ppo.train_batch_size: {cfg.ppo.train_batch_size} must divide the rollouts per "
+    rollouts = p.prompts_per_iteration * p.samples_per_prompt
+    if rollouts % p.train_batch_size:
+        raise ConfigError(f"ppo.train_batch_size: {p.train_batch_size} must divide the rollouts per "
                           f"iteration ({rollouts} = prompts_per_iteration x samples_per_prompt)")
-    if cfg.ppo.prompts_per_iteration % policy_ranks:
-        raise ConfigError(f"ppo.prompts_per_iteration: {cfg.ppo.prompts_per_iteration} must be a multiple of the "
+    if p.prompts_per_iteration % policy_ranks:
+        raise ConfigError(f"ppo.prompts_per_iteration: {p.prompts_per_iteration} must be a multiple of the "
                           f"policy's ranks ({policy_ranks})")
-    if cfg.ppo.estimator in ("grpo", "rloo") and cfg.ppo.samples_per_prompt < 2:
-        raise ConfigError(f"ppo.samples_per_prompt: {cfg.ppo.estimator} needs at least 2 replies per prompt")
+    for r in ("policy", "critic"):
+        world = ranks(getattr(cfg.roles, r).layout)
+        if p.train_batch_size % world:
+            raise ConfigError(f"ppo.train_batch_size: {p.train_batch_size} rollouts do not split evenly over the "
+                              f"{world} ranks of roles.{r}")
+    if p.dual_clip and p.dual_clip <= 1:
+        raise ConfigError(f"ppo.dual_clip: must be above 1 (it caps the loss at dual_clip x |A|) or 0, got {p.dual_clip}")
+    if p.estimator in ("grpo", "rloo") and p.samples_per_prompt < 2:
+        raise ConfigError(f"ppo.samples_per_prompt: {p.estimator} needs at least 2 replies per prompt")
     _check_rewards(cfg)
-    return cfg
 
 
-def _check_rewards(cfg: Config) -> None:
+def _check_rewards(cfg: PPOConfig) -> None:
     p = cfg.ppo
     if p.reward_model_weight < 0:
         raise ConfigError(f"ppo.reward_model_weight: must be >= 0, got {p.reward_model_weight}")
+    known = lambda name: name in ("answer", "command", "grounded", "sample") or ":" in name[1:]  # noqa: E731
     for name in p.reward_rules:
-        if name not in ("answer", "command", "grounded", "sample") and (":" not in name or name.startswith(":")):
+        if not known(name):
             raise ConfigError(f"ppo.reward_rules.{name}: not a built-in rule (answer, command, grounded, sample) nor "
                               "module:function")
+    for metric, name in p.eval_rules.items():
+        if not known(name):
+            raise ConfigError(f"ppo.eval_rules.{metric}: {name!r} is not a built-in rule (answer, command, grounded, "
+                              "sample) nor module:function")
     if p.reward_model_weight == 0 and not any(p.reward_rules.values()):
         raise ConfigError("ppo.reward_model_weight: 0 leaves no reward; give ppo.reward_rules (e.g. answer: 1.0)")
     if p.reward_model_weight == 0 and p.estimator == "gae" and p.critic_init == "reward" and not cfg.roles.critic.model:
@@ -389,9 +531,13 @@ def gradient_accumulation_steps(global_batch: int, micro_batch: int, world: int)
     return max(1, global_batch // (micro_batch * world))
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML config over the defaults, apply `key.path=value` overrides, and check the result."""
-    schema = OmegaConf.structured(Config)
+def load_config(command: str, path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Any:
+    """Read a YAML config over `command`'s defaults (sft, rm or ppo), apply `key.path=value` overrides, check it.
+
+    A key that only another command reads (a PPO config's `optim:`, an SFT config's `ppo:`) is dropped with one
+    line saying so: it never did anything there, and refusing it would break configs that carried it."""
+    schema_cls = COMMANDS[command]
+    schema = OmegaConf.structured(schema_cls)
     where = f"{path}: " if path else "--set "
     try:
         merged = schema
@@ -407,17 +553,23 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train:, ...), "
                                   "got a list")
+            _drop_foreign(loaded, command, path)
             merged = OmegaConf.merge(merged, loaded)
         where = "--set "
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"--set {item}: expected key.path=value")
             key, value = item.split("=", 1)
-            if OmegaConf.select(merged, key, default=MISSING) is MISSING and not _is_known(key):
+            if OmegaConf.select(merged, key, default=MISSING) is MISSING and not _is_known(schema_cls, key):
+                owner = _owner(key, command)
+                if owner:
+                    print(f"--set {key}: not read by rlhf {command} (a key of rlhf {owner}); ignored",
+                          file=sys.stderr)
+                    continue
                 raise ConfigError(f"--set {key}: unknown config key")
             # `key=` means the empty string (turning off an optional path), not null.
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value or chr(34) * 2}"]))
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         msg = _one_line(getattr(err, "msg", None) or err).split(" full_key:")[0]
@@ -425,35 +577,59 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return check(cfg)
 
 
-def _is_known(key: str) -> bool:
-    node: Any = Config
+def _owner(key: str, command: str) -> Optional[str]:
+    """The other command whose config has `key`, or None."""
+    return next((name for name, cls in COMMANDS.items() if name != command and _is_known(cls, key)), None)
+
+
+def _drop_foreign(node: DictConfig, command: str, path: str, prefix: str = "") -> None:
+    for name in list(node.keys()):
+        key = f"{prefix}{name}"
+        if _is_known(COMMANDS[command], key):
+            if isinstance(node[name], DictConfig) and not _is_mapping_field(COMMANDS[command], key):
+                _drop_foreign(node[name], command, path, f"{key}.")
+            continue
+        owner = _owner(key, command)
+        if owner:
+            print(f"{path}: {key}: not read by rlhf {command} (a key of rlhf {owner}); ignored", file=sys.stderr)
+            del node[name]
+
+
+def _field_type(schema: type, key: str) -> Any:
+    """The declared type of `key` in `schema` (a class, or a `dict[...]` string), or None when it has no such key."""
+    node: Any = schema
     for part in key.split("."):
+        if isinstance(node, str) and node.startswith("dict["):  # a mapping takes any key (ppo.reward_rules.X)
+            return "dict"
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
-            return False
+            return None
         node = fields[part].type
-        if isinstance(node, str) and node.startswith("dict["):  # a mapping takes any key (ppo.reward_rules.X)
-            return True
-        if isinstance(node, str):  # postponed annotations: resolve dataclass names defined here
+        if isinstance(node, str) and not node.startswith("dict["):  # postponed annotations
             node = globals().get(node.split("[")[0], None) or str
-    return True
+    return node
 
 
-def to_yaml(cfg: Config) -> str:
+def _is_known(schema: type, key: str) -> bool:
+    return _field_type(schema, key) is not None
+
+
+def _is_mapping_field(schema: type, key: str) -> bool:
+    node = _field_type(schema, key)
+    return isinstance(node, str) and node.startswith("dict")
+
+
+def command_of(cfg: Any) -> str:
+    return next(name for name, cls in COMMANDS.items() if type(cfg) is cls)
+
+
+def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def save_config(cfg: Config, path: str) -> None:
+def save_config(cfg: Any, path: str) -> None:
     """Write the resolved config; a temp file renamed into place so a crash never leaves half a file."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(to_yaml(cfg))
     os.replace(tmp, path)
-
-
-def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
-
-
-def from_dict(data: dict) -> Config:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore[return-value]

@@ -210,7 +210,9 @@ def _read_objects(path: str | os.PathLike) -> tuple[list[tuple[int, Any]], list[
     return objects, errors
 
 
-def _load(path: str | os.PathLike, parse_record: Callable[[Any], T]) -> list[T]:
+def load_parsed(path: str | os.PathLike, parse_record: Callable[[Any], T]) -> list[T]:
+    """`parse_record` of every record of a JSONL file; every bad line is collected and raised together as a
+    DataFileError, so a file with errors is never half-used."""
     objects, errors = _read_objects(path)
     records = []
     for line, obj in objects:
@@ -227,15 +229,15 @@ def _load(path: str | os.PathLike, parse_record: Callable[[Any], T]) -> list[T]:
 
 
 def load_dialogues(path: str | os.PathLike) -> list[Dialogue]:
-    return _load(path, parse_dialogue)
+    return load_parsed(path, parse_dialogue)
 
 
 def load_prompts(path: str | os.PathLike) -> list[Dialogue]:
-    return _load(path, parse_prompt)
+    return load_parsed(path, parse_prompt)
 
 
 def load_preferences(path: str | os.PathLike) -> list[Preference]:
-    return _load(path, parse_preference)
+    return load_parsed(path, parse_preference)
 
 
 def load_records(path: str | os.PathLike, kind: str) -> list[Dialogue] | list[Preference]:

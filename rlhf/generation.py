@@ -8,18 +8,18 @@ every iteration hands the controller batches of the same shape (see DESIGN.md, "
 from __future__ import annotations
 
 import dataclasses
-import sys
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf.batching import collate_prompts, pad
-from rlhf.moss import COMMANDS_TAG, EOC, EOM, EOR, EOT, MOSS_TAG, RESULTS_TAG, Dialogue, split_reply, tokenize_prompt
+from rlhf.moss import EOC, EOM, EOR, MOSS_TAG, RESULTS_TAG, plugin_segments, split_reply
 
 if TYPE_CHECKING:
     from rlhf.config import GenerationConfig
-    from rlhf.plugins import ToolRegistry
+    from rlhf.tools import ToolRegistry
 
 
 def _generate_kwargs(gen: dict, eos_ids: list[int], pad_id: int, synced: bool) -> dict:
@@ -89,6 +89,52 @@ def generate_replies(model: Any, prompts: dict, gen: dict, eom_id: int, pad_id: 
             "ended": (stop == eom_id).float()}
 
 
+# --- how long replies run ----------------------------------------------------------------------------------
+
+REPLY_COVER = 0.99
+"""The share of a data file's replies a generation cap should let reach `<eom>`."""
+
+
+def reply_lengths(path: str, tokenizer: Any) -> list[int]:
+    """Tokens of every reply of an SFT or preference file as the policy writes them (` {reply}<eom>`)."""
+    from rlhf.data import load_parsed, parse_dialogue, parse_preference
+
+    def replies(obj: Any) -> list[str]:
+        if isinstance(obj, dict) and ("responses" in obj or "chosen" in obj):
+            return list(parse_preference(obj).responses)
+        return [turn.moss for turn in parse_dialogue(obj).turns if turn.moss is not None]
+    return [len(tokenizer.encode(f" {r}{EOM}", add_special_tokens=False)) for rs in load_parsed(path, replies)
+            for r in rs]
+
+
+def covering_length(lengths: Sequence[int], cover: float = REPLY_COVER) -> int:
+    """The smallest cap under which `cover` of the replies fit."""
+    ordered = sorted(lengths)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(cover * len(ordered)) - 1))]
+
+
+def fit_generation_cap(generation: GenerationConfig, tokenizer: Any, source: str, command: str) -> GenerationConfig:
+    """`generation` with its cap resolved: `auto` becomes the length that covers 99% of the replies in `source`,
+    and a number below it is named in one line (the cap, the length, the key to change); a run whose best replies
+    cannot finish learns to prefer the ones that can."""
+    cap = generation.max_new_tokens
+    if not source:
+        if cap == "auto":
+            raise SystemExit("generation.max_new_tokens: auto needs generation.lengths_from (an SFT or preference "
+                             "file whose replies show how long they run)")
+        return generation
+    needed = covering_length(reply_lengths(source, tokenizer))
+    if cap == "auto":
+        print(f"{command}: generation.max_new_tokens=auto: {needed} tokens, enough for "
+              f"{REPLY_COVER:.0%} of the replies in {source}", flush=True)
+        return dataclasses.replace(generation, max_new_tokens=needed)
+    if cap < needed:
+        print(f"{command}: generation.max_new_tokens={cap} is below {needed}, the length of {REPLY_COVER:.0%} of the "
+              f"replies in {source}; replies cut there never reach <eom> (set generation.max_new_tokens={needed} "
+              "or auto)", flush=True)
+    return generation
+
+
 # --- plugin rollouts ---------------------------------------------------------------------------------------
 
 
@@ -100,24 +146,16 @@ def _single_id(tokenizer: Any, token: str) -> int:
     return ids[0]
 
 
-def commands_text(pass_one: str) -> str:
-    """The Commands segment of what the model wrote before `<eoc>` (the whole text when it wrote no tag,
-    which then fails to parse and gets `No result.`)."""
-    body = pass_one.split(EOC, 1)[0]
-    at = body.rfind(COMMANDS_TAG)
-    body = body[at + len(COMMANDS_TAG):] if at >= 0 else body.rsplit(EOT, 1)[-1]
-    return body.strip()
-
-
-def results_ids(tokenizer: Any, results: str, max_tokens: int) -> list[int]:
-    """Tokens of `\\n<|Results|>:\\n{results}<eor>\\n`, tokenized as one piece as in SFT, with long results cut
-    so the segment fits max_tokens."""
+def results_ids(tokenizer: Any, results: str, max_tokens: int) -> tuple[list[int], str]:
+    """Tokens of `\n<|Results|>:\n{results}<eor>\n`, tokenized as one piece as in SFT, with long results cut
+    so the segment fits max_tokens; and the results text as the model will see it (cut too)."""
     ids = tokenizer.encode(f"\n{RESULTS_TAG}\n{results}{EOR}\n", add_special_tokens=False)
     if len(ids) <= max_tokens:
-        return ids
+        return ids, results
     tail = tokenizer.encode(f"{EOR}\n", add_special_tokens=False)
-    head = tokenizer.encode(f"\n{RESULTS_TAG}\n{results}", add_special_tokens=False)
-    return head[:max_tokens - len(tail)] + tail
+    head = tokenizer.encode(f"\n{RESULTS_TAG}\n{results}", add_special_tokens=False)[:max_tokens - len(tail)]
+    seen = tokenizer.decode(head, skip_special_tokens=False)
+    return head + tail, seen[seen.find(RESULTS_TAG) + len(RESULTS_TAG):].strip()
 
 
 def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict, tools: ToolRegistry,
@@ -133,7 +171,7 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
     dict per row ("" without a call).
     """
     eoc_id, eom_id, pad_id = _single_id(tokenizer, EOC), _single_id(tokenizer, EOM), tokenizer.pad_token_id
-    floor = len(results_ids(tokenizer, "None", 10 ** 6))
+    floor = len(results_ids(tokenizer, "None", 10 ** 6)[0])
     if max_results_tokens < floor:
         raise ValueError(f"max_results_tokens {max_results_tokens} cannot hold even an empty Results segment "
                          f"({floor} tokens); raise it")
@@ -151,12 +189,11 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
         if stop[i] != eoc_id:
             infos.append({"commands": "", "results": ""})
             continue
-        commands = commands_text(tokenizer.decode(written, skip_special_tokens=False))
-        results = tools.run_commands(commands)
-        context = results_ids(tokenizer, results, max_results_tokens)
+        commands = plugin_segments(tokenizer.decode(written, skip_special_tokens=False))[0]
+        context, seen = results_ids(tokenizer, tools.run_commands(commands), max_results_tokens)
         responses[i] += context
         masks[i] += [0] * len(context)
-        infos.append({"commands": commands, "results": results})
+        infos.append({"commands": commands, "results": seen})
 
     going_on = [i for i in range(rows) if stop[i] == eoc_id]
     # Synced (ZeRO-3) ranks must call generate the same number of times, and each rank only knows its own
@@ -181,9 +218,6 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
     return batch_out, infos
 
 
-# --- in-process generation and `rlhf generate` -------------------------------------------------------------
-
-
 def reply_text(tokenizer: Any, response_ids: torch.Tensor, action_mask: torch.Tensor, eom_id: int,
                plugin: bool = False) -> str:
     """The reply without tags from one rollout row: the model-written tokens, cut at the first `<eom>`, other
@@ -199,62 +233,3 @@ def reply_text(tokenizer: Any, response_ids: torch.Tensor, action_mask: torch.Te
             return ""
         text = text[at:]
     return split_reply(text + EOM if ended else text)
-
-
-def generate_texts(model_path: str, dialogues: Sequence[Dialogue], gen: GenerationConfig, max_prompt_length: int,
-                   plugin: bool, batch_size: int = 16, seed: int = 0, tokenizer_path: str = "",
-                   trust_remote_code: bool = False) -> list[str]:
-    """Reply texts of the model at model_path to dialogues (prompts, or dialogues whose last reply is
-    dropped), in order; seeded without disturbing the caller's random state."""
-    from rlhf.modeling import check_model_dir, load_causal_lm, load_tokenizer
-    from rlhf.plugins import default_registry
-
-    check_model_dir(model_path, "model")  # before the tokenizer, so a wrong path is named as the model's
-    tokenizer = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_causal_lm(model_path, trust_remote_code=trust_remote_code).to(device)
-    gen_dict = dataclasses.asdict(gen)
-    eom_id = _single_id(tokenizer, EOM)
-    tools = default_registry() if plugin else None
-    prompts = [d if d.is_prompt else d.as_prompt(plugin) for d in dialogues]
-    texts: list[str] = []
-    devices = [torch.cuda.current_device()] if device == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            ids = [tokenize_prompt(d, tokenizer, max_prompt_length, plugin) for d in prompts[start:start + batch_size]]
-            batch = collate_prompts(ids, tokenizer.pad_token_id)
-            if plugin:
-                out, _ = generate_plugin_replies(model, tokenizer, batch, gen_dict, tools, device,
-                                                 micro_batch=batch_size)
-            else:
-                out = generate_replies(model, batch, gen_dict, eom_id, tokenizer.pad_token_id, device,
-                                       micro_batch=batch_size)
-            texts += [reply_text(tokenizer, r, m, eom_id, plugin)
-                      for r, m in zip(out["response_ids"], out["action_mask"])]
-    return texts
-
-
-def run_generate(model: str, prompts: str, out: str, config: str | None = None,
-                 overrides: list[str] | None = None) -> int:
-    """`rlhf generate`: one JSON line per prompt, in input order, with its fields kept plus `response`.
-
-    Bad prompt lines are printed as `PATH:LINE: FIELD: ...` and give 1; config and model errors are raised
-    for the command line to print in one line.
-    """
-    from rlhf.config import load_config
-    from rlhf.data import DataFileError, load_prompts, write_jsonl
-
-    try:
-        dialogues = load_prompts(prompts)
-    except DataFileError as error:
-        for line in error.errors:
-            print(str(line), file=sys.stderr)
-        return 1
-    cfg = load_config(config, overrides or [])
-    texts = generate_texts(model, dialogues, cfg.generation, cfg.data.max_prompt_length, cfg.data.plugin,
-                           seed=cfg.seed, tokenizer_path=cfg.model.tokenizer,
-                           trust_remote_code=cfg.model.trust_remote_code)
-    write_jsonl(out, [{**d.to_json(), "response": text} for d, text in zip(dialogues, texts)])
-    print(f"generate: {len(texts)} replies (seed {cfg.seed}) -> {out}")
-    return 0

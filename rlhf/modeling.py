@@ -7,11 +7,12 @@ imported where they are used, so the command line checks model paths in a fracti
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from rlhf.moss import EOH, EOM, PAD
 
@@ -223,69 +224,91 @@ def apply_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float,
     return get_peft_model(model, config)
 
 
+def apply_lora_config(model: PreTrainedModel, lora: Any) -> Any:
+    """`apply_lora` with a `LoRAConfig` section."""
+    targets = lora.target_modules
+    return apply_lora(model, lora.r, lora.alpha, lora.dropout, "auto" if list(targets) == ["auto"] else list(targets))
+
+
 def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
+    """A PEFT model, told without importing peft (seconds of start-up every rank would pay for nothing)."""
+    if "peft" not in sys.modules:
         return False
+    from peft import PeftModel
     return isinstance(model, PeftModel)
 
 
-def _merged_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
-    """The base model's weights with the active LoRA deltas added, leaving the training model untouched
-    (merge_and_unload would mutate it, and a deep copy would double memory)."""
+def merged_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
+    """The weights of `model` (a PeftModel, or a model with LoRA layers injected) with the active LoRA deltas
+    added and the LoRA keys dropped, so plain transformers loads them; None when it has no LoRA layers. The
+    training model is left untouched (merge_and_unload would mutate it, and a deep copy would double memory)."""
     import torch
     from peft.tuners.lora import LoraLayer
 
-    base = peft_model.get_base_model()
-    adapter = peft_model.active_adapter
+    base = model.get_base_model() if _is_peft(model) else model
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    if not layers:
+        return None
     state = dict(base.state_dict())
     with torch.no_grad():
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                key = f"{name}.base_layer.weight"
-                state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
+        for name, module in layers.items():
+            key = f"{name}.base_layer.weight"
+            if key not in state or module.merged:
+                continue
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
+    adapters = {a for m in layers.values() for a in m.active_adapters}
     merged: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if "lora_" in key or ".original_module." in key:
             continue
-        key = key.replace(".base_layer.", ".").replace(f".modules_to_save.{adapter}.", ".")
+        key = key.replace(".base_layer.", ".")
+        for adapter in adapters:
+            key = key.replace(f".modules_to_save.{adapter}.", ".")
         merged[key] = value
     return merged
 
 
-def save_pretrained_atomic(model: Any, tokenizer: PreTrainedTokenizerBase | None, out_dir: str,
-                           merge_lora: bool = True, extra_files: dict[str, str] | None = None) -> str:
-    """Save an HF directory so readers see either the old directory or the complete new one, never half.
-
-    A PEFT model is saved as its adapter in `out_dir/adapter/` and, with merge_lora, as the merged full
-    model at the top level so plain transformers can load it.
-    """
+@contextlib.contextmanager
+def atomic_directory(out_dir: str) -> Iterator[str]:
+    """A temp directory to write a model into; on success it replaces out_dir, so readers see the old directory or
+    the complete new one, never half (two renames keep the window without a complete directory short)."""
     out_dir = os.path.abspath(out_dir)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
-    if _is_peft(model):
-        adapter_dir = os.path.join(tmp, "adapter")
-        model.save_pretrained(adapter_dir, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(adapter_dir)
-        if merge_lora:
-            model.get_base_model().save_pretrained(tmp, state_dict=_merged_state_dict(model))
-    else:
-        model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for name, text in (extra_files or {}).items():
-        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-            f.write(text)
+    yield tmp
     if os.path.exists(out_dir):
-        # Two renames keep the window without a complete directory as short as it can be.
         aside = f"{out_dir}.old-{os.getpid()}"
         os.rename(out_dir, aside)
         os.rename(tmp, out_dir)
         shutil.rmtree(aside)
     else:
         os.rename(tmp, out_dir)
-    return out_dir
+
+
+def save_pretrained_atomic(model: Any, tokenizer: PreTrainedTokenizerBase | None, out_dir: str,
+                           merge_lora: bool = True, extra_files: dict[str, str] | None = None) -> str:
+    """Save an HF directory atomically (`atomic_directory`).
+
+    A PEFT model is saved as its adapter in `out_dir/adapter/` and, with merge_lora, as the merged full
+    model at the top level so plain transformers can load it.
+    """
+    with atomic_directory(out_dir) as tmp:
+        if _is_peft(model):
+            adapter_dir = os.path.join(tmp, "adapter")
+            model.save_pretrained(adapter_dir, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(adapter_dir)
+            if merge_lora:
+                model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model))
+        else:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+    return os.path.abspath(out_dir)

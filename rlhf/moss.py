@@ -370,6 +370,20 @@ class _Reader:
         return self.text[begin:stop]
 
 
+def plugin_segments(text: str) -> tuple[str, str]:
+    """(commands, results) of what a plugin model wrote, with the Results in between: the Commands after the last
+    `<|Commands|>:` before `<eoc>` (or, with no tag, what follows its Inner Thoughts, which then fails to parse and
+    gets `No result.`), and the Results up to `<eor>`; ("", "") when it wrote no `<eoc>`."""
+    if EOC not in text:
+        return "", ""
+    head, tail = text.split(EOC, 1)
+    at = head.rfind(COMMANDS_TAG)
+    commands = head[at + len(COMMANDS_TAG):] if at >= 0 else head.rsplit(EOT, 1)[-1]
+    at = tail.find(RESULTS_TAG)
+    results = tail[at + len(RESULTS_TAG):].split(EOR, 1)[0] if at >= 0 else ""
+    return commands.strip(), results.strip()
+
+
 def split_reply(generated: str) -> str:
     """The reply text from what the model generated after `<|MOSS|>:`, without tags or `<eom>`."""
     text = generated

@@ -89,11 +89,12 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 KL_KINDS = ("k1", "k2", "k3", "abs")
 
 
-def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", clip: float | None = None) -> Tensor:
     """Per-token estimate of KL(policy || reference) from tokens sampled by the policy: `[B, T]`.
 
     k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r (Schulman's unbiased, non-negative estimator),
-    abs = |log r|, where log r = logprobs - ref_logprobs.
+    abs = |log r|, where log r = logprobs - ref_logprobs. `clip` bounds log r inside k3: one token where the
+    reference is far above the policy would otherwise give an exponential penalty and gradient.
     """
     log_ratio = logprobs - ref_logprobs
     if kind == "k1":
@@ -101,6 +102,8 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Ten
     if kind == "k2":
         return 0.5 * log_ratio**2
     if kind == "k3":
+        if clip:
+            log_ratio = log_ratio.clamp(-clip, clip)
         return torch.exp(-log_ratio) - 1 + log_ratio
     if kind == "abs":
         return log_ratio.abs()
@@ -229,12 +232,13 @@ def shape_rewards(
     action_mask: Tensor,
     kl_coef: float,
     kl_kind: str = "k1",
+    kl_clip: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token rewards: -kl_coef * KL on every action token, plus the score on the last one (`<eom>`).
 
     Returns `(rewards, kl)`, both `[B, T]` and zero on padding. Rows with no action token get no score.
     """
-    kl = kl_estimate(logprobs, ref_logprobs, kl_kind) * action_mask  # [B, T]
+    kl = kl_estimate(logprobs, ref_logprobs, kl_kind, kl_clip) * action_mask  # [B, T]
     rewards = -kl_coef * kl
     has_action = action_mask.sum(dim=1) > 0  # [B]
     last = last_action_index(action_mask)  # [B]
@@ -337,14 +341,18 @@ def policy_loss(
     clip_eps: float,
     num_tokens: int | float | Tensor | None = None,
     dual_clip: float | None = None,
+    log_ratio_clip: float | None = None,
 ) -> tuple[Tensor, dict]:
     """PPO clipped surrogate, summed over action tokens and divided by `num_tokens`.
 
     `dual_clip` (Ye et al. 2020, > 1) also caps the loss of negative-advantage tokens at dual_clip * |A|.
-    Stats (local means, detached): `clipfrac`, the share of tokens where the clipped term was chosen, and
-    `approx_kl`, the k3 estimate of KL(old || new) = mean(ratio - 1 - log ratio).
+    `log_ratio_clip` bounds log(new/old) before the exponential, so a token whose probability moved by orders of
+    magnitude cannot overflow the ratio. Stats (local means, detached): `clipfrac`, the share of tokens where the
+    clipped term was chosen; `approx_kl`, the k3 estimate of KL(old || new) = mean(ratio - 1 - log ratio); and
+    `log_ratio_clipfrac`, the share of tokens whose log-ratio the bound cut.
     """
-    log_ratio = logprobs - old_logprobs
+    raw_log_ratio = logprobs - old_logprobs
+    log_ratio = raw_log_ratio.clamp(-log_ratio_clip, log_ratio_clip) if log_ratio_clip else raw_log_ratio
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
@@ -358,6 +366,7 @@ def policy_loss(
         stats = {
             "clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), action_mask),
             "approx_kl": masked_mean(ratio - 1 - log_ratio, action_mask),
+            "log_ratio_clipfrac": masked_mean((raw_log_ratio != log_ratio).float(), action_mask),
         }
     return loss, stats
 
@@ -367,12 +376,13 @@ def kl_loss(
     ref_logprobs: Tensor,
     action_mask: Tensor,
     num_tokens: int | float | Tensor | None = None,
+    clip: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The KL penalty as a loss term, for estimators whose advantages come from the scores alone (GRPO, RLOO):
-    the k3 estimate of KL(policy || reference) at the current log-probs, summed over action tokens and divided
-    by `num_tokens` (DeepSeekMath's GRPO objective). Its gradient pulls the policy toward the reference on the
-    tokens it sampled. Returns (loss, the detached masked mean of k3)."""
-    k3 = kl_estimate(logprobs, ref_logprobs, "k3")
+    the k3 estimate of KL(policy || reference) at the current log-probs (its log-ratio bounded by `clip`), summed
+    over action tokens and divided by `num_tokens` (DeepSeekMath's GRPO objective). Its gradient pulls the policy
+    toward the reference on the tokens it sampled. Returns (loss, the detached masked mean of k3)."""
+    k3 = kl_estimate(logprobs, ref_logprobs, "k3", clip)
     loss = masked_sum(k3, action_mask) / _normaliser(action_mask, num_tokens)
     return loss, masked_mean(k3.detach(), action_mask)
 

@@ -56,7 +56,14 @@ def write_report(out_dir: str, *, rm_eval: dict, rule_sft: Optional[float], rule
         lines.append(f"| held-out prompts | sample's rule score, SFT → PPO | {rule_sft:.3f} → {rule_ppo:.3f} |")
     lines += ["", "## PPO monitors", "",
               "Rising length and KL with falling perplexity are the signs of a collapsing run (MOSS-RLHF).", ""]
-    lines += [f"![{p}]({p})" for p in plots]
+    cut = [m["step"] for m in ppo_rows if m.get("ppo/cut_short")]
+    lines += [f"![{p}]({p})" for p in plots[:1]]
+    if cut:
+        lines += ["", f"**Replies cut short**: from iteration {cut[0]} most replies did not reach `<eom>` "
+                      f"(`ppo/ended_fraction` {min(m['ppo/ended_fraction'] for m in ppo_rows):.0%} at its lowest): "
+                      "the generation cap may be below the replies the reward model prefers, and PPO then learns "
+                      "the ones that fit. Raise `generation.max_new_tokens` (or set it to `auto`).", ""]
+    lines += [f"![{p}]({p})" for p in plots[1:]]
     lines += ["", "## Replies before and after PPO", "", "| prompt | SFT policy | PPO policy |", "|---|---|---|"]
     lines += [f"| {_cell(p)} | {_cell(a)} | {_cell(b)} |" for p, a, b in examples]
     path = os.path.join(out_dir, "report.md")

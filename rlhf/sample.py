@@ -106,6 +106,21 @@ def rule_score(prompt: Dialogue, response: str) -> float:
     return 0.5 * on_topic + 0.5 * polite
 
 
+def rule(rollout) -> float | None:
+    """The task's rule as a reward rule (`ppo.reward_rules: {sample: W}`) or an eval rule (`ppo.eval_rules:
+    {rule_score: sample}`) of a `reward.rules.Rollout`: None for a prompt that is not one of the task's."""
+    if prompt_key(rollout.prompt) is None:
+        return None
+    return rule_score(rollout.prompt, rollout.reply)
+
+
+def score_of(prompts: list[Dialogue], replies: list[str]) -> float | None:
+    """The rule over reply texts, or None when some prompt has nothing the rule can check (the report's score)."""
+    if not prompts or any(prompt_key(d) is None for d in prompts):
+        return None
+    return score_responses(prompts, replies)
+
+
 def score_responses(prompts: list[Dialogue], responses: list[str]) -> float:
     """Mean rule score of responses to prompts (0.0 for none)."""
     if len(prompts) != len(responses):

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rlhf.data import DataError, DataFileError, _read_objects, parse_preference
-from rlhf.moss import EOM, PAD, SPECIAL_TOKENS, Dialogue, FieldError, render
+from rlhf.data import DataFileError, load_parsed, parse_preference
+from rlhf.moss import EOM, PAD, SPECIAL_TOKENS, Dialogue, render
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreTrainedTokenizerFast:
@@ -73,19 +73,8 @@ def _texts_of_record(obj: object) -> list[str]:
 def texts_from_files(paths: list[str]) -> Iterator[str]:
     """Rendered MOSS text of every record in JSONL files of any kind (SFT, prompts, preferences)."""
     for path in paths:
-        objects, errors = _read_objects(path)
-        texts: list[str] = []
-        for line, obj in objects:
-            try:
-                texts.extend(_texts_of_record(obj))
-            except FieldError as e:
-                errors.append(DataError(path, line, e.field, e.message))
-        if not errors and not texts:
-            errors.append(DataError(path, 0, "file", "no records; the file is empty"))
-        # A file with errors is never half-used, so texts are only yielded once the whole file parsed.
-        if errors:
-            raise DataFileError(sorted(errors, key=lambda e: e.line))
-        yield from texts
+        for texts in load_parsed(path, _texts_of_record):  # the whole file parses before any text is used
+            yield from texts
 
 
 def run_tokenizer(data: list[str], vocab_size: int, out: str) -> int:

@@ -1,9 +1,12 @@
 """Shared fixtures: the bundled sample, an offline tokenizer and a tiny CodeGen model, built once per session,
-and a local Ray that a test module starts and shuts down itself."""
+and one local Ray that the slow tests share."""
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -12,17 +15,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(dir)` once per test session, also when pytest-xdist splits the session over worker processes: the
+    first to ask builds it under a file lock, the others wait for it and use the same directory."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of one run
+    root = base / name
+    with FileLock(str(base / f".{name}.lock")):
+        if not (root / ".built").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            build(root)
+            (root / ".built").touch()
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict:
     """Sample data, tokenizer and a random tiny CodeGen model (moss-moon-003's architecture)."""
     from rlhf.modeling import init_model
     from rlhf.sample import write_sample
     from rlhf.tokenizer import texts_from_files, train_tokenizer
-    root = tmp_path_factory.mktemp("tiny")
-    paths = write_sample(str(root / "data"), seed=0)
-    train_tokenizer(texts_from_files([paths["sft_train"], paths["prefs_train"], paths["plugin_sft"]]), 800,
-                    str(root / "tok"))
-    init_model("codegen", "tiny", str(root / "tok"), str(root / "base"), seed=0)
+
+    def build(root: Path) -> None:
+        paths = write_sample(str(root / "data"), seed=0)
+        train_tokenizer(texts_from_files([paths["sft_train"], paths["prefs_train"], paths["plugin_sft"]]), 800,
+                        str(root / "tok"))
+        init_model("codegen", "tiny", str(root / "tok"), str(root / "base"), seed=0)
+
+    root = built_once(tmp_path_factory, "tiny", build)
+    paths = {p.stem: str(p) for p in sorted((root / "data").glob("*.jsonl"))}
     return {"root": str(root), "tokenizer": str(root / "tok"), "base": str(root / "base"), **paths}
 
 
@@ -45,15 +69,35 @@ def simulated_cluster(nodes: int, cpus: int, gpus: int):
         cluster.shutdown()
 
 
+def _shared_ray() -> None:
+    import ray
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="tests",
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+@pytest.fixture(autouse=True)
+def shared_ray(request):
+    """One local Ray for the whole session, which every command a slow test runs joins (a command starts and stops
+    its own only when none is running): started on the first slow test, and again after a test that needed a Ray
+    of its own (a simulated cluster, a dashboard) shut it down."""
+    if request.node.get_closest_marker("slow") is not None:
+        _shared_ray()
+    yield
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, namespace="tests",
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    _shared_ray()
     yield
-    ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+    if "ray" in sys.modules:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def run_cli(*argv: str) -> int:
@@ -62,19 +106,34 @@ def run_cli(*argv: str) -> int:
 
 
 @pytest.fixture(scope="session")
-def sft_run(tiny) -> str:
-    """`rlhf sft` on the sample (two CPU ranks, ZeRO-2), run once for every test that needs an SFT policy."""
-    out = f"{tiny['root']}/sft"
-    assert run_cli("sft", "--config", "configs/tiny/sft.yaml", "--model", tiny["base"], "--data", tiny["sft_train"],
-                   "--set", f"data.eval={tiny['sft_eval']}", "--set", "logging.progress=false", "--output", out) == 0
-    return out
+def sft_run(tiny, tmp_path_factory) -> str:
+    """`rlhf sft` on the sample (two CPU ranks), run once for every test that needs an SFT policy."""
+    def build(out: Path) -> None:
+        _shared_ray()
+        assert run_cli("sft", "--config", "configs/tiny/sft.yaml", "--model", tiny["base"], "--data",
+                       tiny["sft_train"], "--set", f"data.eval={tiny['sft_eval']}", "--set", "logging.progress=false",
+                       "--output", out) == 0
+    return str(built_once(tmp_path_factory, "sft", build))
 
 
 @pytest.fixture(scope="session")
-def rm_run(tiny, sft_run) -> str:
+def rm_run(tiny, sft_run, tmp_path_factory) -> str:
     """`rlhf rm` from the SFT model on the sample's ranked lists, run once."""
-    out = f"{tiny['root']}/rm"
-    assert run_cli("rm", "--config", "configs/tiny/rm.yaml", "--model", f"{sft_run}/final", "--data",
-                   tiny["prefs_train"], "--set", f"data.eval={tiny['prefs_eval']}", "--set", "logging.progress=false",
-                   "--output", out) == 0
-    return out
+    def build(out: Path) -> None:
+        _shared_ray()
+        assert run_cli("rm", "--config", "configs/tiny/rm.yaml", "--model", f"{sft_run}/final", "--data",
+                       tiny["prefs_train"], "--set", f"data.eval={tiny['prefs_eval']}", "--set",
+                       "logging.progress=false", "--output", out) == 0
+    return str(built_once(tmp_path_factory, "rm", build))
+
+
+@pytest.fixture(scope="session")
+def plugin_sft(tiny, tmp_path_factory) -> str:
+    """`rlhf sft` of the plugin model on the sample's arithmetic dialogues (configs/tiny/plugin_sft.yaml), once: in
+    this process on two threads, the quickest way to the model the plugin tests start from (SFT on Ray ranks is
+    tested by sft_run and tests/test_sft_rm.py)."""
+    def build(out: Path) -> None:
+        assert run_cli("sft", "--config", "configs/tiny/plugin_sft.yaml", "--model", tiny["base"], "--data",
+                       tiny["plugin_sft"], "--set", "logging.progress=false", "--set", "ray.in_process=true",
+                       "--set", "layout.cpus_per_rank=2", "--output", out) == 0
+    return f"{built_once(tmp_path_factory, 'plugin-sft', build)}/final"

@@ -3,13 +3,12 @@ the global batch's whatever the split, and placement follows the strategy."""
 from __future__ import annotations
 
 import pytest
-import ray
-import torch
 
-from actors.group import RoleGroup
-from actors.worker import LMWorker
+from actors.group import RayBackend
+from actors.lm import SFTWorker
+from actors.rank import RankSpec
 from rlhf.batching import collate_sft
-from rlhf.config import load_config, to_dict
+from rlhf.config import load_config
 from rlhf.data import load_dialogues
 from rlhf.modeling import load_tokenizer
 from rlhf.moss import tokenize_dialogue
@@ -23,24 +22,37 @@ def _batch(tiny, n=16):
     return collate_sft([tokenize_dialogue(d, tok, 128) for d in dialogues], tok.pad_token_id)
 
 
-def _group(tiny, ranks: int, zero: int, micro: int, global_batch: int = 16, lr: float = 1e-3) -> RoleGroup:
-    cfg = load_config(None, [f"layout.gpus_per_node={ranks}", "layout.cpus_per_rank=1", f"deepspeed.zero_stage={zero}",
-                             f"train.micro_batch_size={micro}", f"train.global_batch_size={global_batch}",
-                             f"optim.lr={lr}"])
-    conf = to_dict(cfg)
-    group = RoleGroup("sft", LMWorker, cfg.layout, {"config": conf})
-    accum = global_batch // (micro * ranks)
-    group.run("setup", tiny["base"], True, conf["deepspeed"], conf["optim"], conf["lora"], micro, accum, 100)
-    return group
+class _Started:
+    """One SFT role group on the test's Ray, stopped with `shutdown()`."""
+
+    def __init__(self, groups):
+        self.groups, self.group = groups, groups.groups["sft"]
+
+    def call(self, method, *args):
+        return self.group.call(method, *args).result()
+
+    def node_info(self):
+        return self.group.node_info()
+
+    def shutdown(self):
+        self.groups.stop()
+
+
+def _group(tiny, ranks: int, zero: int, micro: int, global_batch: int = 16, lr: float = 1e-3) -> _Started:
+    cfg = load_config("sft", None, [f"layout.gpus_per_node={ranks}", "layout.cpus_per_rank=1",
+                                    f"deepspeed.zero_stage={zero}", f"train.micro_batch_size={micro}",
+                                    f"train.global_batch_size={global_batch}", f"optim.lr={lr}"])
+    spec = RankSpec(tiny["base"], cfg.role(), cfg.model, cfg.seed, trainable=True,
+                    grad_accum=global_batch // (micro * ranks), total_steps=100)
+    return _Started(RayBackend(cfg.ray).start({"sft": (SFTWorker, spec)}))
 
 
 def _train(group, batch, steps: int) -> list[float]:
     tokens = int(batch["loss_mask"][:, 1:].sum())
-    ref = ray.put(batch)
     losses = []
     for _ in range(steps):
-        out = group.run("sft_step", ref, tokens)
-        losses.append(float(out["loss_sum"].sum()) / tokens)
+        out = group.call("train_step", batch, tokens)
+        losses.append(out["loss_sum"] / tokens)
     return losses
 
 
@@ -49,7 +61,7 @@ def test_two_ranks_learn_and_stay_identical(tiny, local_ray):
     group = _group(tiny, ranks=2, zero=2, micro=4)
     try:
         losses = _train(group, batch, 6)
-        digests = ray.get(group.call("weights_digest"))
+        digests = group.call("weights_digest")
         nodes = group.node_info()
     finally:
         group.shutdown()
@@ -78,8 +90,8 @@ def test_gradient_is_the_global_batch_mean_whatever_the_split(tiny, local_ray):
         group = _group(tiny, ranks=ranks, zero=0, micro=micro)
         try:
             tokens = int(batch["loss_mask"][:, 1:].sum())
-            out = group.run("sft_step", ray.put(batch), tokens)
-            norms.append(float(out["grad_norm"][0]))
+            out = group.call("train_step", batch, tokens)
+            norms.append(out["grad_norm"])
         finally:
             group.shutdown()
     assert norms[0] == pytest.approx(norms[1], rel=1e-4), norms

@@ -481,10 +481,10 @@ def test_bad_input_is_one_line_per_error_and_nothing_starts(name, kit, tmp_path)
 
 
 def test_trust_remote_code_is_off_unless_a_config_turns_it_on():
-    from rlhf.config import Config, load_config
-    assert Config().model.trust_remote_code is False
-    for command in ("sft", "rm", "ppo"):
-        assert load_config(str(ROOT / "configs" / "tiny" / f"{command}.yaml")).model.trust_remote_code is False
+    from rlhf.config import COMMANDS, load_config
+    for command, schema in COMMANDS.items():
+        assert schema().model.trust_remote_code is False
+        assert load_config(command, str(ROOT / "configs" / "tiny" / f"{command}.yaml")).model.trust_remote_code is False
 
 
 def _calls(text: str, name: str) -> list[str]:

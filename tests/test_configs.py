@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from actors.placement import PlacementError, plan_placement
 from rlhf.cli import build_parser
-from rlhf.config import ROLE_NAMES, Config, load_config, ranks
-from rlhf.ppo import needs_critic, needs_reference_group
+from rlhf.config import ROLE_NAMES, load_config, ranks
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".yml"))
@@ -22,57 +22,40 @@ def _id(path: Path) -> str:
     return str(path.relative_to(REPO))
 
 
-def started_roles(cfg: Config) -> list[str]:
-    """The role groups `rlhf ppo` starts for this config (the same rule as rlhf.ppo.Roles)."""
-    return ["policy", "reward"] + (["reference"] if needs_reference_group(cfg) else []) + \
-           (["critic"] if needs_critic(cfg) else [])
+def ppo_gpus(cfg) -> int:
+    """GPUs a PPO layout asks for, as the placement planner lays out the groups `rlhf ppo` starts (it checks that
+    every colocated role fits its host's GPUs)."""
+    plan = plan_placement({r: getattr(cfg.roles, r).layout for r in cfg.derive().roles}, use_gpu=True)
+    return sum(b["GPU"] for group in plan.bundles.values() for b in group)
 
 
-def ppo_gpus(cfg: Config) -> int:
-    """GPUs a PPO layout asks for, after checking that every colocated role fits its host's GPUs."""
-    roles = started_roles(cfg)
-    layout = {r: getattr(cfg.roles, r).layout for r in roles}
-    guests = {host: [r for r in roles if layout[r].colocate_with == host] for host in roles}
-    for role in roles:
-        host = layout[role].colocate_with
-        if not host:
-            continue
-        assert host in roles, f"roles.{role} colocates with {host}, which this run does not start"
-        assert not layout[host].colocate_with, f"roles.{role} colocates with {host}, itself a guest of another role"
-        assert ranks(layout[role]) <= ranks(layout[host]), \
-            f"roles.{role}: {ranks(layout[role])} ranks do not fit the {ranks(layout[host])} GPUs of {host}"
-    for host, gs in guests.items():
-        # Guest rank i sits on the host's GPU i, so low GPUs carry every guest and the check is per GPU.
-        for gpu in range(ranks(layout[host])):
-            share = layout[host].gpu_fraction + sum(layout[g].gpu_fraction for g in gs if ranks(layout[g]) > gpu)
-            assert share <= 1 + 1e-9, f"GPU {gpu} of {host}'s group is asked for {share:.2f} of itself by " \
-                                      f"{host} and {', '.join(gs)}"
-    return sum(ranks(layout[r]) for r in roles if not layout[r].colocate_with)
-
-
-def gpus(cfg: Config, command: str) -> int:
+def gpus(cfg, command: str) -> int:
     return ppo_gpus(cfg) if command == "ppo" else ranks(cfg.layout)
 
 
-def configs_in(path: Path) -> list[tuple[str, Config]]:
-    """(command, Config) of every training config a YAML file under configs/ stands for: itself, the stage
+def _command(path: Path) -> str:
+    return next(c for c in ("ppo", "sft", "rm") if path.stem.endswith(c))
+
+
+def configs_in(path: Path) -> list:
+    """(command, config) of every training config a YAML file under configs/ stands for: itself, the stage
     configs of a pipeline file, or the base config of a sweep with its overrides and every searched value."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if "command" in raw and "search" in raw:
-        from rlhf.sweep import load_spec
+        from rlhf.drivers.sweep import load_spec
         spec = load_spec(str(path), [])
         base = str(REPO / spec.base_config) if spec.base_config else None
-        found = [(spec.command, load_config(base, spec.overrides))]
+        found = [(spec.command, load_config(spec.command, base, spec.overrides))]
         for key, param in spec.search.items():
             for value in (param.values if param.values is not None else [param.low, param.high]):
-                found.append((spec.command, load_config(base, spec.overrides + [f"{key}={value}"])))
+                found.append((spec.command, load_config(spec.command, base, spec.overrides + [f"{key}={value}"])))
         return found
     if "stages" in raw:
-        from rlhf.pipeline import load_pipeline_config
+        from rlhf.drivers.pipeline import load_pipeline_config
         pipe = load_pipeline_config(str(path), [])
-        return [(stage, load_config(str(REPO / getattr(pipe.stages, stage)), getattr(pipe.overrides, stage)))
+        return [(stage, load_config(stage, str(REPO / getattr(pipe.stages, stage)), getattr(pipe.overrides, stage)))
                 for stage in ("sft", "rm", "ppo")]
-    return [("ppo" if path.stem.startswith("ppo") else path.stem, load_config(str(path)))]
+    return [(_command(path), load_config(_command(path), str(path)))]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_id)
@@ -84,8 +67,8 @@ def test_config_loads_and_its_gpus_add_up(path: Path):
         return  # CPU configs promise no GPU count
     assert len(stated) == 1, f"{_id(path)}: a real config states its GPUs on one '# gpus: N' line"
     assert totals == {int(stated[0])}, f"{_id(path)}: comments say {stated[0]} GPUs, the layout asks for {totals}"
-    for _, cfg in found:
-        for layout in [cfg.layout] + [getattr(cfg.roles, r).layout for r in ROLE_NAMES]:
+    for command, cfg in found:
+        for layout in [getattr(cfg.roles, r).layout for r in ROLE_NAMES] if command == "ppo" else [cfg.layout]:
             assert layout.gpus_per_node <= 8, f"{_id(path)}: a layout wants more than the 8 GPUs of a node"
 
 
@@ -98,16 +81,16 @@ def test_real_configs_cover_both_models_and_every_stage():
 
 def test_moss_runs_remote_code_in_bf16_and_llama_policy_uses_lora_base_as_reference():
     for stage in ("sft", "rm", "ppo"):
-        moss = load_config(str(REPO / f"configs/moss-moon-003/{stage}.yaml"))
+        moss = load_config(stage, str(REPO / f"configs/moss-moon-003/{stage}.yaml"))
         assert moss.model.trust_remote_code and moss.model.dtype == "bfloat16"
-    llama = load_config(str(REPO / "configs/llama-7b/ppo.yaml"))
+    llama = load_config("ppo", str(REPO / "configs/llama-7b/ppo.yaml"))
     assert llama.roles.policy.lora.enabled and llama.ppo.reference_from_lora_base
-    assert "reference" not in started_roles(llama)
+    assert "reference" not in llama.derive().roles
 
 
 def test_a_colocation_that_overfills_a_gpu_is_caught():
-    cfg = load_config(str(REPO / "configs/llama-7b/ppo.yaml"), ["roles.critic.layout.gpu_fraction=0.5"])
-    with pytest.raises(AssertionError, match="GPU 0 of policy"):
+    cfg = load_config("ppo", str(REPO / "configs/llama-7b/ppo.yaml"), ["roles.critic.layout.gpu_fraction=0.5"])
+    with pytest.raises(PlacementError, match="GPU 0 of policy"):
         ppo_gpus(cfg)
 
 

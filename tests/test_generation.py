@@ -10,9 +10,10 @@ import torch
 from rlhf.batching import collate_prompts
 from rlhf.config import GenerationConfig
 from rlhf.data import load_prompts
-from rlhf.generation import generate_plugin_replies, generate_replies, results_ids, run_generate
+from rlhf.drivers.generate import run_generate
+from rlhf.generation import generate_plugin_replies, generate_replies, results_ids
 from rlhf.moss import EOM, tokenize_prompt
-from rlhf.plugins import NO_RESULT, default_registry
+from rlhf.tools import NO_RESULT, default_registry
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_plugin_rollout_malformed_command_and_a_direct_reply(policy):
     assert infos[1] == {"commands": "", "results": ""}
     assert len(model.inputs[1]) == 1  # only the row that called a tool goes on to pass 2
     context = out["response_ids"][0][(out["action_mask"][0] == 0) & (out["response_ids"][0] != policy["pad"])]
-    assert context.tolist() == results_ids(tok, NO_RESULT, 64)
+    assert context.tolist() == results_ids(tok, NO_RESULT, 64)[0]
     direct = tok.encode("<|MOSS|>: Hi<eom>", add_special_tokens=False)
     assert out["action_mask"][1].tolist() == [1] * len(direct) + [0] * (out["action_mask"].shape[1] - len(direct))
 
@@ -219,3 +220,26 @@ def test_trimming_all_pad_left_columns_and_keeping_only_reply_logits_change_noth
     fast = reply_logprobs(trimmed["sequences"], trimmed["attention_mask"], keep=width + 1)
     seen = out["action_mask"].bool()
     torch.testing.assert_close(fast[seen], full[seen], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cap_below_the_datas_replies_is_named_and_auto_covers_them(tiny, capsys):
+    from rlhf.config import load_config
+    from rlhf.generation import REPLY_COVER, fit_generation_cap, reply_lengths
+    from rlhf.modeling import load_tokenizer
+    tok = load_tokenizer(tiny["tokenizer"])
+    lengths = reply_lengths(tiny["sft_train"], tok)
+    assert len(lengths) > 600 and max(lengths) > 12
+    low = load_config("ppo", "configs/tiny/ppo.yaml", ["generation.max_new_tokens=8"]).generation
+    assert fit_generation_cap(low, tok, tiny["sft_train"], "ppo").max_new_tokens == 8  # said, not changed
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("ppo: generation.max_new_tokens=8 is below ") and "generation.max_new_tokens=" in line
+    auto = load_config("ppo", "configs/tiny/ppo.yaml", ["generation.max_new_tokens=auto"]).generation
+    cap = fit_generation_cap(auto, tok, tiny["prefs_train"], "ppo").max_new_tokens
+    covered = sum(n <= cap for n in reply_lengths(tiny["prefs_train"], tok)) / len(reply_lengths(tiny["prefs_train"], tok))
+    assert covered >= REPLY_COVER and cap <= max(reply_lengths(tiny["prefs_train"], tok))
+    fits = load_config("ppo", "configs/tiny/ppo.yaml").generation  # the tiny config fits the bundled task
+    capsys.readouterr()
+    fit_generation_cap(fits, tok, tiny["sft_train"], "ppo")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit, match="auto needs generation.lengths_from"):
+        fit_generation_cap(auto, tok, "", "generate")

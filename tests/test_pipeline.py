@@ -16,8 +16,8 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny, tmp_path, capsys)
     config.write_text(
         f"data: {os.path.dirname(tiny['sft_train'])}\nmodel: {tiny['base']}\neval_prompts: 8\nreport_examples: 3\n"
         "overrides:\n"
-        "  sft: [train.max_steps=4, logging.progress=false]\n"
-        "  rm: [train.max_steps=4, logging.progress=false]\n"
+        "  sft: [train.max_steps=4, layout.gpus_per_node=1, logging.progress=false]\n"
+        "  rm: [train.max_steps=4, layout.gpus_per_node=1, logging.progress=false]\n"
         "  ppo: [ppo.iterations=2, ppo.prompts_per_iteration=8, ppo.train_batch_size=8, generation.max_new_tokens=8,"
         " ppo.eval_prompts=8, logging.progress=false]\n")
     out = tmp_path / "run"

@@ -12,18 +12,11 @@ import torch
 from conftest import run_cli
 from rlhf.metrics import read_metrics
 
+
 pytestmark = pytest.mark.slow
 
 TURN = re.compile(r"<\|Inner Thoughts\|>: [^<]*<eot>\n<\|Commands\|>: (?P<commands>[^<]*)<eoc>\n"
                   r"<\|Results\|>:\n(?P<results>[^<]*)<eor>\n<\|MOSS\|>: [^<]*<eom>")
-
-
-@pytest.fixture(scope="module")
-def plugin_sft(tiny) -> str:
-    out = f"{tiny['root']}/plugin-sft"
-    assert run_cli("sft", "--config", "configs/tiny/plugin_sft.yaml", "--model", tiny["base"], "--data",
-                   tiny["plugin_sft"], "--set", "logging.progress=false", "--output", out) == 0
-    return f"{out}/final"
 
 
 def test_the_sft_plugin_model_writes_well_formed_turns_around_a_scripted_tool(tiny, plugin_sft):
@@ -32,7 +25,7 @@ def test_the_sft_plugin_model_writes_well_formed_turns_around_a_scripted_tool(ti
     from rlhf.generation import generate_plugin_replies
     from rlhf.modeling import load_causal_lm, load_tokenizer
     from rlhf.moss import tokenize_prompt
-    from rlhf.plugins import ToolRegistry
+    from rlhf.tools import ToolRegistry
 
     tokenizer, model = load_tokenizer(plugin_sft), load_causal_lm(plugin_sft)
     tools = ToolRegistry()
@@ -58,14 +51,15 @@ def test_the_sft_plugin_model_writes_well_formed_turns_around_a_scripted_tool(ti
 
 def test_plugin_rollouts_with_verifiable_rewards_and_the_preference_model(tiny, plugin_sft, rm_run, tmp_path):
     """The plugin policy rolls out through the tools on its own ranks; the reward is the preference model's score
-    plus the answer and command rules, each logged apart; held-out answers are checked before and after."""
+    plus the answer and command rules, each logged apart; held-out answers are checked before and after. The
+    controller's reward, so in one process (the same workers as on Ray)."""
     out = tmp_path / "plugin-ppo"
     assert run_cli("ppo", "--config", "configs/tiny/plugin_ppo.yaml", "--policy", plugin_sft, "--reward",
                    f"{rm_run}/final", "--prompts", tiny["plugin_prompts"], "--set",
                    f"data.eval={tiny['plugin_prompts_eval']}", "--set", "ppo.eval_prompts=16",
                    "--set", "ppo.iterations=2", "--set", "ppo.reward_model_weight=0.5",
                    "--set", "ppo.reward_rules.command=0.25", "--set", "ppo.reward_rules.grounded=0.25",
-                   "--set", "logging.progress=false", "--output", out) == 0
+                   "--set", "logging.progress=false", "--set", "ray.in_process=true", "--output", out) == 0
     metrics = read_metrics(f"{out}/metrics.jsonl")
     iters = [m for m in metrics if "ppo/reward_raw" in m]
     assert len(iters) == 2
@@ -82,11 +76,12 @@ def test_plugin_rollouts_with_verifiable_rewards_and_the_preference_model(tiny, 
 def test_grpo_with_the_answer_reward_raises_held_out_accuracy_over_the_sft_policy(tiny, plugin_sft, tmp_path):
     """The SFT policy calls the calculator but answers with its result only part of the time; GRPO with the
     verifiable answer reward alone (no preference model, no critic) must learn to trust the Results: the
-    fraction of correct final answers on the 142 held-out expressions rises, with the KL to the SFT policy bounded."""
+    fraction of correct final answers on the 142 held-out expressions rises, with the KL to the SFT policy bounded.
+    In one process: the same workers and numbers as on Ray, without four rank processes to start."""
     out = tmp_path / "answer-ppo"
     assert run_cli("ppo", "--config", "configs/tiny/plugin_ppo.yaml", "--policy", plugin_sft, "--prompts",
                    tiny["plugin_prompts"], "--set", f"data.eval={tiny['plugin_prompts_eval']}",
-                   "--set", "logging.progress=false", "--output", out) == 0
+                   "--set", "logging.progress=false", "--set", "ray.in_process=true", "--output", out) == 0
     metrics = read_metrics(f"{out}/metrics.jsonl")
     evals = {m["step"]: m["eval/answer_accuracy"] for m in metrics if "eval/answer_accuracy" in m}
     assert sorted(evals) == [0, 16]

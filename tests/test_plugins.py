@@ -7,8 +7,8 @@ import time
 import pytest
 
 from rlhf.moss import build_meta_instruction
-from rlhf.plugins import (NO_RESULT, ToolError, ToolRegistry, answer_reward, calculator, command_well_formed,
-                          default_registry, final_number, solver)
+from reward.rules import answer_reward, command_well_formed, final_number
+from rlhf.tools import NO_RESULT, ToolError, ToolRegistry, calculator, default_registry, solver
 
 
 @pytest.mark.parametrize("expression, expected", [

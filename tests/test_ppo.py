@@ -1,5 +1,6 @@
-"""`rlhf ppo` end to end: it raises the sample's rule score (which PPO never sees) with bounded KL, places the four
-roles as the config says on a simulated cluster, and resumes to exactly the metrics of an uninterrupted run."""
+"""`rlhf ppo` end to end: it raises the sample's rule score (which PPO never sees) with bounded KL on four Ray role
+groups; the controller's estimators, LoRA reference and on-policy shortcut (in one process). Layouts are in
+test_ppo_layouts.py, resume in test_ppo_resume.py."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import run_cli, simulated_cluster
+from conftest import run_cli
 from rlhf.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -40,54 +41,13 @@ def test_ppo_raises_the_rule_score_with_bounded_kl(tiny, sft_run, rm_run, tmp_pa
     assert (out / "final" / "model.safetensors").exists()
 
 
-def test_ppo_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny, sft_run, rm_run, tmp_path):
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    common = [*SMALL, "--set", "train.save_every=2", "--set", "data.eval="]
-    assert _ppo(tiny, sft_run, rm_run, whole, *common, "--set", "ppo.iterations=3") == 0
-    assert _ppo(tiny, sft_run, rm_run, part, *common, "--set", "ppo.iterations=2") == 0
-    assert _ppo(tiny, sft_run, rm_run, part, *common, "--set", "ppo.iterations=3", "--resume") == 0
-    keys = ("ppo/reward_raw", "ppo/kl", "ppo/pg_loss", "ppo/vf_loss", "ppo/response_length", "ppo/kl_coef")
-    a = {m["step"]: m for m in read_metrics(f"{whole}/metrics.jsonl") if "ppo/reward_raw" in m}
-    b = {m["step"]: m for m in read_metrics(f"{part}/metrics.jsonl") if "ppo/reward_raw" in m}
-    assert sorted(b) == [1, 2, 3]
-    for step in (3,):
-        for k in keys:
-            assert b[step][k] == pytest.approx(a[step][k], rel=1e-5, abs=1e-6), (step, k)
-
-
-@pytest.fixture()
-def three_node_cluster():
-    with simulated_cluster(nodes=3, cpus=3, gpus=1) as cluster:
-        yield cluster
-
-
-def test_roles_are_placed_as_configured_on_a_simulated_cluster(tiny, sft_run, rm_run, tmp_path, three_node_cluster):
-    """Reference and reward share the policy's GPU (fractions of one bundle); the critic's two ranks spread over
-    two other nodes' GPUs."""
-    out = tmp_path / "ppo"
-    layout = ["--set", "roles.policy.layout.gpu_fraction=0.5",
-              "--set", "roles.reference.layout.colocate_with=policy", "--set", "roles.reference.layout.gpu_fraction=0.25",
-              "--set", "roles.reward.layout.colocate_with=policy", "--set", "roles.reward.layout.gpu_fraction=0.25",
-              "--set", "roles.critic.layout.gpus_per_node=2", "--set", "roles.critic.layout.strategy=STRICT_SPREAD",
-              "--set", "ppo.iterations=2", "--set", "data.eval="]
-    assert _ppo(tiny, sft_run, rm_run, out, *SMALL, *layout) == 0
-    with open(out / "placement.json") as f:
-        placed = json.load(f)
-    node = lambda role: {r["node_id"] for r in placed[role]}  # noqa: E731
-    gpus = lambda role: {g for r in placed[role] for g in r["gpu_ids"]}  # noqa: E731
-    assert node("reference") == node("reward") == node("policy")
-    assert gpus("reference") == gpus("reward") == gpus("policy")
-    assert len(node("critic")) == 2 and not (node("critic") & node("policy"))
-    assert len(read_metrics(f"{out}/metrics.jsonl")) >= 2
-
-
 def test_lora_policy_is_its_own_reference_grpo_starts_no_critic_and_ptx_trains(tiny, sft_run, rm_run, tmp_path):
     out = tmp_path / "ppo"
     assert _ppo(tiny, sft_run, rm_run, out, *SMALL, "--set", "data.eval=", "--set", "ppo.iterations=2",
                 "--set", "ppo.estimator=grpo", "--set", "ppo.samples_per_prompt=4", "--set", "ppo.prompts_per_iteration=4",
                 "--set", "ppo.train_batch_size=8", "--set", "roles.policy.lora.enabled=true",
                 "--set", "roles.policy.optim.lr=1e-3", "--set", f"data.ptx={tiny['sft_train']}",
-                "--set", "ppo.ptx_coef=0.1") == 0
+                "--set", "ppo.ptx_coef=0.1", "--set", "ray.in_process=true") == 0  # which roles start: the controller's
     with open(out / "placement.json") as f:
         assert sorted(json.load(f)) == ["policy", "reward"]  # no reference copy, no critic
     iters = [m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
@@ -98,26 +58,15 @@ def test_lora_policy_is_its_own_reference_grpo_starts_no_critic_and_ptx_trains(t
     assert (out / "final" / "model.safetensors").exists()
 
 
-def test_zero3_policy_on_two_ranks_generates_in_lockstep_and_trains(tiny, sft_run, rm_run, tmp_path):
-    """ZeRO-3 partitions the policy over two ranks; generation without gathering steps both ranks together."""
-    out = tmp_path / "ppo"
-    assert _ppo(tiny, sft_run, rm_run, out, *SMALL, "--set", "data.eval=", "--set", "ppo.iterations=2",
-                "--set", "roles.policy.layout.gpus_per_node=2", "--set", "roles.policy.deepspeed.zero_stage=3",
-                "--set", "roles.policy.deepspeed.gather_for_generation=false",
-                "--set", "roles.critic.deepspeed.zero_stage=3") == 0
-    iters = [m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
-    assert len(iters) == 2 and all(math.isfinite(m["ppo/kl"]) for m in iters)
-    assert (out / "final" / "model.safetensors").exists()
-
-
 # RLOO runs on-policy (one epoch over one minibatch of all 32 rollouts): no separate log-prob pass.
 ON_POLICY = {"rloo": ["--set", "ppo.ppo_epochs=1", "--set", "ppo.train_batch_size=32"]}
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
 def test_critic_free_estimators_learn_from_a_rule_reward(tiny, sft_run, tmp_path, estimator):
-    """GRPO, RLOO and REINFORCE++ with a Python rule as the whole reward: only the policy and reference groups
-    start, and the held-out rule score rises as PPO's does."""
+    """GRPO, RLOO and REINFORCE++ with a Python rule as the whole reward: only the policy and reference roles
+    start, and the held-out rule score rises as PPO's does. A test of the controller's estimators, so in one
+    process (the same workers and numbers as on Ray: `test_one_process_gives_what_ray_gives`)."""
     out = tmp_path / estimator
     assert run_cli("ppo", "--config", "configs/tiny/ppo.yaml", "--policy", f"{sft_run}/final", "--prompts",
                    tiny["prompts_train"], "--set", f"data.eval={tiny['prompts_eval']}", "--output", out,
@@ -125,7 +74,7 @@ def test_critic_free_estimators_learn_from_a_rule_reward(tiny, sft_run, tmp_path
                    "--set", "ppo.prompts_per_iteration=8", *ON_POLICY.get(estimator, ["--set", "ppo.train_batch_size=16"]),
                    "--set", "ppo.iterations=12", "--set", "ppo.eval_prompts=50", "--set", "ppo.reward_model_weight=0",
                    "--set", "ppo.reward_rules.sample=1.0", "--set", "generation.max_new_tokens=16",
-                   "--set", "logging.progress=false") == 0
+                   "--set", "logging.progress=false", "--set", "ray.in_process=true") == 0
     metrics = read_metrics(f"{out}/metrics.jsonl")
     evals = [m["eval/rule_score"] for m in metrics if "eval/rule_score" in m]
     iters = [m for m in metrics if "ppo/reward_raw" in m]
@@ -144,7 +93,7 @@ def test_critic_free_estimators_learn_from_a_rule_reward(tiny, sft_run, tmp_path
 def test_an_on_policy_update_reads_the_rollout_log_probs_from_its_own_forward(tiny, sft_run, tmp_path):
     """GRPO with one epoch over one minibatch skips the log-prob pass before the update; the log-probs its update
     returns must be the rollout's: the first iteration's perplexity (of the weights that sampled) equals that of
-    the same run split into two minibatches, which does the pass."""
+    the same run split into two minibatches, which does the pass. The controller's logic, so in one process."""
     first = {}
     for name, batch in (("one", 16), ("two", 8)):
         out = tmp_path / name
@@ -153,7 +102,8 @@ def test_an_on_policy_update_reads_the_rollout_log_probs_from_its_own_forward(ti
                        "--set", "ppo.samples_per_prompt=4", "--set", "ppo.prompts_per_iteration=4",
                        "--set", "ppo.ppo_epochs=1", "--set", f"ppo.train_batch_size={batch}", "--set", "ppo.iterations=1",
                        "--set", "ppo.reward_model_weight=0", "--set", "ppo.reward_rules.sample=1.0",
-                       "--set", "generation.max_new_tokens=12", "--set", "logging.progress=false") == 0
+                       "--set", "generation.max_new_tokens=12", "--set", "logging.progress=false",
+                       "--set", "ray.in_process=true") == 0
         first[name] = next(m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m)
     assert first["one"]["ppo/on_policy"] == 1.0 and first["two"]["ppo/on_policy"] == 0.0
     for key in ("ppo/reward_raw", "ppo/response_length", "ppo/perplexity", "ppo/kl"):

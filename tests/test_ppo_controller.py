@@ -3,17 +3,17 @@ when an iteration is on-policy, and the SFT rows of the PPO-ptx loss."""
 from __future__ import annotations
 
 import pytest
-import ray
 
 from rlhf.config import load_config
-from rlhf.ppo import PPOTrainer, kl_in_loss
+from rlhf.drivers.ppo import PPOTrainer
+from rlhf.estimators import kl_in_loss
 
 
 def _trainer(tiny, *overrides: str, ptx=None) -> PPOTrainer:
     from rlhf.data import load_prompts
     from rlhf.modeling import load_tokenizer
     from rlhf.moss import tokenize_prompt
-    cfg = load_config("configs/tiny/ppo.yaml", list(overrides))
+    cfg = load_config("ppo", "configs/tiny/ppo.yaml", list(overrides))
     tokenizer = load_tokenizer(tiny["tokenizer"])
     prompts = load_prompts(tiny["prompts_train"])
     ids = [tokenize_prompt(d, tokenizer, cfg.data.max_prompt_length) for d in prompts]
@@ -47,21 +47,43 @@ def test_on_policy_only_when_one_update_sees_what_was_sampled_and_nothing_needs_
 
 
 def test_the_kl_penalty_is_a_loss_term_for_grpo_and_rloo_only():
-    assert kl_in_loss(load_config("configs/tiny/ppo.yaml", ["ppo.estimator=grpo", "ppo.samples_per_prompt=2"]))
-    assert kl_in_loss(load_config("configs/tiny/ppo.yaml", ["ppo.estimator=rloo", "ppo.samples_per_prompt=2"]))
-    assert not kl_in_loss(load_config("configs/tiny/ppo.yaml", ["ppo.estimator=grpo", "ppo.samples_per_prompt=2",
-                                                                "ppo.kl_coef=0"]))
-    assert not kl_in_loss(load_config("configs/tiny/ppo.yaml", ["ppo.estimator=gae"]))
+    ppo = lambda *o: load_config("ppo", "configs/tiny/ppo.yaml", list(o)).ppo  # noqa: E731
+    assert kl_in_loss(ppo("ppo.estimator=grpo", "ppo.samples_per_prompt=2"))
+    assert kl_in_loss(ppo("ppo.estimator=rloo", "ppo.samples_per_prompt=2"))
+    assert not kl_in_loss(ppo("ppo.estimator=grpo", "ppo.samples_per_prompt=2", "ppo.kl_coef=0"))
+    assert not kl_in_loss(ppo("ppo.estimator=gae"))
 
 
-def test_each_minibatch_step_gets_fresh_ptx_rows_the_same_on_a_resume(tiny, local_ray):
+def test_each_minibatch_step_gets_fresh_ptx_rows_the_same_on_a_resume(tiny):
+    from rlhf.drivers.sft import encode_dialogues
     from rlhf.modeling import load_tokenizer
-    from rlhf.sft import encode_dialogues
-    cfg = load_config("configs/tiny/ppo.yaml", [f"data.ptx={tiny['sft_train']}", "ppo.ptx_coef=0.1"])
-    ptx = encode_dialogues(cfg.data.ptx, load_tokenizer(tiny["tokenizer"]), cfg)
+    cfg = load_config("ppo", "configs/tiny/ppo.yaml", [f"data.ptx={tiny['sft_train']}", "ppo.ptx_coef=0.1"])
+    ptx = encode_dialogues(cfg.data.ptx, load_tokenizer(tiny["tokenizer"]), cfg.data)
     trainer = _trainer(tiny, f"data.ptx={tiny['sft_train']}", "ppo.ptx_coef=0.1", ptx=ptx)
-    trainer.state.iteration = 5
-    batches = [ray.get(trainer.ptx_batch(8, step)[0])["input_ids"] for step in (0, 1, 0)]
+    batches = [trainer.ptx_batch(5, 8, step)[0]["input_ids"] for step in (0, 1, 0)]
     assert not batches[0].equal(batches[1]) and batches[0].equal(batches[2])
-    trainer.state.iteration = 6
-    assert not ray.get(trainer.ptx_batch(8, 0)[0])["input_ids"].equal(batches[0])
+    assert not trainer.ptx_batch(6, 8, 0)[0]["input_ids"].equal(batches[0])
+
+
+@pytest.mark.slow
+def test_replies_cut_short_for_three_iterations_are_named_and_marked_for_the_report(tiny, sft_run, rm_run, tmp_path,
+                                                                                      capsys):
+    from conftest import run_cli
+    from rlhf.metrics import read_metrics
+    from rlhf.report import write_report
+    out = tmp_path / "ppo"
+    assert run_cli("ppo", "--config", "configs/tiny/ppo.yaml", "--policy", f"{sft_run}/final", "--reward",
+                   f"{rm_run}/final", "--prompts", tiny["prompts_train"], "--output", out, "--set", "data.eval=",
+                   "--set", "ppo.iterations=3", "--set", "ppo.prompts_per_iteration=8", "--set", "ppo.train_batch_size=8",
+                   "--set", "generation.max_new_tokens=3", "--set", f"generation.lengths_from={tiny['sft_train']}",
+                   "--set", "logging.progress=false", "--set", "ray.in_process=true") == 0
+    printed = capsys.readouterr().out
+    assert "generation.max_new_tokens=3 is below" in printed  # said at start-up ...
+    assert "of the replies reached <eom> in each of the last 3 iterations" in printed  # ... and when it showed
+    iters = [m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
+    assert [m.get("ppo/cut_short") for m in iters] == [None, None, 1.0]
+    report = write_report(str(tmp_path), rm_eval={"pairwise_accuracy": 0.9, "pairs": 10, "mean_margin": 1.0},
+                          rule_sft=None, rule_ppo=None, examples=[], ppo_metrics=f"{out}/metrics.jsonl",
+                          sft_metrics=f"{sft_run}/metrics.jsonl")
+    text = open(report, encoding="utf-8").read()
+    assert text.index("reward_raw.png") < text.index("Replies cut short") < text.index("kl.png")

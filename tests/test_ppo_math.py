@@ -350,3 +350,30 @@ def test_reinforce_pp_advantages_on_known_numbers():
 def test_broadcast_to_tokens():
     out = broadcast_to_tokens(torch.tensor([2.0, -1.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
     assert out.tolist() == [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]
+
+
+def test_a_far_off_reference_gives_a_bounded_k3_penalty_and_a_finite_gradient():
+    """One token where the reference is 60 nats above the policy: unclamped, k3 = e^60 (and its gradient) swamps
+    the batch; with the default bound of 10 the penalty stays below e^10 and the gradient is finite."""
+    logprobs = torch.tensor([[-70.0, -1.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-10.0, -1.2, -0.4]])
+    mask = torch.ones(1, 3)
+    assert kl_estimate(logprobs, ref, "k3")[0, 0] > 1e25
+    bounded = kl_estimate(logprobs, ref, "k3", clip=10.0)
+    assert float(bounded.max()) < math.exp(10) and bounded[0, 1:].tolist() == approx(
+        kl_estimate(logprobs, ref, "k3")[0, 1:].tolist())  # tokens inside the bound are unchanged
+    loss, _ = kl_loss(logprobs, ref, mask, clip=10.0)
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all() and float(logprobs.grad.abs().max()) < math.exp(10)
+
+
+def test_the_policy_log_ratio_is_bounded_and_the_bound_is_reported():
+    old = torch.tensor([[-100.0, -1.0]])
+    logprobs = torch.tensor([[-1.0, -1.1]], requires_grad=True)
+    advantages, mask = torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    free, free_stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2)
+    assert not torch.isfinite(torch.exp(logprobs - old)).all()  # e^99 overflows float32
+    bounded, stats = policy_loss(logprobs, old, advantages, mask, clip_eps=0.2, log_ratio_clip=20.0)
+    bounded.backward()
+    assert torch.isfinite(bounded) and torch.isfinite(logprobs.grad).all()
+    assert float(stats["log_ratio_clipfrac"]) == approx(0.5) and float(free_stats["log_ratio_clipfrac"]) == 0.0

@@ -8,10 +8,11 @@ import types
 
 import pytest
 
-from reward.rules import (Rollout, RuleError, combine, load_rule, load_rules, plugin_segments, score_rules)
+from reward.rules import Rollout, RuleError, combine, load_rule, load_rules, score_rules
+from rlhf.moss import plugin_segments
 from rlhf.config import ConfigError, load_config
 from rlhf.moss import Dialogue, Turn
-from rlhf.plugins import ToolError, build_registry, default_registry
+from rlhf.tools import ToolError, build_registry, default_registry
 
 PROMPT = Dialogue([Turn(human="What is 7*8?")], "", {"answer": "56"})
 FULL = ('<|Inner Thoughts|>: use it<eot>\n<|Commands|>: Calculate("7*8")<eoc>\n<|Results|>:\n'
@@ -67,7 +68,7 @@ def test_a_user_rule_by_import_path_and_its_errors(monkeypatch):
 
 
 def test_reward_config_is_checked_in_one_line():
-    cfg = load_config("configs/tiny/plugin_ppo.yaml", ["ppo.reward_rules.command=0.5"])
+    cfg = load_config("ppo", "configs/tiny/plugin_ppo.yaml", ["ppo.reward_rules.command=0.5"])
     assert cfg.ppo.reward_rules == {"answer": 1.0, "command": 0.5} and cfg.ppo.reward_model_weight == 0.0
     for overrides, message in [
         (["ppo.reward_rules.answer=0"], "0 leaves no reward"),
@@ -76,7 +77,7 @@ def test_reward_config_is_checked_in_one_line():
         (["ppo.reward_model_weight=-1"], "must be >= 0"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            load_config("configs/tiny/plugin_ppo.yaml", overrides)
+            load_config("ppo", "configs/tiny/plugin_ppo.yaml", overrides)
 
 
 def test_user_tools_register_through_the_config_path(monkeypatch):

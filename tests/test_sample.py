@@ -11,7 +11,7 @@ import pytest
 
 from rlhf.data import load_dialogues, load_preferences, load_prompts
 from rlhf.moss import Dialogue, Turn, render
-from rlhf.plugins import answer_reward
+from reward.rules import answer_reward
 from rlhf.sample import (EN_TOPICS, ZH_TOPICS, prompt_key, rule_score, run_sample, score_responses,
                          write_sample)
 

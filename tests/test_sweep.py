@@ -60,7 +60,7 @@ def test_rm_grid_sweep_writes_a_best_config_that_loads(tiny, sweep_ray, tmp_path
     assert f"best: trial {best['trial']}" in printed
 
     # best_config.yaml is the base config plus the best trial's value, ready for `rlhf rm --config`.
-    cfg = load_config(f"{out}/best_config.yaml")
+    cfg = load_config("rm", f"{out}/best_config.yaml")
     assert cfg.optim.lr == pytest.approx(float(best["optim.lr"]))
     assert cfg.train.max_steps == 2 and cfg.data.eval == tiny["prefs_eval"]
     assert "rlhf rm --config" in open(f"{out}/best_config.yaml").read()
@@ -71,18 +71,20 @@ def test_rm_grid_sweep_writes_a_best_config_that_loads(tiny, sweep_ray, tmp_path
     assert run_cli("sweep", "--config", spec, "--output", out) == 2  # refuses to overwrite without --resume
     os.remove(f"{out}/best_config.yaml")
     assert run_cli("sweep", "--config", spec, "--output", out, "--resume") == 0  # nothing left to run
-    assert load_config(f"{out}/best_config.yaml").optim.lr == cfg.optim.lr
+    assert load_config("rm", f"{out}/best_config.yaml").optim.lr == cfg.optim.lr
 
 
 def test_asha_stops_the_weaker_ppo_trial_early(tiny, sweep_ray, tmp_path):
     # The metric is the KL coefficient itself, so which trial is weaker is known and the test does not rest on luck;
-    # one trial at a time (as the 4 CPUs force anyway) so the strong one sets the rung first.
+    # one trial at a time so the strong one sets the rung first. Each trial is a LoRA policy that is its own
+    # reference, rewarded by a rule: one role group, so the trials are quick to start.
     spec = write_spec(tmp_path, command="ppo", base_config="configs/tiny/ppo.yaml",
                       args={"policy": tiny["base"], "reward": tiny["base"], "prompts": tiny["prompts_train"]},
                       overrides=["ppo.iterations=3", "ppo.prompts_per_iteration=8", "ppo.train_batch_size=8",
-                                 "ppo.ppo_epochs=1", "ppo.critic_warmup_iterations=0", "generation.max_new_tokens=8",
-                                 "roles.policy.micro_batch_size=8", "roles.critic.micro_batch_size=8",
-                                 "train.save_every=0"],
+                                 "ppo.ppo_epochs=1", "ppo.estimator=grpo", "ppo.samples_per_prompt=2",
+                                 "ppo.reward_model_weight=0", "ppo.reward_rules.sample=1.0",
+                                 "roles.policy.lora.enabled=true", "generation.max_new_tokens=8",
+                                 "roles.policy.micro_batch_size=8", "train.save_every=0"],
                       search={"ppo.kl_coef": {"type": "grid", "values": [0.1, 0.01]}},
                       metric="ppo/kl_coef", mode="max", max_concurrent_trials=1,
                       scheduler={"type": "asha", "max_t": 3, "grace_period": 1, "reduction_factor": 2})
@@ -91,12 +93,12 @@ def test_asha_stops_the_weaker_ppo_trial_early(tiny, sweep_ray, tmp_path):
     steps = {float(r["ppo.kl_coef"]): int(r["step"]) for r in summary(out)}
     assert steps[0.1] == 3  # ran every iteration
     assert steps[0.01] < 3  # stopped at the first rung
-    assert load_config(f"{out}/best_config.yaml").ppo.kl_coef == pytest.approx(0.1)
+    assert load_config("ppo", f"{out}/best_config.yaml").ppo.kl_coef == pytest.approx(0.1)
 
 
 def test_trials_and_their_role_groups_show_in_the_ray_state_api(tiny, sweep_ray, tmp_path):
     from ray.util.state import list_actors
-    from rlhf.sweep import run_sweep
+    from rlhf.drivers.sweep import run_sweep
     spec = write_spec(tmp_path, command="sft", base_config="configs/tiny/sft.yaml",
                       args={"model": tiny["base"], "data": tiny["sft_train"]},
                       overrides=["train.max_steps=3", "deepspeed.zero_stage=0", *ONE_RANK],
@@ -111,7 +113,7 @@ def test_trials_and_their_role_groups_show_in_the_ray_state_api(tiny, sweep_ray,
     while sweep.is_alive() and not pairs:
         alive = list_actors(address=sweep_ray, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
         trials = [a for a in alive if a.class_name.endswith("ImplicitFunc")]  # Tune's function-trainable actor
-        workers = [a for a in alive if a.class_name == "LMWorker"]
+        workers = [a for a in alive if a.class_name == "SFTWorker"]
         pairs = [(t, w) for t in trials for w in workers if w.placement_group_id == t.placement_group_id]
         time.sleep(0.5)
     sweep.join(timeout=300)

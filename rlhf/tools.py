@@ -1,5 +1,4 @@
-"""MOSS-003 plugin tools: the Calculator and Equation Solver, the registry that runs `<|Commands|>`, and
-verifiable rewards for arithmetic replies.
+"""MOSS-003 plugin tools: the Calculator and Equation Solver, and the registry that runs `<|Commands|>`.
 
 Commands come from a policy being trained, so they are untrusted text: expressions are parsed by a small
 recursive-descent parser into sympy objects (never `eval`, never `sympify` on raw input), sizes are bounded, and
@@ -450,50 +449,3 @@ def build_registry(tools: list[str], solver: bool = True, timeout: float = 5.0) 
             raise ToolError(f"plugins.tools: {path}: expected module:function, a function taking the ToolRegistry")
         register(registry)
     return registry
-
-
-# --- verifiable rewards ------------------------------------------------------------------------------------
-
-# A number not glued to a word or another number: "x2" is no number, "52-7" ends with 7, "1,024" is 1024.
-_NUMBER = re.compile(r"(?<![A-Za-z0-9_.])-?\d+(?:,\d{3})*(?:\.\d+)?")
-
-
-def final_number(text: str) -> str | None:
-    """The last number in a reply, without thousands separators, or None."""
-    matches = _NUMBER.findall(text)
-    return matches[-1].replace(",", "") if matches else None
-
-
-def _decimal(value: Any) -> Decimal | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        return Decimal(str(value).strip())
-    except InvalidOperation:
-        return None
-
-
-def answer_reward(prompt_metadata: dict, reply: str) -> float:
-    """1.0 when the reply's last number equals the prompt's known `answer` numerically, else 0.0."""
-    answer = _decimal(prompt_metadata.get("answer"))
-    final = final_number(reply)
-    got = _decimal(final) if final is not None else None
-    if answer is None or got is None or not answer.is_finite():
-        return 0.0
-    return 1.0 if got == answer else 0.0
-
-
-def command_well_formed(commands: str, registry: ToolRegistry | None = None) -> float:
-    """1.0 when the Commands segment is `None` or every line is `Name("arg")` of a registered command."""
-    registry = registry or default_registry()
-    text = commands.strip()
-    if text == NONE_TEXT:
-        return 1.0
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        return 0.0
-    for line in lines:
-        parsed = parse_command(line)
-        if parsed is None or registry.get(parsed[0]) is None:
-            return 0.0
-    return 1.0

@@ -73,18 +73,19 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
 
     from actors.runtime import ensure_ray
     from reward.evaluate import evaluate
-    from reward.trainer import run_rm
     from rlhf.data import load_prompts
-    from rlhf.generation import generate_texts
+    from rlhf.drivers.generate import generate_texts
+    from rlhf.drivers.ppo import run_ppo
+    from rlhf.drivers.rm import run_rm
+    from rlhf.drivers.sft import run_sft
     from rlhf.modeling import init_model
-    from rlhf.ppo import rule_score_of, run_ppo
     from rlhf.report import write_report
-    from rlhf.sample import write_sample
-    from rlhf.sft import run_sft
+    from rlhf.sample import score_of, write_sample
     from rlhf.tokenizer import texts_from_files, train_tokenizer
 
     pc = load_pipeline_config(config, overrides)
-    cfgs = {name: load_config(getattr(pc.stages, name), getattr(pc.overrides, name)) for name in ("sft", "rm", "ppo")}
+    cfgs = {name: load_config(name, getattr(pc.stages, name), getattr(pc.overrides, name))
+            for name in ("sft", "rm", "ppo")}
     os.makedirs(output, exist_ok=True)
     say = lambda msg: print(f"[pipeline] {msg}", flush=True)  # noqa: E731
 
@@ -111,22 +112,20 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
     started = ensure_ray(cfgs["ppo"].ray, 4)
     try:
         stage = {name: os.path.join(output, name) for name in ("sft", "rm", "ppo")}
-        if not os.path.isdir(os.path.join(stage["sft"], "final")):
-            cfg = cfgs["sft"]
-            cfg.data.eval = cfg.data.eval or files["sft_eval"]
-            say("SFT ...")
-            run_sft(cfg, model, files["sft_train"], stage["sft"], resume=_stage_args(stage["sft"], resume))
-        if not os.path.isdir(os.path.join(stage["rm"], "final")):
-            cfg = cfgs["rm"]
-            cfg.data.eval = cfg.data.eval or files["prefs_eval"]
-            say("preference model ...")
-            run_rm(cfg, f"{stage['sft']}/final", files["prefs_train"], stage["rm"], resume=_stage_args(stage["rm"], resume))
-        if not os.path.isdir(os.path.join(stage["ppo"], "final")):
-            cfg = cfgs["ppo"]
-            cfg.data.eval = cfg.data.eval or files["prompts_eval"]
-            say("PPO ...")
-            run_ppo(cfg, f"{stage['sft']}/final", f"{stage['rm']}/final", files["prompts_train"], stage["ppo"],
-                    resume=_stage_args(stage["ppo"], resume))
+        cfgs["ppo"].roles.reward.model = f"{stage['rm']}/final"
+        cfgs["ppo"].generation.lengths_from = cfgs["ppo"].generation.lengths_from or files["sft_train"]
+        # Each stage: what it starts from, what it trains on, what it holds out, the line it says, its driver.
+        stages = [("sft", model, "sft", "SFT ...", run_sft),
+                  ("rm", f"{stage['sft']}/final", "prefs", "preference model ...", run_rm),
+                  ("ppo", f"{stage['sft']}/final", "prompts", "PPO ...", run_ppo)]
+        for name, start, data_kind, line, run in stages:
+            if os.path.isdir(os.path.join(stage[name], "final")):
+                continue
+            cfg = cfgs[name]
+            cfg.model.path, cfg.data.train = start, files[f"{data_kind}_train"]
+            cfg.data.eval = cfg.data.eval or files[f"{data_kind}_eval"]
+            say(line)
+            run(cfg, stage[name], resume=_stage_args(stage[name], resume))
     finally:
         if started:
             ray.shutdown()
@@ -134,16 +133,15 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
     say("generations before and after PPO ...")
     ppo_cfg = cfgs["ppo"]
     prompts = load_prompts(files["prompts_eval"])[: pc.eval_prompts]
-    replies = {name: generate_texts(f"{stage[name]}/final", prompts, ppo_cfg.generation, ppo_cfg.data.max_prompt_length,
-                                    ppo_cfg.data.plugin, seed=ppo_cfg.seed) for name in ("sft", "ppo")}
+    replies = {name: generate_texts(f"{stage[name]}/final", prompts, ppo_cfg) for name in ("sft", "ppo")}
     rm_eval = evaluate(f"{stage['rm']}/final", files["prefs_eval"], cfgs["rm"])
     examples = [(p.turns[-1].human, a, b) for p, a, b in
                 list(zip(prompts, replies["sft"], replies["ppo"]))[: pc.report_examples]]
-    report = write_report(output, rm_eval=rm_eval, rule_sft=rule_score_of(prompts, replies["sft"]),
-                          rule_ppo=rule_score_of(prompts, replies["ppo"]), examples=examples,
+    report = write_report(output, rm_eval=rm_eval, rule_sft=score_of(prompts, replies["sft"]),
+                          rule_ppo=score_of(prompts, replies["ppo"]), examples=examples,
                           ppo_metrics=f"{stage['ppo']}/metrics.jsonl", sft_metrics=f"{stage['sft']}/metrics.jsonl")
-    say(f"rule score on held-out prompts: SFT {rule_score_of(prompts, replies['sft'])} -> PPO "
-        f"{rule_score_of(prompts, replies['ppo'])}; reward model accuracy {rm_eval['pairwise_accuracy']:.3f}")
+    say(f"rule score on held-out prompts: SFT {score_of(prompts, replies['sft'])} -> PPO "
+        f"{score_of(prompts, replies['ppo'])}; reward model accuracy {rm_eval['pairwise_accuracy']:.3f}")
     print(f"Report: {report}")
     print(f"TensorBoard: tensorboard --logdir {output}")
     return 0

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rlhf.config import Config, ConfigError, load_config, ranks, save_config, to_yaml
+from rlhf.config import ConfigError, load_config, save_config, to_yaml
 
 COMMANDS = ("sft", "rm", "ppo")
 SEARCH_TYPES = ("grid", "choice", "uniform", "loguniform")
@@ -203,30 +203,32 @@ def _resolve(path: str) -> str:
     return path  # a hub id, or a missing file the command itself reports
 
 
-def _base_config(spec: SweepSpec) -> Config:
+def _base_config(spec: SweepSpec) -> Any:
     """The base config with every local path made absolute: trials run in other working directories."""
-    cfg = load_config(_resolve(spec.base_config) or None, spec.overrides)
+    cfg = load_config(spec.command, _resolve(spec.base_config) or None, spec.overrides)
     for name in ("model", "data", "policy", "reward", "prompts"):
         setattr(spec.args, name, _resolve(getattr(spec.args, name)))
-    cfg.data.eval, cfg.data.ptx = _resolve(cfg.data.eval), _resolve(cfg.data.ptx)
+    cfg.data.eval = _resolve(cfg.data.eval)
     cfg.model.tokenizer = _resolve(cfg.model.tokenizer)
-    for role in ("policy", "reference", "reward", "critic"):
-        rc = getattr(cfg.roles, role)
-        rc.model = _resolve(rc.model)
     if spec.command == "ppo":
+        cfg.data.ptx = _resolve(cfg.data.ptx)
+        for role in ("policy", "reference", "reward", "critic"):
+            rc = getattr(cfg.roles, role)
+            rc.model = _resolve(rc.model)
         cfg.model.path, cfg.data.train = spec.args.policy, spec.args.prompts
+        cfg.roles.reward.model = spec.args.reward or cfg.roles.reward.model
     else:
         cfg.model.path, cfg.data.train = spec.args.model, spec.args.data
     return cfg
 
 
 def _check_search(spec: SweepSpec, base_path: str, where: str) -> None:
-    """Every searched key is a real Config key and every value passes the config's own checks."""
+    """Every searched key is a real key of the command's config and every value passes the config's own checks."""
     for key, p in spec.search.items():
         samples = p.values if p.type in ("grid", "choice") else [p.low, p.high]
         for value in samples:
             try:
-                load_config(base_path, [_override(key, value)])
+                load_config(spec.command, base_path, [_override(key, value)])
             except ConfigError as err:
                 msg = str(err)
                 for prefix in (f"{base_path}: ", "--set ", f"{key}: "):
@@ -234,28 +236,15 @@ def _check_search(spec: SweepSpec, base_path: str, where: str) -> None:
                 raise ConfigError(f"{where}search.{key}: {msg} (value {value!r})") from None
 
 
-def trial_bundles(command: str, cfg: Config, use_gpu: bool, driver_cpus: float) -> list[dict]:
-    """The trial's placement group: its controller's bundle, then one per rank of each role group, in the order the
-    run asks for them (actors.group hands them out in that order)."""
-    def per_rank(layout, cpus: float) -> list[dict]:
-        return [{"CPU": cpus, **({"GPU": 1} if use_gpu else {})} for _ in range(ranks(layout))]
-
-    bundles = [{"CPU": driver_cpus}]
-    if command in ("sft", "rm"):
-        return bundles + per_rank(cfg.layout, cfg.layout.cpus_per_rank)
-    from rlhf.ppo import needs_critic, needs_reference_group
-    wanted = ["policy", "reward"] + (["reference"] if needs_reference_group(cfg) else []) + \
-             (["critic"] if needs_critic(cfg) else [])
-    layouts = {r: getattr(cfg.roles, r).layout for r in wanted}
-    guests = {r: [g for g in wanted if layouts[g].colocate_with == r] for r in wanted}
-    # rlhf.ppo.Roles first reserves the shared bundles of hosts of colocated roles, then each lone role's own.
-    hosts = [r for r in wanted if not layouts[r].colocate_with and guests[r]]
-    for r in hosts:
-        bundles += per_rank(layouts[r], layouts[r].cpus_per_rank + sum(layouts[g].cpus_per_rank for g in guests[r]))
-    for r in wanted:
-        if not layouts[r].colocate_with and r not in hosts:
-            bundles += per_rank(layouts[r], layouts[r].cpus_per_rank)
-    return bundles
+def trial_bundles(command: str, cfg: Any, use_gpu: bool, driver_cpus: float) -> list[dict]:
+    """The trial's placement group: its controller's bundle, then the role groups' as the planner lays them out
+    for the run (the run takes exactly those bundles of the trial's group)."""
+    from actors.placement import plan_placement
+    if command == "ppo":
+        layouts = {r: getattr(cfg.roles, r).layout for r in cfg.derive().roles}
+    else:
+        layouts = {"sft" if command == "sft" else "reward": cfg.layout}
+    return plan_placement(layouts, use_gpu).trial_bundles(driver_cpus)
 
 
 # --- inside a trial ---------------------------------------------------------------------------------------------
@@ -321,29 +310,32 @@ def run_trial(config: dict, job: dict) -> None:
 
     ctx = tune.get_context()
     run_dir = os.path.join(job["experiment_dir"], ctx.get_trial_id(), "run")
-    cfg = load_config(job["base_config"], trial_overrides(config) + ["logging.progress=false"])
+    cfg = load_config(job["command"], job["base_config"], trial_overrides(config) + ["logging.progress=false"])
     resume = _prepare_run_dir(run_dir, tune.get_checkpoint())
     every, last = cfg.train.save_every, cfg.ppo.iterations if job["command"] == "ppo" else cfg.train.max_steps
     reporter = TuneReporter(job["metric"], lambda step: step > 0 and (bool(every and step % every == 0)
                                                                        or bool(last and step >= last)))
     previous = set_reporter(reporter.log), set_commit_hook(reporter.commit)
-    args = job["args"]
     try:
-        if job["command"] == "sft":
-            from rlhf.sft import run_sft
-            run_sft(cfg, args["model"], args["data"], run_dir, resume)
-        elif job["command"] == "rm":
-            from reward.trainer import run_rm
-            run_rm(cfg, args["model"], args["data"], run_dir, resume)
-        else:
-            from rlhf.ppo import run_ppo
-            run_ppo(cfg, args["policy"], args["reward"] or None, args["prompts"], run_dir, resume)
+        RUNNERS[job["command"]]()(cfg, run_dir, resume)
     except SystemExit as err:  # a user error inside the run: Tune records it as the trial's error
         raise RuntimeError(str(err)) from None
     finally:
         set_reporter(previous[0])
         set_commit_hook(previous[1])
     reporter.flush()
+
+
+def _runner(module: str, name: str) -> Callable[[], Callable]:
+    def load() -> Callable:
+        import importlib
+        return getattr(importlib.import_module(module), name)
+    return load
+
+
+RUNNERS = {"sft": _runner("rlhf.drivers.sft", "run_sft"), "rm": _runner("rlhf.drivers.rm", "run_rm"),
+           "ppo": _runner("rlhf.drivers.ppo", "run_ppo")}
+"""Each command's run function (imported in the trial, where it runs)."""
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -359,7 +351,7 @@ def _param_space(spec: SweepSpec) -> dict:
     return {key: make[p.type](p) for key, p in spec.search.items()}
 
 
-def _scheduler(spec: SweepSpec, cfg: Config, where: str) -> Any:
+def _scheduler(spec: SweepSpec, cfg: Any, where: str) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
     s = spec.scheduler
@@ -471,7 +463,7 @@ def _report(spec: SweepSpec, results: Any, output: str, base_path: str) -> int:
               f"under {os.path.join(output, EXPERIMENT)}/*/run/")
         return 1
     best = measured[0]
-    cfg = load_config(base_path, trial_overrides(best["_config"]))
+    cfg = load_config(spec.command, base_path, trial_overrides(best["_config"]))
     path = os.path.join(output, "best_config.yaml")
     command = _command_line(spec, path, os.path.join(output, "best"))
     values = ", ".join(f"{k}={_cell(best[k])}" for k in keys)

@@ -1,0 +1,219 @@
+"""The causal-LM roles: the policy (generate, log-probs, PPO updates), the reference, and the SFT trainer.
+
+Losses come from the pure functions of `rlhf.ppo_math`; each is a share of the global batch's token mean (see
+`actors.engine`). Forward passes drop the columns that are padding in every row of a micro-batch and keep only the
+reply's logits, so a micro-batch of short rows costs what its rows need.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+
+from actors.dispatch import dispatch, even_rows, padded_rows, update_plan
+from actors.rank import RankWorker
+from rlhf.batching import Batch, chunk, micro_batches, position_ids, trim_left_padding, trim_padding
+from rlhf.ppo_math import entropy_from_logits, kl_loss, logprobs_from_logits, masked_sum, policy_loss
+from rlhf.roles import PolicyLoss, UpdatePlan
+
+
+class CausalLMWorker(RankWorker):
+    """What the three LM roles share: the model, its LoRA adapters, and log-probs of token spans."""
+
+    def build(self) -> torch.nn.Module:
+        from rlhf.modeling import apply_lora_config, load_causal_lm
+        spec = self.spec
+        # Load straight into the run's dtype: a 16B model in float32 would need 64 GB of host memory per rank.
+        model = load_causal_lm(spec.model_path, str(self.dtype()).removeprefix("torch."),
+                               spec.model.trust_remote_code)
+        if spec.model.gradient_checkpointing and spec.trainable:
+            model.gradient_checkpointing_enable()
+        self.lora = spec.role.lora.enabled and spec.trainable
+        if self.lora:
+            model = apply_lora_config(model, spec.role.lora)
+        base = model.get_base_model() if self.lora else model
+        # transformers' own models keep only the reply's logits when asked; a checkpoint's remote code may not.
+        self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.eom_id = self.tokenizer.convert_tokens_to_ids("<eom>")
+        return model
+
+    def _logits(self, mb: Batch, keep: int = 0) -> torch.Tensor:
+        """Float32 logits [b, T, V]; with `keep`, only the last `keep` positions'."""
+        mb = {k: v.to(self.device) for k, v in mb.items()}
+        extra = {"logits_to_keep": keep} if keep and self.keeps_logits else {}
+        out = self.engine.forward(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                                  position_ids=position_ids(mb["attention_mask"]), use_cache=False, **extra)
+        return out.logits[:, -keep:].float() if keep else out.logits.float()
+
+    def _response_logprobs(self, mb: Batch, with_entropy: bool = False):
+        """Log-probs [b, R] of the reply tokens of an experience micro-batch (sequences = prompt + reply)."""
+        width = mb["response_ids"].shape[1]
+        mb = trim_left_padding(mb)
+        logits = self._logits({"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]}, keep=width + 1)
+        logits = logits[:, :-1]
+        logp = logprobs_from_logits(logits, mb["response_ids"].to(self.device))
+        return (logp, entropy_from_logits(logits)) if with_entropy else (logp, None)
+
+    def _logprobs(self, batch: Batch, adapters_off: bool = False) -> torch.Tensor:
+        off = self.engine.module.disable_adapter() if adapters_off and self.lora else contextlib.nullcontext()
+        with off:
+            return self.each_micro_batch(batch, lambda mb: self._response_logprobs(mb)[0])
+
+    def _lm_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed token loss over the loss mask of a right-padded micro-batch, and its token count."""
+        logits = self._logits(mb)
+        labels = mb["input_ids"][:, 1:].to(self.device)
+        mask = mb["loss_mask"][:, 1:].to(self.device).float()
+        logp = logprobs_from_logits(logits[:, :-1], labels)
+        return -(logp * mask).sum(), mask.sum()
+
+    @dispatch(reduce="first")
+    def save_pretrained(self, out_dir: str, merge_lora: bool = True) -> None:
+        """All ranks call this (ZeRO-3 gathers); rank 0 writes an HF directory atomically."""
+        from rlhf.modeling import save_pretrained_atomic
+        self.engine.write_on_rank0(self.rank, lambda: save_pretrained_atomic(
+            self.engine.module, self.tokenizer, out_dir, merge_lora=merge_lora))
+
+
+class PolicyWorker(CausalLMWorker):
+    """A policy rank: it samples the rollouts, scores them with its own log-probs (and, with LoRA, its base's as
+    the reference), and takes the PPO updates."""
+
+    def build(self) -> torch.nn.Module:
+        model = super().build()
+        self.tools = None
+        if self.spec.plugins is not None:  # a plugin policy runs its commands in this process, between passes
+            from rlhf.tools import build_registry
+            p = self.spec.plugins
+            self.tools = build_registry(p.tools, p.solver, p.timeout)
+        return model
+
+    @dispatch(split={"prompts": padded_rows}, reduce="concat")
+    def generate(self, prompts: Batch, generation: Any) -> Batch:
+        """Sample replies to left-padded prompts, stopping at <eom>, right-padded to a fixed width; a plugin
+        policy writes its turn in two passes around the tools' Results (see rlhf.generation).
+        Returns response_ids, action_mask (what the policy wrote), response_mask (what later passes attend to)
+        [b, R] and ended [b]."""
+        from rlhf.generation import generate_plugin_replies, generate_replies
+        gen = dataclasses.asdict(generation) if dataclasses.is_dataclass(generation) else dict(generation)
+        zero3 = self.engine.partitioned
+        gather = zero3 and self.spec.role.deepspeed.gather_for_generation
+        synced = zero3 and not gather  # ranks step together, gathering each layer's weights as they go
+        rows = len(prompts["input_ids"])
+        with self.engine.gathered(gather):
+            if self.tools is not None:
+                out, infos = generate_plugin_replies(self.engine.module, self.tokenizer, prompts, gen, self.tools,
+                                                     self.device, synced=synced, micro_batch=rows,
+                                                     max_results_tokens=self.spec.plugins.max_results_tokens)
+                # What each row's tools were asked and answered, as the rules judge it (no parse of decoded text).
+                return out | {"commands": [i["commands"] for i in infos], "results": [i["results"] for i in infos]}
+            return generate_replies(self.engine.module, prompts, gen, self.eom_id, self.tokenizer.pad_token_id,
+                                    self.device, synced=synced, micro_batch=rows)
+
+    @dispatch(split={"batch": padded_rows}, reduce="concat")
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """[b, R] log-probs of the sampled replies under the current weights."""
+        return self._logprobs(batch)
+
+    @dispatch(split={"batch": padded_rows}, reduce="concat")
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """The policy's base with its LoRA adapters switched off serves as the reference (no second copy)."""
+        return self._logprobs(batch, adapters_off=True)
+
+    @dispatch(split={"plan": update_plan},
+              reduce={"grad_norm": "mean", "logprobs": "concat", **{k: "sum" for k in (
+                  "pg_loss", "clipfrac", "approx_kl", "log_ratio_clipfrac", "entropy", "ptx_loss", "kl_loss", "nonfinite")}})
+    def update(self, plan: UpdatePlan, loss: PolicyLoss) -> dict:
+        """One optimizer step per minibatch of the plan (this rank's rows of each): the clipped surrogate, plus
+        kl_coef x k3 KL to `ref_logprobs` (GRPO, RLOO), an entropy bonus and the PPO-ptx LM loss where asked.
+        A minibatch without `old_logprobs` is on-policy (sampled by these weights): the ratio's denominator is this
+        forward's own detached log-probs, which come back as `logprobs` [b, R]. Stats are this rank's shares,
+        averaged over the steps."""
+        self.engine.train()
+        micro = self.spec.role.micro_batch_size
+        sums = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "log_ratio_clipfrac": 0.0, "entropy": 0.0,
+                "ptx_loss": 0.0, "grad_norm": 0.0}
+        if loss.kl_coef:
+            sums["kl_loss"] = 0.0
+        fresh: list[torch.Tensor] = []
+        for step, (batch, num_tokens) in enumerate(zip(plan.steps, plan.tokens)):
+            n_micro = max(1, len(batch["response_ids"]) // micro)
+            ptx_parts = None
+            if plan.ptx is not None and loss.ptx_coef > 0:  # this rank's SFT rows of the step, a part per micro-batch
+                ptx_parts = [chunk(plan.ptx[step], i, n_micro) for i in range(n_micro)]
+            for i, mb in enumerate(micro_batches(batch, micro)):
+                mask = mb["action_mask"].to(self.device).float()
+                logp, entropy = self._response_logprobs(mb, with_entropy=True)
+                old = mb["old_logprobs"].to(self.device) if "old_logprobs" in mb else logp.detach()
+                if "old_logprobs" not in mb:
+                    fresh.append(logp.detach().cpu())
+                total, stats = policy_loss(logp, old, mb["advantages"].to(self.device), mask, loss.clip_eps,
+                                           num_tokens=num_tokens, dual_clip=loss.dual_clip,
+                                           log_ratio_clip=loss.log_ratio_clip)
+                share = float(mask.sum()) / num_tokens
+                sums["pg_loss"] += float(total.detach())
+                for key in ("clipfrac", "approx_kl", "log_ratio_clipfrac"):
+                    sums[key] += float(stats[key]) * share
+                ent = masked_sum(entropy, mask) / num_tokens
+                sums["entropy"] += float(ent.detach())
+                if loss.entropy_coef:
+                    total = total - loss.entropy_coef * ent
+                if loss.kl_coef:
+                    kl, _ = kl_loss(logp, mb["ref_logprobs"].to(self.device), mask, num_tokens, loss.kl_clip)
+                    sums["kl_loss"] += float(kl.detach())
+                    total = total + loss.kl_coef * kl
+                if ptx_parts is not None:
+                    ptx_sum, _ = self._lm_loss_sum(trim_padding(ptx_parts[i]))
+                    ptx_loss = ptx_sum / max(1, plan.ptx_tokens[step])
+                    sums["ptx_loss"] += float(ptx_loss.detach())
+                    total = total + loss.ptx_coef * ptx_loss
+                self.engine.backward_step(total)
+            sums["grad_norm"] += self.engine.grad_norm()
+        steps = max(1, len(plan.steps))
+        out: dict[str, Any] = {k: v / steps for k, v in sums.items()}
+        out["nonfinite"] = self.engine.take_nonfinite()
+        if fresh:
+            out["logprobs"] = torch.cat(fresh)
+        return out
+
+
+class ReferenceWorker(CausalLMWorker):
+    """A frozen copy of the starting policy: the KL penalty's other side."""
+
+    @dispatch(split={"batch": padded_rows}, reduce="concat")
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """[b, R] the reference's log-probs of the sampled replies."""
+        return self._logprobs(batch)
+
+
+class SFTWorker(CausalLMWorker):
+    """An SFT rank: the LM loss over what the model writes (Inner Thoughts, Commands, MOSS replies)."""
+
+    @dispatch(split={"batch": even_rows}, reduce={"loss_sum": "sum", "grad_norm": "first", "lr": "first"})
+    def train_step(self, batch: Batch, num_tokens: int) -> dict:
+        """One optimizer step over this rank's rows; the loss is the mean over the global batch's tokens."""
+        self.engine.train()
+        total = 0.0
+        for mb in micro_batches(batch, self.spec.role.micro_batch_size):
+            loss_sum, _ = self._lm_loss_sum(trim_padding(mb))
+            self.engine.backward_step(loss_sum / num_tokens)
+            total += float(loss_sum.detach())
+        return {"loss_sum": total, "grad_norm": self.engine.grad_norm(), "lr": self.engine.lr()}
+
+    @dispatch(split={"batch": padded_rows}, reduce="concat")
+    def evaluate(self, batch: Batch) -> dict:
+        """Per row: summed token loss and token count (no update)."""
+        self.engine.eval()
+        losses, tokens = [], []
+        with torch.no_grad():
+            for mb in micro_batches(batch, self.spec.role.micro_batch_size):
+                mb = trim_padding(mb)
+                logits = self._logits(mb)
+                mask = mb["loss_mask"][:, 1:].to(self.device).float()
+                logp = logprobs_from_logits(logits[:, :-1], mb["input_ids"][:, 1:].to(self.device))
+                losses.append(-(logp * mask).sum(1).cpu())
+                tokens.append(mask.sum(1).cpu())
+        return {"loss_sum": torch.cat(losses), "tokens": torch.cat(tokens)}

@@ -1,0 +1,445 @@
+"""`rlhf ppo`: the single controller that drives one PPO iteration after another over the role groups.
+
+`PPOTrainer.iteration` reads like the paper: roll out MOSS replies, score them (the policy's and the reference's
+log-probs, the reward and the critic's values asked for at once), shape rewards and compute advantages with the
+pure functions of `rlhf.ppo_math` and `rlhf.estimators`, update the policy and the critic, adapt the KL coefficient.
+The roles are reached only through `rlhf.roles`; `run_ppo` starts them on Ray (or in this process) and recovers the
+run when a rank dies.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+
+from rlhf import estimators, ppo_math as pm
+from rlhf.batching import Batch, collate_prompts, collate_sft
+from rlhf.checkpoint import read_meta
+from rlhf.config import PPOConfig
+from rlhf.data import load_prompts
+from rlhf.drivers.runs import (RunDir, Stage, backend_for, load_checkpoint, open_run, permutation, recover,
+                               resumed, save_checkpoint)
+from rlhf.metrics import Progress
+from rlhf.moss import Dialogue, tokenize_prompt
+from rlhf.roles import PolicyLoss, PPORoles, UpdatePlan, ValueLoss
+
+
+class PPOTrainer:
+    """The controller's state (iteration, KL controller, running score statistics) and one iteration's logic."""
+
+    def __init__(self, cfg: PPOConfig, roles: Optional[PPORoles], tokenizer: Any, prompts: list[Dialogue],
+                 prompt_ids: list[list[int]], ptx: Optional[list[dict]], reward_stats: Optional[dict],
+                 rules: Optional[dict] = None, eval_rules: Optional[dict] = None):
+        from reward.rules import RewardRules
+        self.cfg, self.roles, self.tokenizer = cfg, roles, tokenizer
+        self.prompts, self.prompt_ids, self.ptx = prompts, prompt_ids, ptx
+        self.rules = RewardRules(rules or {}, cfg.ppo.reward_rules, cfg.ppo.reward_model_weight, eval_rules or {})
+        p = cfg.ppo
+        self.estimator = estimators.ESTIMATORS[p.estimator]
+        self.kl_ctl = pm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
+        self.moments = pm.RunningMoments()
+        if reward_stats:  # start the running statistics from the preference model's own, so iteration 0 is sane
+            self.moments.load_state_dict({"mean": reward_stats["mean"], "var": reward_stats["std"] ** 2,
+                                          "count": p.prompts_per_iteration})
+        self.iteration_done = 0
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration_done, "kl": self.kl_ctl.state_dict(),
+                "score_moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration_done = int(state["iteration"])
+        self.kl_ctl.load_state_dict(state["kl"])
+        if self.cfg.ppo.kl_controller == "fixed":  # a fixed coefficient is the config's (PBT may have mutated it)
+            self.kl_ctl.coef = self.cfg.ppo.kl_coef
+        self.moments.load_state_dict(state["score_moments"])
+
+    # --- one iteration -----------------------------------------------------------------------------------------
+    def iteration(self, it: int) -> dict:
+        p, timings, began = self.cfg.ppo, {}, time.time()
+        rows = self.prompt_batch(it)
+        prompts = collate_prompts([self.prompt_ids[i] for i in rows], self.tokenizer.pad_token_id)
+        with timed(timings, "time/generate"):
+            rollout = self.roles.policy.generate(prompts, self.cfg.generation).result()
+        exp, on_policy = experience(prompts, rollout), self.on_policy(len(rows))
+        with timed(timings, "time/score"):  # every role scores at once; nothing waits on what it does not need
+            pending = self.score(exp, on_policy)
+            rollouts = self.rollouts([self.prompts[i] for i in rows], rollout)
+            scored = {name: future.result() for name, future in pending.items()}
+        reward, parts = self.rules.reward(scored.get("scores"), rollouts)
+        if bad := nonfinite(reward=reward, **scored):
+            return self.skipped(it, f"score: {bad}", timings)
+        mask = exp["action_mask"].float()
+        scores = reward + p.no_eom_penalty * (1 - rollout["ended"].float())
+        norm = self.normalize(scores)
+        rewards = None if on_policy else pm.shape_rewards(norm, scored["old_logprobs"], scored["ref_logprobs"], mask,
+                                                          self.kl_ctl.coef, p.kl_estimator, p.kl_clip or None)[0]
+        advantages, returns = estimators.advantages(p, norm, rewards, scored.get("values"), mask)
+        with timed(timings, "time/train"):
+            stats = self.update(it, self.train_batch(exp, scored, advantages, returns))
+        if stats.pop("nonfinite"):
+            return self.skipped(it, "train: a non-finite loss", timings)
+        logp = stats.pop("logprobs") if on_policy else scored["old_logprobs"]
+        kl = pm.masked_sum(pm.kl_estimate(logp, scored["ref_logprobs"], p.kl_estimator, p.kl_clip or None) * mask,
+                           mask, dim=1)
+        self.kl_ctl.update(float(kl.mean()), len(rows))
+        self.iteration_done = it + 1
+        return self.metrics(began, reward, scores, norm, kl, logp, mask, advantages, returns, rollout, scored,
+                            parts, rollouts, on_policy) | stats | timings
+
+    def score(self, exp: Batch, on_policy: bool) -> dict:
+        """The scoring calls of one rollout, started at once: reference (and, unless on-policy, the policy's own)
+        log-probs, the preference model's scores and the critic's values, as each run has them."""
+        pending = {"ref_logprobs": self.roles.reference.logprobs(exp)}
+        if not on_policy:  # else the update's own forward gives the rollout's log-probs
+            pending["old_logprobs"] = self.roles.policy.logprobs(exp)
+        if self.roles.reward is not None:
+            pending["scores"] = self.roles.reward.score(exp)
+        if self.roles.critic is not None:
+            pending["values"] = self.roles.critic.values(exp)
+        return pending
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """Running-statistics normalisation and clipping of the scores (PPO-max), where the config asks."""
+        p = self.cfg.ppo
+        return pm.normalize_scores(scores, self.moments, p.reward_clip or None) if p.reward_normalize else scores
+
+    def prompt_batch(self, iteration: int) -> list[int]:
+        """The rows of an iteration: prompt indices, each prompt's samples together, shortest prompts first (the
+        ranks' shards and the micro-batches of every pass then hold prompts of like length, and the all-pad
+        columns they share are dropped). A function of (seed, iteration) alone, so a resume takes the same."""
+        n = self.cfg.ppo.prompts_per_iteration
+        epoch, index = divmod(iteration, len(self.prompt_ids) // n)
+        order = permutation(len(self.prompt_ids), self.cfg.seed, epoch)[index * n:(index + 1) * n]
+        order = sorted(order, key=lambda i: len(self.prompt_ids[i]))
+        return [i for i in order for _ in range(self.cfg.ppo.samples_per_prompt)]
+
+    def on_policy(self, rows: int) -> bool:
+        """Whether the iteration's only update runs with the weights that sampled and nothing needs the rollout's
+        log-probs before it: one PPO epoch over one minibatch with an estimator whose advantages come from the
+        scores alone (GRPO, RLOO; their KL is a loss term). The ratio is then exactly 1, and the update's own
+        forward pass returns the log-probs instead of a separate pass before it."""
+        p = self.cfg.ppo
+        return (not self.estimator.shaped_rewards and not self.estimator.needs_critic and p.ppo_epochs == 1
+                and p.train_batch_size >= rows)
+
+    def train_batch(self, exp: Batch, scored: dict, advantages: torch.Tensor, returns: torch.Tensor) -> Batch:
+        """What the update reads of each rollout: the experience, its advantages, and per estimator the rollout's
+        log-probs (the ratio's denominator), the reference's (a KL loss term) and the critic's values and returns."""
+        train = {**exp, "advantages": advantages}
+        if "old_logprobs" in scored:
+            train["old_logprobs"] = scored["old_logprobs"]
+        if estimators.kl_in_loss(self.cfg.ppo):
+            train["ref_logprobs"] = scored["ref_logprobs"]
+        if "values" in scored:
+            train |= {"old_values": scored["values"], "returns": returns}
+        return train
+
+    def update(self, it: int, train: Batch) -> dict:
+        """PPO epochs over seeded minibatches; the policy's and the critic's updates run side by side (the policy
+        waits while the critic warms up). Returns their mean stats as `ppo/...` (and `logprobs`, `nonfinite`)."""
+        p, roles = self.cfg.ppo, self.roles
+        plan = self.minibatches(it, train)
+        futures = {}
+        if not (roles.critic is not None and it < p.critic_warmup_iterations):
+            loss = PolicyLoss(p.clip_eps, p.entropy_coef, self.kl_ctl.coef if estimators.kl_in_loss(p) else 0.0,
+                              p.ptx_coef if plan.ptx is not None else 0.0, p.dual_clip or None,
+                              p.log_ratio_clip or None, p.kl_clip or None)
+            futures["policy"] = roles.policy.update(plan, loss)
+        if roles.critic is not None:
+            futures["critic"] = roles.critic.update(plan, ValueLoss(p.value_clip_eps, p.value_loss_coef))
+        stats: dict = {"nonfinite": 0.0}
+        for future in futures.values():
+            for key, value in future.result().items():
+                if key == "nonfinite":
+                    stats["nonfinite"] += value
+                else:
+                    stats[key if key == "logprobs" else f"ppo/{key}"] = value
+        return stats
+
+    def minibatches(self, it: int, train: Batch) -> UpdatePlan:
+        """The update's steps: each epoch a seeded shuffle cut into minibatches, each minibatch's rows in rollout
+        order (prompt length, so micro-batches hold like lengths), with fresh PPO-ptx rows for every step."""
+        p = self.cfg.ppo
+        n = train["response_ids"].shape[0]
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + it)
+        steps = []
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(n, generator=gen)
+            steps += [order[start:start + p.train_batch_size].sort().values for start in range(0, n, p.train_batch_size)]
+        batches = [{k: v[idx] for k, v in train.items()} for idx in steps]
+        plan = UpdatePlan(batches, [int(b["action_mask"].sum()) for b in batches])
+        if self.ptx and p.ptx_coef > 0:
+            ptx = [self.ptx_batch(it, len(idx), step) for step, idx in enumerate(steps)]
+            plan.ptx, plan.ptx_tokens = [b for b, _ in ptx], [t for _, t in ptx]
+        return plan
+
+    def ptx_batch(self, it: int, rows: int, step: int) -> tuple[Batch, int]:
+        """SFT rows for the PPO-ptx loss of one minibatch step: fresh rows each step, the same on a resume."""
+        rng = random.Random(f"{self.cfg.seed}-{it}-{step}")
+        batch = collate_sft([self.ptx[rng.randrange(len(self.ptx))] for _ in range(rows)], self.tokenizer.pad_token_id)
+        return batch, int(batch["loss_mask"][:, 1:].sum())
+
+    def skipped(self, it: int, phase: str, timings: dict) -> dict:
+        """Never train on NaN/inf: the iteration is counted as skipped, and the caller decides when to stop."""
+        self.iteration_done = it + 1
+        return {"ppo/skipped": 1.0, "ppo/skipped_phase": phase, **timings}
+
+    def metrics(self, began: float, reward: torch.Tensor, scores: torch.Tensor, norm: torch.Tensor,
+                kl: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                returns: torch.Tensor, rollout: Batch, scored: dict, parts: dict, rollouts: list,
+                on_policy: bool) -> dict:
+        """The iteration's scalars, named as the README lists them."""
+        tokens = float(mask.sum())
+        out = {
+            "ppo/reward_raw": float(reward.mean()), "ppo/reward": float(scores.mean()),
+            "ppo/reward_norm": float(norm.mean()), "ppo/kl": float(kl.mean()),
+            "ppo/kl_coef": float(self.kl_ctl.coef), "ppo/on_policy": float(on_policy),
+            "ppo/response_length": float(mask.sum(1).mean()), "ppo/ended_fraction": float(rollout["ended"].float().mean()),
+            "ppo/perplexity": math.exp(-float(pm.masked_mean(logp, mask))),
+            "ppo/advantage_mean": float(pm.masked_mean(advantages, mask)),
+            "ppo/return_mean": float(pm.masked_mean(returns, mask)),
+            "ppo/tokens_per_s": tokens / max(1e-9, time.time() - began),
+        }
+        if "values" in scored:
+            out["ppo/value_mean"] = float(pm.masked_mean(scored["values"], mask))
+        p = self.cfg.ppo
+        if p.kl_clip and (p.kl_estimator == "k3" or estimators.kl_in_loss(p)):  # where the k3 bound bit
+            far = (logp - scored["ref_logprobs"]).abs() > p.kl_clip
+            out["ppo/kl_clipfrac"] = float(pm.masked_mean(far.float(), mask))
+        out |= {f"reward/{name}": sum(v) / len(v) for name, v in parts.items()}
+        if self.cfg.data.plugin:
+            out["ppo/tool_call_fraction"] = sum(r.commands not in ("", "None") for r in rollouts) / len(rollouts)
+        return out | {f"ppo/{k}": v for k, v in self.rules.evaluate(rollouts).items()}
+
+    # --- replies -----------------------------------------------------------------------------------------------
+    def rollouts(self, prompts: list[Dialogue], rollout: Batch) -> list:
+        """What the rules see of each row: the final reply and, for a plugin policy, its commands and results."""
+        from reward.rules import Rollout
+        from rlhf.generation import reply_text
+        eom_id = self.tokenizer.convert_tokens_to_ids("<eom>")
+        plugin = self.cfg.data.plugin
+        commands = rollout.get("commands") or [""] * len(prompts)
+        results = rollout.get("results") or [""] * len(prompts)
+        return [Rollout(prompt, reply_text(self.tokenizer, ids, action, eom_id, plugin), c, r, bool(ended))
+                for prompt, ids, action, ended, c, r in zip(prompts, rollout["response_ids"], rollout["action_mask"],
+                                                            rollout["ended"], commands, results)]
+
+    def replies(self, prompts: list[Dialogue]) -> list:
+        """Rollouts of the current policy on held-out prompts, sampled with the run's generation settings."""
+        data = self.cfg.data
+        ids = [tokenize_prompt(d, self.tokenizer, data.max_prompt_length, data.plugin) for d in prompts]
+        rollout = self.roles.policy.generate(collate_prompts(ids, self.tokenizer.pad_token_id),
+                                             self.cfg.generation).result()
+        return self.rollouts(prompts, rollout)
+
+
+@contextlib.contextmanager
+def timed(timings: dict, name: str) -> Iterator[None]:
+    began = time.time()
+    yield
+    timings[name] = time.time() - began
+
+
+def experience(prompts: Batch, rollout: Batch) -> Batch:
+    """Prompt (left-padded) and reply (right-padded) side by side: what every scoring role reads. Attention
+    covers plugin Results too (the policy wrote its answer after reading them); actions cover only what it wrote."""
+    return {"sequences": torch.cat([prompts["input_ids"], rollout["response_ids"]], 1),
+            "attention_mask": torch.cat([prompts["attention_mask"], rollout["response_mask"]], 1),
+            "response_ids": rollout["response_ids"], "action_mask": rollout["action_mask"]}
+
+
+def nonfinite(**tensors: Optional[torch.Tensor]) -> str:
+    """The names of the given tensors that hold NaN/inf (checked before the running statistics see them: one
+    NaN would poison every later normalisation)."""
+    names = {"reward": "reward", "old_logprobs": "policy log-probs", "ref_logprobs": "reference log-probs",
+             "values": "critic values", "scores": "reward"}
+    bad = [names[k] for k, t in tensors.items() if t is not None and not torch.isfinite(t).all()]
+    return ", ".join(dict.fromkeys(bad))
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+def role_model(cfg: PPOConfig, role: str) -> str:
+    """The checkpoint a role starts from: its own `roles.ROLE.model`, else the policy (the reference; the critic
+    with `ppo.critic_init: policy`) or the reward model (the critic by default)."""
+    explicit = getattr(cfg.roles, role).model
+    if explicit or role in ("policy", "reward"):
+        return explicit or (cfg.model.path if role == "policy" else "")
+    if role == "critic" and cfg.ppo.critic_init == "reward":
+        return cfg.roles.reward.model
+    return cfg.roles.policy.model or cfg.model.path
+
+
+def load_reward_setup(cfg: PPOConfig) -> tuple[dict, dict, Optional[dict]]:
+    """The run's reward rules, eval rules and the preference model's score statistics, checked before Ray starts:
+    a missing --reward, a rule that does not import or a tool that does not load fails here in one line."""
+    from reward.model import load_reward_stats
+    from reward.rules import load_rules
+    from rlhf.modeling import check_model_dir
+    from rlhf.tools import build_registry
+    p = cfg.ppo
+    reward = cfg.roles.reward.model
+    if "reward" in cfg.derive().roles and not reward:
+        raise SystemExit("--reward: needed while ppo.reward_model_weight > 0; give the preference model, or set "
+                         "ppo.reward_model_weight=0 and train on ppo.reward_rules alone")
+    if reward:
+        check_model_dir(reward, "--reward")
+    registry = build_registry(cfg.plugins.tools, cfg.plugins.solver, cfg.plugins.timeout)
+    rules = load_rules(p.reward_rules, registry)
+    eval_rules = load_rules(p.eval_rules, registry, by_value=True)
+    # The preference model's own score statistics start the running normalisation when its score is the reward.
+    stats = load_reward_stats(reward) if reward and "reward" in cfg.derive().roles and not rules else None
+    if stats:
+        stats = {"mean": stats["mean"] * p.reward_model_weight, "std": stats["std"] * p.reward_model_weight}
+    return rules, eval_rules, stats
+
+
+def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
+    """Every role group the run needs, placed and built; the groups handle for stopping them."""
+    from actors.lm import PolicyWorker, ReferenceWorker
+    from actors.rank import RankSpec
+    from actors.scalar import CriticWorker, RewardWorker
+    from rlhf.roles import Critic, Policy, Reference, Reward
+    plan = cfg.derive()
+    workers = {"policy": PolicyWorker, "reference": ReferenceWorker, "reward": RewardWorker, "critic": CriticWorker}
+    specs = {}
+    for role in plan.roles:
+        rc = getattr(cfg.roles, role)
+        trainable = role in ("policy", "critic")
+        specs[role] = (workers[role], RankSpec(
+            role_model(cfg, role), rc, cfg.model, cfg.seed, trainable=trainable,
+            grad_accum=plan.grad_accum.get(role, 1), total_steps=plan.optimizer_steps,
+            plugins=cfg.plugins if role == "policy" and cfg.data.plugin else None))
+    groups = backend.start(specs)
+    g = groups.groups
+    roles = PPORoles(policy=Policy(g["policy"]),
+                     reference=Reference(g["reference"]) if "reference" in g else Reference(g["policy"], True),
+                     reward=Reward(g["reward"]) if "reward" in g else None,
+                     critic=Critic(g["critic"]) if "critic" in g else None, groups=g)
+    return roles, groups
+
+
+def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
+    """PPO from the policy `cfg.model.path` with the preference model `cfg.roles.reward.model` (unless rules alone
+    reward) on the prompts `cfg.data.train`; returns the command's summary."""
+    from rlhf.drivers.sft import encode_dialogues
+    from rlhf.generation import fit_generation_cap
+    from rlhf.modeling import ModelLoadError, check_model_dir, load_tokenizer
+
+    check_model_dir(cfg.model.path, "--policy")
+    backend = backend_for(cfg, backend)
+    for role in ("policy", "reference", "reward", "critic"):
+        if getattr(cfg.roles, role).model and role != "reward":
+            check_model_dir(getattr(cfg.roles, role).model, f"roles.{role}.model")
+    rules, eval_rules, reward_stats = load_reward_setup(cfg)
+    plan = cfg.derive()
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from or cfg.data.ptx, "ppo")
+    reward = cfg.roles.reward.model
+    if reward and ("reward" in plan.roles or role_model(cfg, "critic") == reward):
+        reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ModelLoadError(f"{reward}: the reward model's tokenizer differs from the policy's ({cfg.model.path}); "
+                                 "PPO scores the policy's token ids, so train the reward model from the same tokenizer")
+    prompts = load_prompts(cfg.data.train)
+    held_out = load_prompts(cfg.data.eval)[: cfg.ppo.eval_prompts] if cfg.data.eval else []
+    ptx = encode_dialogues(cfg.data.ptx, tokenizer, cfg.data) if cfg.data.ptx and cfg.ppo.ptx_coef > 0 else None
+    if len(prompts) < cfg.ppo.prompts_per_iteration:
+        raise SystemExit(f"{cfg.data.train}: {len(prompts)} prompts is fewer than ppo.prompts_per_iteration "
+                         f"({cfg.ppo.prompts_per_iteration})")
+    prompt_ids = [tokenize_prompt(d, tokenizer, cfg.data.max_prompt_length, cfg.data.plugin) for d in prompts]
+    run = open_run(output, cfg, resume)
+    summary: dict = {}
+
+    def train(session: tuple, restarts: int, stage: Stage) -> dict:
+        roles = session[0]
+        trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules, eval_rules)
+        _record_placement(output, roles)
+        return _train(cfg, run, roles, trainer, held_out, summary, stage, restarts)
+
+    backend.open(sum(getattr(cfg.roles, r).layout.cpus_per_rank * _ranks(cfg, r) for r in plan.roles))
+    try:
+        return recover("ppo", run, cfg.ray.max_restarts, lambda: start_roles(cfg, backend),
+                       lambda session: session[1].stop(), train)
+    finally:
+        run.metrics.close()
+        backend.close()
+
+
+def _ranks(cfg: PPOConfig, role: str) -> int:
+    from rlhf.config import ranks
+    return ranks(getattr(cfg.roles, role).layout)
+
+
+def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, held_out: list[Dialogue],
+           summary: dict, stage: Stage, restarts: int) -> dict:
+    """The run from its last complete checkpoint (or the start) to final/: iterations, checkpoints, evaluations.
+    Called again after a rank died, on fresh role groups; `summary` keeps what earlier attempts measured."""
+    latest = run.checkpoints.latest()
+    if latest:
+        stage.now(f"the restore of {latest}")
+        trainer.load_state_dict(load_checkpoint(roles.trained(), latest)["controller"])
+    resumed(run, restarts, stage, trainer.iteration_done, "ppo", "iterations")
+    if held_out and not latest and "started" not in summary:
+        stage.now("the held-out evaluation before training")
+        start = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
+        summary |= {f"{k}_start": v for k, v in start.items()} | {"started": True}
+        if start:
+            run.metrics.log(0, start)
+    iterations = cfg.ppo.iterations
+    progress = Progress(iterations, desc="ppo", enabled=cfg.logging.progress, initial=trainer.iteration_done)
+    skipped_in_row = cut_short = 0
+    while trainer.iteration_done < iterations:
+        done = trainer.iteration_done + 1
+        stage.now(f"iteration {done}", done)
+        metrics = trainer.iteration(done - 1)
+        if metrics.get("ppo/skipped"):
+            skipped_in_row += 1
+            phase = metrics.pop("ppo/skipped_phase")
+            print(f"ppo: iteration {done} skipped ({phase})", flush=True)
+            if skipped_in_row >= cfg.ppo.max_skipped_in_row:
+                raise SystemExit(f"iteration {done}: {skipped_in_row} iterations in a row were skipped for NaN/inf "
+                                 f"in {phase}; lower the learning rate or check the reward model")
+            run.metrics.log(done, metrics)
+            continue
+        skipped_in_row = 0
+        cut_short = cut_short + 1 if metrics["ppo/ended_fraction"] < cfg.ppo.min_ended_fraction else 0
+        if cut_short == CUT_SHORT_ITERATIONS:  # once per stretch: the line, and a mark the report shows
+            print(f"ppo: only {metrics['ppo/ended_fraction']:.0%} of the replies reached <eom> in each of the last "
+                  f"{cut_short} iterations: generation.max_new_tokens={cfg.generation.max_new_tokens} may cut the "
+                  "replies the reward model prefers; raise it (or set it to auto)", flush=True)
+            metrics["ppo/cut_short"] = 1.0
+        run.metrics.log(done, metrics)
+        progress.update(1, reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < iterations:
+            stage.now(f"the checkpoint of iteration {done}", done)
+            save_checkpoint(run, roles.trained(), done, {"controller": trainer.state_dict()})
+    progress.close()
+    if not (latest and read_meta(latest)["step"] == iterations):
+        stage.now("the final checkpoint", iterations)
+        save_checkpoint(run, roles.trained(), iterations, {"controller": trainer.state_dict()})
+    if held_out:
+        stage.now("the held-out evaluation after training", iterations)
+        end = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
+        summary |= end
+        if end:
+            run.metrics.log(iterations, end)
+    stage.now("the save of final/", iterations)
+    roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save).result()
+    return {k: v for k, v in summary.items() if k != "started"} | {"final": run.final}
+
+
+CUT_SHORT_ITERATIONS = 3
+"""Iterations in a row below ppo.min_ended_fraction before the run says the generation cap may be too low."""
+
+
+def _record_placement(output: str, roles: PPORoles) -> None:
+    """Where each rank ran (node, GPU ids, pid): for the user, and for tests that check the layout."""
+    from rlhf.checkpoint import atomic_write_json
+    atomic_write_json(f"{output}/placement.json", roles.placement())

@@ -1,0 +1,206 @@
+"""What every training command shares: its output directory, checkpoints and resume, and recovery from a dead rank.
+
+A run's output holds final/, metrics.jsonl, tensorboard/, checkpoints/ and the resolved config.yaml (DESIGN.md).
+`recover` runs a command's training from its last complete checkpoint; when a rank dies anywhere (start-up, a
+step, an evaluation, a checkpoint save) it stops the groups, starts new ones and goes again from the last complete
+checkpoint, at most `ray.max_restarts` times. A checkpoint being written when the rank died was never marked
+complete, so it is never taken.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from rlhf.checkpoint import CheckpointManager, read_meta
+from rlhf.config import save_config
+from rlhf.metrics import MetricsLogger, Progress
+from rlhf.roles import RankDied, Trainer
+
+
+@dataclass
+class RunDir:
+    root: str
+    metrics: MetricsLogger
+    checkpoints: CheckpointManager
+    resume_from: Optional[str]
+
+    @property
+    def final(self) -> str:
+        return os.path.join(self.root, "final")
+
+
+def open_run(output: str, cfg: Any, resume: bool) -> RunDir:
+    """Create (or reopen, with --resume) an output directory and write the resolved config into it."""
+    os.makedirs(output, exist_ok=True)
+    checkpoints = CheckpointManager(os.path.join(output, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    latest = checkpoints.latest() if resume else None
+    if not resume and checkpoints.latest():
+        raise SystemExit(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
+                         "or choose another --output")
+    save_config(cfg, os.path.join(output, "config.yaml"))
+    metrics = MetricsLogger(output, tensorboard=cfg.logging.tensorboard, resume=latest is not None)
+    if latest:
+        metrics.truncate_after(int(read_meta(latest)["step"]))
+    return RunDir(output, metrics, checkpoints, latest)
+
+
+def save_checkpoint(run: RunDir, trained: Sequence[Any], step: int, meta: dict) -> str:
+    """Every trained role writes its engines into one temp dir; the dir becomes a checkpoint only when all are done."""
+    from actors.faults import fault_point
+    tmp = run.checkpoints.begin(step)
+    for future in [role.save_checkpoint(tmp) for role in trained]:
+        future.result()
+    fault_point("driver", 0, "commit")  # the fault tests' "driver killed with every part written, unsealed"
+    return run.checkpoints.commit(step, tmp, {**meta, "step": step})
+
+
+def load_checkpoint(trained: Sequence[Any], checkpoint: str) -> dict:
+    """Every trained role reads its engines back; returns the checkpoint's meta."""
+    for future in [role.load_checkpoint(checkpoint) for role in trained]:
+        future.result()
+    return read_meta(checkpoint)
+
+
+def backend_for(cfg: Any, given: Any = None) -> Any:
+    """Where the run's roles live: Ray role groups, or (`ray.in_process`, or a backend the caller gives) one rank
+    each in this process; then every layout is one rank, so the batch arithmetic of `derive()` matches."""
+    if given is None:
+        if cfg.ray.in_process:
+            from actors.local import LocalBackend
+            given = LocalBackend()
+        else:
+            from actors.group import RayBackend
+            given = RayBackend(cfg.ray)
+    if given.local:
+        layouts = [getattr(cfg.roles, r).layout for r in ("policy", "reference", "reward", "critic")] \
+            if hasattr(cfg, "roles") else [cfg.layout]
+        for layout in layouts:
+            layout.num_nodes = layout.gpus_per_node = 1
+    return given
+
+
+def permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of an epoch: a function of (seed, epoch) alone, so a resumed run sees the same order."""
+    import random
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+class Stage:
+    """Where a run is: what a dead rank interrupted, and the furthest step begun (what a restart loses)."""
+
+    def __init__(self) -> None:
+        self.where = "start-up"
+        self.reached = 0
+
+    def now(self, where: str, step: int = 0) -> None:
+        self.where = where
+        self.reached = max(self.reached, step)
+
+
+def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], Any], stop: Callable[[Any], None],
+            train: Callable[[Any, int, Stage], dict]) -> dict:
+    """`train(session, restarts, stage)` on a `start()`ed session, again on a fresh one after each dead rank."""
+    stage = Stage()
+    restarts = 0
+    while True:
+        session = None
+        try:
+            stage.now("start-up")
+            session = start()
+            return train(session, restarts, stage)
+        except RankDied as err:
+            restarts += 1
+            latest = run.checkpoints.latest()
+            if restarts > max_restarts:
+                raise SystemExit(f"{stage.where}: {err}; gave up after {restarts - 1} restart(s) "
+                                 f"(ray.max_restarts={max_restarts}); see the Ray logs of that rank, then rerun "
+                                 f"with --resume to continue from {latest or 'the start'}") from None
+            print(f"{command}: {err.who} died during {stage.where}; rebuilding the role groups from "
+                  f"{latest or 'the start'} (restart {restarts}/{max_restarts})", flush=True)
+        finally:
+            if session is not None:
+                stop(session)
+
+
+def resumed(run: RunDir, restarts: int, stage: Stage, step: int, prefix: str, unit: str = "steps") -> None:
+    """After a restart: drop what was logged past the checkpoint, and say (and log) what was lost."""
+    if not restarts:
+        return
+    run.metrics.truncate_after(step)
+    lost = max(0, stage.reached - step)
+    print(f"{prefix}: resumed at {unit[:-1]} {step}, losing {lost} {unit}", flush=True)
+    run.metrics.log(step, {f"{prefix}/restarts": restarts, f"{prefix}/{unit}_lost": lost})
+
+
+@dataclass
+class Supervised:
+    """What `rlhf sft` and `rlhf rm` differ in; `train_supervised` runs the rest."""
+    role: str
+    """The trained group's name (the checkpoint tag of its engines)."""
+    worker: type
+    records: list
+    """The encoded training records (dialogues, ranked lists), in file order."""
+    step: Callable[[Trainer, list, int], dict]
+    """One optimizer step on these records in this epoch -> its `train/...` metrics."""
+    evaluate: Optional[Callable[[Trainer], dict]]
+    """Held-out metrics (`eval/...`), or None without a held-out file."""
+    finish: Callable[[Trainer, dict, dict], dict]
+    """After the last step: write final/ from (the evaluations before and after training); returns the summary."""
+    shown: Callable[[dict], dict]
+    """What the progress bar shows of a step's metrics."""
+
+
+def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: Any, spec: Any, job: Supervised) -> dict:
+    """The loop of a one-group training run: seeded epochs of global batches, held-out evaluations, checkpoints,
+    final/; resumed from the last complete checkpoint, and recovered (`recover`) when a rank dies."""
+    batch = cfg.train.global_batch_size
+    before: dict = {}
+
+    def attempt(groups: Any, restarts: int, stage: Stage) -> dict:
+        trainer = Trainer(groups.groups[job.role])
+        latest = run.checkpoints.latest()
+        start = int(load_checkpoint([trainer], latest)["step"]) if latest else 0
+        resumed(run, restarts, stage, start, "train")
+        if job.evaluate and start == 0 and not before:
+            stage.now("the held-out evaluation before training")
+            before.update(job.evaluate(trainer))
+            run.metrics.log(0, before)
+        progress = Progress(plan.total_steps, desc=command, enabled=cfg.logging.progress, initial=start)
+        for step in range(start, plan.total_steps):
+            done = step + 1
+            stage.now(f"step {done}", done)
+            epoch, index = divmod(step, plan.steps_per_epoch)
+            order = permutation(len(job.records), cfg.seed, epoch)[index * batch:(index + 1) * batch]
+            metrics = job.step(trainer, [job.records[i] for i in order], epoch)
+            evaluated = bool(job.evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0)
+            if evaluated:
+                stage.now(f"the held-out evaluation of step {done}", done)
+                metrics |= job.evaluate(trainer)
+            if done % cfg.train.log_every == 0 or done == plan.total_steps or evaluated:
+                run.metrics.log(done, metrics)
+            progress.update(1, **job.shown(metrics))
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < plan.total_steps:
+                stage.now(f"the checkpoint of step {done}", done)
+                save_checkpoint(run, [trainer], done, {"epoch": epoch})
+        progress.close()
+        after = {}
+        if job.evaluate:
+            stage.now("the held-out evaluation after training", plan.total_steps)
+            after = job.evaluate(trainer)
+            run.metrics.log(plan.total_steps, after)
+        if start < plan.total_steps or not latest:
+            stage.now("the final checkpoint", plan.total_steps)
+            save_checkpoint(run, [trainer], plan.total_steps, {"epoch": cfg.train.epochs})
+        stage.now("the save of final/", plan.total_steps)
+        return job.finish(trainer, before, after)
+
+    backend.open(plan.world * cfg.layout.cpus_per_rank)
+    try:
+        return recover(command, run, cfg.ray.max_restarts, lambda: backend.start({job.role: (job.worker, spec)}),
+                       lambda groups: groups.stop(), attempt)
+    finally:
+        run.metrics.close()
+        backend.close()

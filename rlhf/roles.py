@@ -1,0 +1,149 @@
+"""The role interface: what the controller of a run may ask of each role, every call returning a future.
+
+    rollout = roles.policy.generate(prompts, generation).result()
+    ref, score = roles.reference.logprobs(exp), roles.reward.score(exp)   # both run at once
+    stats = roles.policy.update(plan, loss).result()
+
+A role wraps a `Group`: N ranks on Ray (`actors.group.RayGroup`) or one rank in this process
+(`actors.local.LocalGroup`, for controller tests and the benchmarks' no-Ray baseline). Each worker method declares
+how its input splits over ranks and how the results reduce (`actors.dispatch`); nothing here knows about ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+from rlhf.batching import Batch
+
+
+class RankDied(RuntimeError):
+    """A rank of a role died (process killed, node lost): the run can rebuild its groups and resume."""
+
+    def __init__(self, who: str, reason: str):
+        super().__init__(f"{who} died ({reason})")
+        self.who, self.reason = who, reason
+
+
+class Future(Protocol):
+    def result(self) -> Any:
+        """Wait for every rank and return their results reduced as the method declares; RankDied if one died."""
+
+
+class Group(Protocol):
+    role: str
+    world_size: int
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Future: ...
+    def node_info(self) -> list[dict]: ...
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class UpdatePlan:
+    """One iteration's optimizer steps: the rows of each minibatch (in step order, epochs included), the number of
+    action tokens of each (the loss normaliser of the whole minibatch, whatever its split), and for PPO-ptx the SFT
+    rows of each step with their loss-token counts."""
+    steps: list[Batch]
+    tokens: list[int]
+    ptx: Optional[list[Batch]] = None
+    ptx_tokens: Optional[list[int]] = None
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    clip_eps: float
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    """> 0: the batch carries `ref_logprobs` and the loss adds kl_coef x k3 KL (GRPO, RLOO)."""
+    ptx_coef: float = 0.0
+    dual_clip: Optional[float] = None
+    log_ratio_clip: Optional[float] = None
+    kl_clip: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ValueLoss:
+    clip_eps: float
+    coef: float = 1.0
+
+
+class _Role:
+    def __init__(self, group: Group):
+        self.group = group
+
+    def save_checkpoint(self, directory: str) -> Future:
+        return self.group.call("save_checkpoint", directory)
+
+    def load_checkpoint(self, directory: str) -> Future:
+        return self.group.call("load_checkpoint", directory)
+
+
+class Policy(_Role):
+    def generate(self, prompts: Batch, generation: Any) -> Future:
+        """Replies to left-padded prompts: response_ids, action_mask, response_mask [b, R], ended [b]."""
+        return self.group.call("generate", prompts, generation)
+
+    def logprobs(self, experience: Batch) -> Future:
+        """[b, R] the policy's log-probs of the replies."""
+        return self.group.call("logprobs", experience)
+
+    def update(self, plan: UpdatePlan, loss: PolicyLoss) -> Future:
+        """PPO epochs over the plan's minibatches; mean stats (and `logprobs` [b, R] when on-policy)."""
+        return self.group.call("update", plan, loss)
+
+    def save_pretrained(self, out_dir: str, merge_lora: bool) -> Future:
+        return self.group.call("save_pretrained", out_dir, merge_lora)
+
+
+class Reference:
+    """The frozen reference: its own group, or the LoRA policy's base with its adapters switched off."""
+
+    def __init__(self, group: Group, adapters_off: bool = False):
+        self.group, self.method = group, "reference_logprobs" if adapters_off else "logprobs"
+
+    def logprobs(self, experience: Batch) -> Future:
+        return self.group.call(self.method, experience)
+
+
+class Reward(_Role):
+    def score(self, experience: Batch) -> Future:
+        """[b] the preference model's score of each whole dialogue."""
+        return self.group.call("score", experience)
+
+
+class Critic(_Role):
+    def values(self, experience: Batch) -> Future:
+        """[b, R] the value of the state before each reply token."""
+        return self.group.call("values", experience)
+
+    def update(self, plan: UpdatePlan, loss: ValueLoss) -> Future:
+        return self.group.call("update", plan, loss)
+
+
+class Trainer(_Role):
+    """The one trained group of `rlhf sft` and `rlhf rm`."""
+
+    def train_step(self, batch: Any, *args: Any) -> Future:
+        return self.group.call("train_step", batch, *args)
+
+    def evaluate(self, batch: Any) -> Future:
+        return self.group.call("evaluate", batch)
+
+    def save_pretrained(self, out_dir: str, *args: Any) -> Future:
+        return self.group.call("save_pretrained", out_dir, *args)
+
+
+@dataclass
+class PPORoles:
+    """The roles of one PPO run; reward and critic are absent when the run needs none (rules only, critic-free)."""
+    policy: Policy
+    reference: Reference
+    reward: Optional[Reward]
+    critic: Optional[Critic]
+    groups: dict[str, Group]
+
+    def trained(self) -> list[_Role]:
+        return [r for r in (self.policy, self.critic) if r is not None]
+
+    def placement(self) -> dict[str, list[dict]]:
+        return {name: group.node_info() for name, group in self.groups.items()}

@@ -1,0 +1,35 @@
+"""A rank of a two-rank SFT or RM run killed at a chosen point (`RLHF_FAULT`, see actors/faults.py): the same
+recovery as PPO's rebuilds the group from the last complete checkpoint and the run finishes every step."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from rlhf.checkpoint import CheckpointManager, read_meta
+from rlhf.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("command, role, method, call, restored", [
+    ("sft", "sft", "train_step", 3, 2),  # inside step 3 of a two-rank SFT run: back to the checkpoint of step 2
+    ("rm", "reward", "evaluate", 2, 0),  # in the held-out evaluation of step 2, before its checkpoint: the start
+])
+def test_a_killed_rank_of_a_two_rank_sft_or_rm_run_is_rebuilt_and_the_run_finishes(tiny, tmp_path, monkeypatch,
+                                                                                   command, role, method, call,
+                                                                                   restored):
+    out = tmp_path / command
+    marker = tmp_path / "fault-fired"
+    monkeypatch.setenv("RLHF_FAULT", f"{role}:{method}:{call}:{marker}")
+    data = {"sft": (tiny["sft_train"], tiny["sft_eval"]), "rm": (tiny["prefs_train"], tiny["prefs_eval"])}[command]
+    assert run_cli(command, "--config", f"configs/tiny/{command}.yaml", "--model", tiny["base"], "--data", data[0],
+                   "--set", f"data.eval={data[1]}", "--set", "train.max_steps=4", "--set", "train.save_every=2",
+                   "--set", "train.eval_every=2", "--set", "train.log_every=1", "--set", "logging.progress=false",
+                   "--output", out) == 0
+    assert marker.exists()
+    metrics = read_metrics(f"{out}/metrics.jsonl")
+    restarts = [m for m in metrics if "train/restarts" in m]
+    assert len(restarts) == 1 and restarts[0]["step"] == restored and restarts[0]["train/restarts"] == 1
+    assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3, 4]
+    assert read_meta(CheckpointManager(str(out / "checkpoints")).latest())["step"] == 4
+    assert (out / "final" / "config.json").exists()
