@@ -44,6 +44,26 @@ def cmd_validate(args) -> int:
     return validate(args.file, args.kind)
 
 
+def cmd_render(args) -> int:
+    """One JSON line per record: the exact text the model sees and the character spans it trains on (a preference
+    gives one such pair per response, best first)."""
+    from rlhf.data import load_records, write_jsonl
+    from rlhf.moss import render, trained_spans
+
+    def rendered(d) -> dict:
+        return {"text": render(d, args.plugin), "trained": trained_spans(d, args.plugin)}
+
+    records = load_records(args.file, args.kind)
+    if args.kind == "preferences":
+        lines = [{**p.metadata, "responses": [rendered(p.prompt.with_reply(r)) for r in p.responses],
+                  "ranks": p.ranks} for p in records]
+    else:
+        lines = [{**d.metadata, **rendered(d)} for d in records]
+    write_jsonl(args.out, lines)
+    print(f"render: {len(lines)} records of {args.file} -> {args.out}")
+    return 0
+
+
 def _check_models(**paths: str) -> None:
     """Model paths are checked before a trainer starts Ray, so a typo costs seconds, not a cluster start."""
     from rlhf.modeling import check_model_dir
@@ -130,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "check a data file; every bad line reported as PATH:LINE: FIELD: problem")
     p.add_argument("file")
     p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True)
+
+    p = add("render", cmd_render, "write the exact text the model sees per record, with the spans it trains on")
+    p.add_argument("file")
+    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True)
+    p.add_argument("--plugin", action="store_true", help="the MOSS-003-plugin style (as data.plugin: true)")
+    p.add_argument("--out", required=True, help="JSONL: {\"text\", \"trained\": [[start, end], ...]} per record")
 
     p = add("sft", cmd_train, "supervised fine-tuning on MOSS dialogues")
     p.add_argument("--model", required=True, help="model directory or hub id")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhf.batching import collate_prompts, pad
-from rlhf.moss import EOC, EOM, EOR, MOSS_TAG, RESULTS_TAG, plugin_segments, split_reply
+from rlhf.moss import EOC, EOM, EOR, MOSS_TAG, RESULTS_TAG, plugin_segments, results_text, split_reply
 
 if TYPE_CHECKING:
     from rlhf.config import GenerationConfig
@@ -147,12 +147,13 @@ def _single_id(tokenizer: Any, token: str) -> int:
 
 
 def results_ids(tokenizer: Any, results: str, max_tokens: int) -> tuple[list[int], str]:
-    """Tokens of `\n<|Results|>:\n{results}<eor>\n`, tokenized as one piece as in SFT, with long results cut
-    so the segment fits max_tokens; and the results text as the model will see it (cut too)."""
-    ids = tokenizer.encode(f"\n{RESULTS_TAG}\n{results}{EOR}\n", add_special_tokens=False)
+    """Tokens of the newline after `<eoc>` and the Results segment (`moss.results_text`), tokenized as one piece as
+    in SFT, with long results cut so the segment fits max_tokens; and the results text as the model will see it
+    (cut too)."""
+    ids = tokenizer.encode(f"\n{results_text(results)}", add_special_tokens=False)
     if len(ids) <= max_tokens:
         return ids, results
-    tail = tokenizer.encode(f"{EOR}\n", add_special_tokens=False)
+    tail = tokenizer.encode(f"\n{EOR}\n", add_special_tokens=False)
     head = tokenizer.encode(f"\n{RESULTS_TAG}\n{results}", add_special_tokens=False)[:max_tokens - len(tail)]
     seen = tokenizer.decode(head, skip_special_tokens=False)
     return head + tail, seen[seen.find(RESULTS_TAG) + len(RESULTS_TAG):].strip()

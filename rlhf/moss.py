@@ -86,13 +86,19 @@ def build_meta_instruction(tools: dict[str, str | None] | None = None,
 
 @dataclass
 class Turn:
-    """One exchange: the human's message, optional plugin segments, and MOSS's reply (None in a prompt)."""
+    """One exchange: the human's message, optional plugin segments, and MOSS's reply (None in a prompt).
+
+    A turn read from a raw MOSS-003 record keeps each segment's exact source text in `source` (field -> (value it
+    was read as, text)), so it renders back byte for byte; a field changed since (a prompt's removed reply, a new
+    reply) renders in the MOSS-003 convention instead.
+    """
 
     human: str
     inner_thoughts: str | None = None
     commands: str | None = None
     results: str | None = None
     moss: str | None = None
+    source: dict[str, tuple[str | None, str]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def has_tools(self) -> bool:
@@ -214,12 +220,14 @@ def _from_raw(obj: dict) -> Dialogue:
         raw = chat[name]
         if not isinstance(raw, dict):
             raise FieldError(where, f"expected an object, got {json_type(raw)}")
-        values: dict[str, str] = {}
+        values: dict[str, Any] = {"source": {}}
         for keys, attr, tag, end in _RAW_SEGMENTS:
             key = next((k for k in keys if k in raw), keys[0])
             text = _strip_raw(raw.get(key), f"{where}.{key}", tag, end)
             if text is not None:
                 values[attr] = text
+            if isinstance(raw.get(key), str):
+                values["source"][attr] = (text, raw[key])
         if "human" not in values:
             raise FieldError(f"{where}.Human", "missing; every turn needs the human's message")
         turns.append(Turn(**values))
@@ -228,7 +236,8 @@ def _from_raw(obj: dict) -> Dialogue:
 
 
 def _strip_raw(value: Any, where: str, tag: str, end: str) -> str | None:
-    """`<|Tag|>: text<end>\\n` -> `text`; a null or `None` segment is absent."""
+    """`<|Tag|>: text<end>\\n` (or Results' `<|Results|>:\\ntext\\n<eor>\\n`) -> `text`; a null or `None` segment
+    is absent."""
     if value is None:
         return None
     if not isinstance(value, str):
@@ -236,16 +245,49 @@ def _strip_raw(value: Any, where: str, tag: str, end: str) -> str | None:
     text = value.strip()
     if not text.startswith(tag):
         raise FieldError(where, f"expected the segment to start with {tag}")
-    text = text[len(tag):]
-    if text.endswith(end):
-        text = text[:-len(end)]
-    # The tag is followed by one space, or a newline for Results.
-    if text[:1] in (" ", "\n"):
+    return _segment_value(text[len(tag):].removesuffix(end))
+
+
+def _segment_value(text: str, none: bool = True) -> str | None:
+    """The value between a tag and its end token: after one space, or between newlines (Results' block form);
+    `None` is an absent segment unless none=False."""
+    if text.startswith("\n"):
+        text = text[1:].removesuffix("\n")
+    elif text.startswith(" "):
         text = text[1:]
-    return None if text == NONE_TEXT else text
+    return None if none and text == NONE_TEXT else text
 
 
 # --- rendering -------------------------------------------------------------------------------------------
+
+
+def results_text(results: str | None) -> str:
+    """The Results segment as MOSS-003 writes it: `<|Results|>:\\n{results}\\n<eor>\\n`, or `<|Results|>: None<eor>\\n`
+    when there are none (the form of the public MOSS-003 data; one function, so SFT data and plugin rollouts agree)."""
+    if results is None or results == NONE_TEXT:
+        return f"{RESULTS_TAG} {NONE_TEXT}{EOR}\n"
+    return f"{RESULTS_TAG}\n{results}\n{EOR}\n"
+
+
+_PLUGIN_FIELDS = ("inner_thoughts", "commands", "results")
+
+
+def _text(turn: Turn, attr: str, made: str) -> str:
+    """A segment's source text when the turn was read from a raw record and the field is unchanged, else `made`
+    (nothing for a segment the raw record does not have)."""
+    if attr not in turn.source:
+        return "" if turn.source and getattr(turn, attr) is None else made
+    value, text = turn.source[attr]
+    return text if value == getattr(turn, attr) else made
+
+
+def _written(text: str, end: str, keep_newline: bool = False) -> list[tuple[str, bool]]:
+    """A segment the model writes: up to its end token (and the newline after it when more model text follows,
+    as the newline between Inner Thoughts and Commands); what follows is context."""
+    cut = text.rfind(end) + len(end) if end in text else len(text)
+    if keep_newline and text.startswith("\n", cut):
+        cut += 1
+    return [(text[:cut], True), (text[cut:], False)]
 
 
 def _turn_pieces(turn: Turn, plugin: bool, last: bool) -> list[tuple[str, bool]]:
@@ -255,35 +297,35 @@ def _turn_pieces(turn: Turn, plugin: bool, last: bool) -> list[tuple[str, bool]]
     with `<|MOSS|>:`, so the program writes that tag and the model ` {moss}<eom>`; plugin segments present
     in this mode are model-written from their tag to their end token, Results are written by the program.
     With plugin=True a prompt ends after `<eoh>\\n`, so the model writes the Inner Thoughts and Commands
-    tags too, the program the Results, and the model again `<|MOSS|>: {moss}<eom>`.
+    tags too, the program the Results, and the model again `<|MOSS|>: {moss}<eom>`. A turn of a raw MOSS-003
+    record writes every segment its record has (`None` ones included) in either mode.
     Newlines after an end token are context: generation stops at the end token.
     """
     if turn.moss is None and not last:
         raise ValueError("only the last turn of a dialogue may lack MOSS's reply")
-    pieces = [(f"{HUMAN_TAG} {turn.human}{EOH}\n", False)]
-    if plugin:
-        if not turn.has_tools and turn.moss is None:
-            return pieces
-        it, cmd, res = (x if x is not None else NONE_TEXT
-                        for x in (turn.inner_thoughts, turn.commands, turn.results))
-        pieces += [(f"{INNER_THOUGHTS_TAG} {it}{EOT}\n{COMMANDS_TAG} {cmd}{EOC}", True),
-                   (f"\n{RESULTS_TAG}\n{res}{EOR}\n", False)]
-        if turn.moss is not None:
-            pieces += [(f"{MOSS_TAG} {turn.moss}{EOM}", True), ("\n", False)]
-        return pieces
-    written = []
-    if turn.inner_thoughts is not None:
-        written.append(f"{INNER_THOUGHTS_TAG} {turn.inner_thoughts}{EOT}")
-    if turn.commands is not None:
-        written.append(f"{COMMANDS_TAG} {turn.commands}{EOC}")
-    if written:
-        pieces += [("\n".join(written), True), ("\n", False)]
-    if turn.results is not None:
-        pieces.append((f"{RESULTS_TAG}\n{turn.results}{EOR}\n", False))
-    pieces.append((MOSS_TAG, False))
-    if turn.moss is not None:
-        pieces += [(f" {turn.moss}{EOM}", True), ("\n", False)]
-    return pieces
+    pieces = [(_text(turn, "human", f"{HUMAN_TAG} {turn.human}{EOH}\n"), False)]
+    raw_plugin = any(attr in turn.source for attr in _PLUGIN_FIELDS)
+    if plugin and turn.moss is None and not turn.has_tools:
+        return pieces  # the plugin model's prompt: it writes its Inner Thoughts next
+    if plugin or raw_plugin:
+        it, cmd = (x if x is not None else NONE_TEXT for x in (turn.inner_thoughts, turn.commands))
+        pieces += _written(_text(turn, "inner_thoughts", f"{INNER_THOUGHTS_TAG} {it}{EOT}\n"), EOT, True)
+        pieces += _written(_text(turn, "commands", f"{COMMANDS_TAG} {cmd}{EOC}\n"), EOC)
+        pieces.append((_text(turn, "results", results_text(turn.results)), False))
+    else:
+        if turn.inner_thoughts is not None:
+            pieces += _written(f"{INNER_THOUGHTS_TAG} {turn.inner_thoughts}{EOT}\n", EOT, turn.commands is not None)
+        if turn.commands is not None:
+            pieces += _written(f"{COMMANDS_TAG} {turn.commands}{EOC}\n", EOC)
+        if turn.results is not None:
+            pieces.append((results_text(turn.results), False))
+    if turn.moss is None:
+        return pieces + ([] if plugin else [(MOSS_TAG, False)])
+    reply = _text(turn, "moss", f"{MOSS_TAG} {turn.moss}{EOM}\n")
+    if plugin:  # the plugin model writes the tag itself
+        return pieces + _written(reply, EOM)
+    tag = len(MOSS_TAG) if reply.startswith(MOSS_TAG) else 0
+    return pieces + [(reply[:tag], False)] + _written(reply[tag:], EOM)
 
 
 def _merge(pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
@@ -312,6 +354,17 @@ def render(dialogue: Dialogue, plugin: bool = False) -> str:
     return "".join(text for text, _ in segments(dialogue, plugin))
 
 
+def trained_spans(dialogue: Dialogue, plugin: bool = False) -> list[list[int]]:
+    """[start, end) character spans of `render(dialogue, plugin)` that the model writes: where SFT puts its loss
+    and PPO its actions (the tokens `tokenize_dialogue`'s loss mask covers)."""
+    spans, at = [], 0
+    for text, by_model in segments(dialogue, plugin):
+        if by_model:
+            spans.append([at, at + len(text)])
+        at += len(text)
+    return spans
+
+
 # --- parsing ---------------------------------------------------------------------------------------------
 
 
@@ -330,11 +383,10 @@ def parse(text: str, plugin: bool | None = None) -> Dialogue:
         if turns and turns[-1].moss is None:
             raise ValueError(f"text continues after a turn without a reply at offset {reader.pos}")
         values = {"human": reader.read(f"{HUMAN_TAG} ", EOH, required=True)}
-        for attr, prefix, end in (("inner_thoughts", f"{INNER_THOUGHTS_TAG} ", EOT),
-                                  ("commands", f"{COMMANDS_TAG} ", EOC),
-                                  ("results", f"{RESULTS_TAG}\n", EOR)):
-            value = reader.read(prefix, end)
-            values[attr] = None if value == NONE_TEXT and plugin is not False else value
+        for attr, tag, end in (("inner_thoughts", INNER_THOUGHTS_TAG, EOT), ("commands", COMMANDS_TAG, EOC),
+                               ("results", RESULTS_TAG, EOR)):
+            value = reader.read(tag, end)
+            values[attr] = None if value is None else _segment_value(value, none=plugin is not False)
         if reader.rest() == MOSS_TAG:  # a plain prompt's ending
             reader.pos = len(text)
         else:

@@ -1,5 +1,7 @@
-"""The small commands as a user types them: sample, tokenizer, init-model, validate, and `rlhf --help`."""
+"""The small commands as a user types them: sample, tokenizer, init-model, validate, render, and `rlhf --help`."""
 from __future__ import annotations
+
+import json
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,5 +25,27 @@ def test_sample_tokenizer_init_model_and_validate(tmp_path, capsys):
 def test_help_lists_the_design_commands():
     text = build_parser().format_help()
     for command in ("tokenizer", "init-model", "sft", "rm", "rm-eval", "ppo", "generate", "sweep", "validate",
-                    "pipeline"):
+                    "render", "pipeline"):
         assert command in text
+
+
+def test_render_writes_the_text_the_model_sees_and_the_spans_it_trains_on(tmp_path):
+    from test_moss import RAW_RECORDS
+    raw = RAW_RECORDS["calculator"]
+    (tmp_path / "raw.jsonl").write_text(json.dumps(raw, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert run_cli("render", tmp_path / "raw.jsonl", "--kind", "sft", "--plugin", "--out", tmp_path / "r.jsonl") == 0
+    [line] = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text(encoding="utf-8").splitlines()]
+    turn = raw["chat"]["turn_1"]
+    assert line["text"] == raw["meta_instruction"] + "".join(turn.values())
+    trained = [line["text"][a:b] for a, b in line["trained"]]
+    assert trained == [turn["Inner Thoughts"] + turn["Commands"].rstrip("\n"), turn["MOSS"].rstrip("\n")]
+    assert line["conversation_id"] == 1  # unknown keys ride along
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"turns": [{"human": "2+3?"}], "responses": ["5", "6"], "id": 9}) + "\n")
+    assert run_cli("render", prefs, "--kind", "preferences", "--out", tmp_path / "p.jsonl") == 0
+    [line] = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert line["id"] == 9 and line["ranks"] == [0, 1]
+    assert [r["text"] for r in line["responses"]] == ["<|Human|>: 2+3?<eoh>\n<|MOSS|>: 5<eom>\n",
+                                                      "<|Human|>: 2+3?<eoh>\n<|MOSS|>: 6<eom>\n"]
+    assert [[r["text"][a:b] for a, b in r["trained"]] for r in line["responses"]] == [[" 5<eom>"], [" 6<eom>"]]

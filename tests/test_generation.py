@@ -119,7 +119,7 @@ class ScriptedPolicy:
 
 PASS_ONE = '<|Inner Thoughts|>: need math<eot>\n<|Commands|>: Calculate("2+3")<eoc>'
 PASS_TWO = "<|MOSS|>: It is 5<eom>"
-RESULTS = '\n<|Results|>:\nCalculate("2+3") => 5<eor>\n'
+RESULTS = '\n<|Results|>:\nCalculate("2+3") => 5\n<eor>\n'  # as the public MOSS-003 data writes it
 
 
 def test_plugin_rollout_runs_the_command_and_masks_the_results(policy):
@@ -144,7 +144,7 @@ def test_plugin_rollout_runs_the_command_and_masks_the_results(policy):
     prompt = prompts["input_ids"][0][prompts["attention_mask"][0].bool()].tolist()
     assert model.inputs[1][0] == prompt + one + results
     none_results = tok.decode(out["response_ids"][1][out["action_mask"][1] == 0].tolist(), skip_special_tokens=False)
-    assert none_results.startswith("\n<|Results|>:\nNone<eor>\n")
+    assert none_results.startswith("\n<|Results|>: None<eor>\n")
 
 
 def test_plugin_rollout_malformed_command_and_a_direct_reply(policy):

@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rlhf.moss import (DEFAULT_META_INSTRUCTION, EOM, PAD, SPECIAL_TOKENS, Dialogue, FieldError, Turn,
                        build_meta_instruction, parse, render, segments, split_reply, tokenize_dialogue,
-                       tokenize_prompt)
+                       tokenize_prompt, trained_spans)
 
 META = "You are MOSS.\n"
 
@@ -31,7 +31,7 @@ def test_calculator_turn_renders_the_same_in_both_modes():
     expected = ('You are MOSS.\n<|Human|>: What is 2+3?<eoh>\n'
                 '<|Inner Thoughts|>: I should use the calculator.<eot>\n'
                 '<|Commands|>: Calculate("2+3")<eoc>\n'
-                '<|Results|>:\nCalculate("2+3") => 5<eor>\n'
+                '<|Results|>:\nCalculate("2+3") => 5\n<eor>\n'
                 '<|MOSS|>: 2+3 is 5.<eom>\n')
     d = Dialogue([CALC_TURN], META)
     assert render(d, plugin=True) == expected
@@ -42,7 +42,7 @@ def test_plugin_mode_writes_absent_segments_as_none():
     d = Dialogue([Turn("Hi", moss="Hello!")], META)
     assert render(d, plugin=True) == ("You are MOSS.\n<|Human|>: Hi<eoh>\n"
                                       "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n"
-                                      "<|Results|>:\nNone<eor>\n<|MOSS|>: Hello!<eom>\n")
+                                      "<|Results|>: None<eor>\n<|MOSS|>: Hello!<eom>\n")
     assert render(d, plugin=False) == "You are MOSS.\n<|Human|>: Hi<eoh>\n<|MOSS|>: Hello!<eom>\n"
 
 
@@ -61,7 +61,7 @@ def test_prompt_endings():
     assert render(prompt, plugin=True).endswith("<|Human|>: 2+3?<eoh>\n")
     # Second plugin pass: the program has written the Results, the model writes `<|MOSS|>:` next.
     second = Dialogue([CALC_TURN], META).as_prompt()
-    assert render(second, plugin=True).endswith("Calculate(\"2+3\") => 5<eor>\n")
+    assert render(second, plugin=True).endswith("Calculate(\"2+3\") => 5\n<eor>\n")
 
 
 def test_as_prompt_and_with_reply():
@@ -149,7 +149,9 @@ def test_raw_moss_003_record_is_read():
     assert d.turns == [Turn("2+3等于几？", "用计算器", 'Calculate("2+3")', 'Calculate("2+3") => 5', "等于5。"),
                        Turn("谢谢", moss="不客气！")]
     assert d.metadata == {"conversation_id": 1, "category": "tool"}
-    assert "Calculate(\"2+3\") => 5<eor>\n<|MOSS|>: 等于5。<eom>\n" in render(d, plugin=True)
+    # Rendered back byte for byte: the meta instruction and every segment's text, in order (the null one has none).
+    segments_text = [v for turn in raw["chat"].values() for v in turn.values() if v is not None]
+    assert render(d, plugin=True) == render(d) == raw["meta_instruction"] + "".join(segments_text)
 
 
 def test_structured_json_round_trips_and_keeps_unknown_keys():
@@ -267,3 +269,75 @@ def test_prompt_truncation_keeps_meta_and_the_end(tokenizer: PreTrainedTokenizer
     assert tokenizer.decode(ids[len(meta_ids):], clean_up_tokenization_spaces=False).endswith("<eoh>\n<|MOSS|>:")
     with pytest.raises(ValueError, match="prompt"):
         tokenize_prompt(prompt.with_reply("x"), tokenizer, 100)
+
+
+# --- raw MOSS-003 records, byte for byte ---------------------------------------------------------------------
+
+RAW_META = ("You are an AI assistant whose name is MOSS.\nCapabilities and tools that MOSS can possess.\n"
+            "- Inner thoughts: enabled.\n- Web search: enabled. API: Search(query)\n"
+            "- Calculator: enabled. API: Calculate(expression)\n- Text-to-image: enabled. API: Text2Image(description)\n")
+
+
+def raw_turn(human: str, thoughts: str, commands: str, results: str, moss: str) -> dict:
+    return {"Human": f"<|Human|>: {human}<eoh>\n", "Inner Thoughts": f"<|Inner Thoughts|>: {thoughts}<eot>\n",
+            "Commands": f"<|Commands|>: {commands}<eoc>\n", "Tool Responses": results,
+            "MOSS": f"<|MOSS|>: {moss}<eom>\n"}
+
+
+# One record per plugin style of the public MOSS-003 SFT data, in its shapes (the texts are made up): the calculator
+# and the search engine write their Results as a block between newlines, search results numbered `<|1|>:`;
+# text-to-image writes them after a space; a tool-less turn writes `None` segments, and a few records write the
+# None Results as a block.
+RAW_RECORDS = {
+    "calculator": {"conversation_id": 1, "category": "calculator", "num_turns": 1, "meta_instruction": RAW_META,
+                   "chat": {"turn_1": raw_turn("7乘以8等于多少？", "这是一个计算题，用计算器。", 'Calculate("7*8")',
+                                               '<|Results|>:\nCalculate("7*8") => 56\n<eor>\n', "7乘以8等于56。")}},
+    "search": {"conversation_id": 2, "category": "web_search", "num_turns": 2, "meta_instruction": RAW_META,
+               "chat": {"turn_1": raw_turn("Who wrote Dream of the Red Chamber?", "I should search for it.",
+                                           'Search("Dream of the Red Chamber author")',
+                                           '<|Results|>:\nSearch("Dream of the Red Chamber author") =>\n'
+                                           "<|1|>: 'Cao Xueqin wrote the novel in the 18th century.'\n"
+                                           "<|2|>: 'The last 40 chapters are attributed to Gao E.'\n<eor>\n",
+                                           "It was written by Cao Xueqin.<sup><|1|></sup>"),
+                        "turn_2": raw_turn("Thanks!", "None", "None", "<|Results|>: None<eor>\n",
+                                           "You're welcome.")}},
+    "text2img": {"conversation_id": 3, "num_turns": 1, "meta_instruction": RAW_META,
+                 "chat": {"turn_1": raw_turn("画一只猫", "用户想要一张猫的图片。", 'Text2Image("a cat")',
+                                             "<|Results|>: Image generated successfully.<eor>\n", "好的，这是一只猫。")}},
+    "tool-less": {"conversation_id": 4, "category": "honest", "num_turns": 2, "meta_instruction": RAW_META,
+                  "chat": {"turn_1": raw_turn("Hi", "None", "None", "<|Results|>: None<eor>\n", "Hello!"),
+                           "turn_2": raw_turn("Still there?", "None", "None", "<|Results|>:\nNone\n<eor>\n",
+                                              "Yes.")}},
+}
+
+
+@pytest.mark.parametrize("style", sorted(RAW_RECORDS))
+def test_a_raw_moss_003_record_renders_byte_for_byte(style: str):
+    raw = RAW_RECORDS[style]
+    d = Dialogue.from_json(raw)
+    source = raw["meta_instruction"] + "".join(text for turn in raw["chat"].values() for text in turn.values())
+    assert render(d) == render(d, plugin=True) == source
+    # Its structured form renders in the data's main convention, which only the rarer forms differ from.
+    structured = render(Dialogue.from_json(d.to_json()), plugin=True)
+    assert (structured == source) == (style in ("calculator", "search"))
+
+
+def test_a_raw_prompt_ends_where_the_model_continues():
+    d = Dialogue.from_json(RAW_RECORDS["search"])
+    assert render(d.as_prompt(plugin=True), plugin=True).endswith("<|Human|>: Thanks!<eoh>\n")
+    plain = render(d.as_prompt())
+    assert plain.endswith("<|Human|>: Thanks!<eoh>\n<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>\n"
+                          "<|Results|>: None<eor>\n<|MOSS|>:")
+    # A new reply renders in the convention; the segments it did not touch keep their source text.
+    assert render(d.as_prompt().with_reply("My pleasure.")).endswith("<|MOSS|>: My pleasure.<eom>\n")
+    assert render(d.as_prompt().with_reply("My pleasure.")).startswith(render(d)[:render(d).index("Thanks!")])
+
+
+@pytest.mark.parametrize("plugin", [False, True])
+def test_trained_spans_are_the_tokens_the_loss_mask_covers(tokenizer: PreTrainedTokenizerFast, plugin: bool):
+    for d in [Dialogue([CALC_TURN, Turn("谢谢", moss="不客气")], META), Dialogue([Turn("Hi", moss="Hello!")], META),
+              Dialogue.from_json(RAW_RECORDS["search"]), Dialogue.from_json(RAW_RECORDS["tool-less"])]:
+        text, spans = render(d, plugin), trained_spans(d, plugin)
+        out = tokenize_dialogue(d, tokenizer, max_length=10_000, plugin=plugin)
+        assert masked_spans(tokenizer, out["input_ids"], out["loss_mask"]) == [text[a:b] for a, b in spans]
+        assert all(text[b - 5:b] in ("<eom>", "<eoc>") for _, b in spans)

@@ -16,7 +16,7 @@ from rlhf.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 TURN = re.compile(r"<\|Inner Thoughts\|>: [^<]*<eot>\n<\|Commands\|>: (?P<commands>[^<]*)<eoc>\n"
-                  r"<\|Results\|>:\n(?P<results>[^<]*)<eor>\n<\|MOSS\|>: [^<]*<eom>")
+                  r"<\|Results\|>:[ \n](?P<results>[^<]*?)\n?<eor>\n<\|MOSS\|>: [^<]*<eom>")
 
 
 def test_the_sft_plugin_model_writes_well_formed_turns_around_a_scripted_tool(tiny, plugin_sft):

@@ -16,13 +16,13 @@ from rlhf.tools import ToolError, build_registry, default_registry
 
 PROMPT = Dialogue([Turn(human="What is 7*8?")], "", {"answer": "56"})
 FULL = ('<|Inner Thoughts|>: use it<eot>\n<|Commands|>: Calculate("7*8")<eoc>\n<|Results|>:\n'
-        'Calculate("7*8") => 56<eor>\n<|MOSS|>: It is 56.<eom>')
+        'Calculate("7*8") => 56\n<eor>\n<|MOSS|>: It is 56.<eom>')
 
 
 def test_plugin_segments_of_a_rollout():
     assert plugin_segments(FULL) == ('Calculate("7*8")', 'Calculate("7*8") => 56')
     assert plugin_segments("<|MOSS|>: hi<eom>") == ("", "")
-    assert plugin_segments("<|Commands|>: None<eoc>\n<|Results|>:\nNone<eor>\n<|MOSS|>: 3<eom>") == ("None", "None")
+    assert plugin_segments("<|Commands|>: None<eoc>\n<|Results|>: None<eor>\n<|MOSS|>: 3<eom>") == ("None", "None")
 
 
 def test_builtin_rules_score_answers_and_commands():
