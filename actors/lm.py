@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from actors.dispatch import dispatch, even_rows, padded_rows, update_plan
+from actors.dispatch import dispatch, even_items, even_rows, padded_items, padded_rows, update_plan
 from actors.rank import RankWorker
 from rlhf.batching import Batch, chunk, micro_batches, position_ids, trim_left_padding, trim_padding
 from rlhf.ppo_math import entropy_from_logits, kl_loss, logprobs_from_logits, masked_sum, policy_loss
@@ -38,6 +38,7 @@ class CausalLMWorker(RankWorker):
         # transformers' own models keep only the reply's logits when asked; a checkpoint's remote code may not.
         self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.eom_id = self.tokenizer.convert_tokens_to_ids("<eom>")
+        self.sequences_encoded = 0  # ranked-list responses encoded (DPO counts its reference passes with it)
         return model
 
     def _logits(self, mb: Batch, keep: int = 0) -> torch.Tensor:
@@ -61,6 +62,36 @@ class CausalLMWorker(RankWorker):
         off = self.engine.module.disable_adapter() if adapters_off and self.lora else contextlib.nullcontext()
         with off:
             return self.each_micro_batch(batch, lambda mb: self._response_logprobs(mb)[0])
+
+    def _reply_logps(self, mb: Batch) -> torch.Tensor:
+        """[b] summed log-probs of each row's last reply, in a right-padded ranked-list micro-batch."""
+        mb = trim_padding(mb, ("input_ids", "attention_mask", "reply_mask"))
+        self.sequences_encoded += int(mb["input_ids"].shape[0])
+        logits = self._logits({"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]})
+        logp = logprobs_from_logits(logits[:, :-1], mb["input_ids"][:, 1:].to(self.device))
+        return (logp * mb["reply_mask"][:, 1:].to(self.device).float()).sum(1)
+
+    def _lists_logps(self, lists: list, adapters_off: bool = False) -> list[list[float]]:
+        """Each ranked list's summed log-probs of its responses' last replies, without gradients."""
+        from reward.batches import micro_batches_of
+        self.engine.eval()
+        off = self.engine.module.disable_adapter() if adapters_off and self.lora else contextlib.nullcontext()
+        logps: list[list[float]] = []
+        with off, torch.no_grad():
+            for mb, part in micro_batches_of(lists, self.spec.role.micro_batch_size, self.tokenizer.pad_token_id,
+                                             by_length=False, with_lists=True):
+                values = self._reply_logps(mb).float().cpu().tolist()
+                for lst in part:
+                    logps.append(values[:len(lst.rows)])
+                    values = values[len(lst.rows):]
+        return logps
+
+    @dispatch(split={"lists": padded_items}, reduce={"logps": "concat", "encoded": "sum"})
+    def reply_logprobs(self, lists: list, adapters_off: bool = False) -> dict:
+        """DPO's reference pass: each ranked list's summed log-probs of its responses' last replies (with
+        adapters_off, the LoRA policy's base), and how many sequences this rank encoded for them."""
+        before = self.sequences_encoded
+        return {"logps": self._lists_logps(lists, adapters_off), "encoded": self.sequences_encoded - before}
 
     def _lm_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed token loss over the loss mask of a right-padded micro-batch, and its token count."""
@@ -217,3 +248,55 @@ class SFTWorker(CausalLMWorker):
                 losses.append(-(logp * mask).sum(1).cpu())
                 tokens.append(mask.sum(1).cpu())
         return {"loss_sum": torch.cat(losses), "tokens": torch.cat(tokens)}
+
+
+class DPOWorker(PolicyWorker):
+    """A DPO rank: whole ranked lists, each response encoded once per step, the listwise (Plackett-Luce), pairwise
+    or IPO loss on the implicit rewards against the reference log-probs the lists carry (`rlhf.dpo_math`)."""
+
+    @dispatch(split={"lists": even_items}, reduce={"grad_norm": "first", "lr": "first", **{k: "sum" for k in (
+        "loss", "correct", "pairs", "margin_sum", "better_logp_sum", "worse_logp_sum", "encoded")}})
+    def train_step(self, lists: list, num_prompts: int, loss: Any) -> dict:
+        """One optimizer step over this rank's lists, the loss summed over them and divided by the global batch's
+        prompt count. Stats are sums over pairs (the log-prob sums over each pair's better and worse response)."""
+        from reward.batches import micro_batches_of
+        from rlhf.dpo_math import dpo_loss
+        self.engine.train()
+        before = self.sequences_encoded
+        out = dict.fromkeys(("loss", "correct", "pairs", "margin_sum", "better_logp_sum", "worse_logp_sum"), 0.0)
+        for mb in micro_batches_of(lists, self.spec.role.micro_batch_size, self.tokenizer.pad_token_id):
+            logps = self._reply_logps(mb)
+            pairs = mb["pairs"].to(self.device)
+            res = dpo_loss(logps, mb["ref_logps"].to(self.device), pairs, mb["pair_prompt"].to(self.device),
+                           mb["row_prompt"].to(self.device), loss.beta, loss.loss, loss.label_smoothing,
+                           num_prompts=num_prompts, reply_tokens=mb["reply_mask"][:, 1:].sum(1).to(self.device))
+            self.engine.backward_step(res["loss"])
+            n = res["num_pairs"]
+            out["loss"] += float(res["loss"].detach())
+            out["pairs"] += n
+            out["correct"] += res["accuracy"] * n
+            out["margin_sum"] += res["margin"] * n
+            detached = logps.detach()
+            out["better_logp_sum"] += float(detached[pairs[:, 0]].sum())
+            out["worse_logp_sum"] += float(detached[pairs[:, 1]].sum())
+        return out | {"encoded": self.sequences_encoded - before, "grad_norm": self.engine.grad_norm(),
+                      "lr": self.engine.lr()}
+
+    @dispatch(split={"lists": padded_items}, reduce="concat")
+    def evaluate(self, lists: list, beta: float) -> dict:
+        """Per ranked list: pairs whose better response has the higher implicit reward, pairs, the pairs' implicit
+        margins, and the better and worse responses' log-probs (no update)."""
+        self.engine.eval()
+        out: dict[str, list] = {"correct": [], "pairs": [], "margins": [], "better_logps": [], "worse_logps": []}
+        with torch.no_grad():
+            for lst, logps in zip(lists, self._lists_logps(lists)):
+                policy, ref = torch.tensor(logps), torch.tensor(lst.ref_logps)
+                rewards = beta * (policy - ref)
+                pairs = torch.tensor(lst.pairs, dtype=torch.long).view(-1, 2)
+                diff = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]
+                out["correct"].append(int((diff > 0).sum()))
+                out["pairs"].append(len(diff))
+                out["margins"].append(diff)
+                out["better_logps"].append(policy[pairs[:, 0]])
+                out["worse_logps"].append(policy[pairs[:, 1]])
+        return out

@@ -87,6 +87,13 @@ class CriticWorker(ScalarWorker):
 class RMWorker(ScalarWorker):
     """A preference-model rank: every response of its ranked lists encoded once, all their pairs from the scores."""
 
+    def build(self) -> torch.nn.Module:
+        model = super().build()
+        # The ranking loss sees only score differences, so the head's bias gets no signal, only Adam's rounding noise.
+        # Held where it starts (0), it lets final/ load as transformers' bias-free *ForSequenceClassification.
+        model.head.bias.requires_grad_(False)
+        return model
+
     @dispatch(split={"lists": even_items},
               reduce={"grad_norm": "first", "rewards": "concat", **{k: "sum" for k in (
                   "loss", "correct", "pairs", "margin_sum", "lm_loss", "encoded")}})
@@ -152,11 +159,13 @@ class RMWorker(ScalarWorker):
 
     @dispatch(reduce="first")
     def save_pretrained(self, out_dir: str, stats: Optional[dict] = None, merge_lora: bool = True) -> None:
-        """All ranks call this; rank 0 writes the LM (merged when LoRA), the head, the stats and the tokenizer."""
+        """All ranks call this; rank 0 writes the LM (merged when LoRA), the head, the stats and the tokenizer: a
+        directory that also loads as a sequence classifier (`reward.model`), whose pad token is the tokenizer's."""
         from rlhf.modeling import atomic_directory
         def write() -> None:
             with atomic_directory(out_dir) as tmp:
-                self.engine.module.save_pretrained(tmp, stats=stats, merge_lora=merge_lora)
+                self.engine.module.save_pretrained(tmp, stats=stats, merge_lora=merge_lora,
+                                                   pad_token_id=self.tokenizer.pad_token_id)
                 self.tokenizer.save_pretrained(tmp)
         self.engine.write_on_rank0(self.rank, write)
 

@@ -5,8 +5,8 @@ encoding each pair's two sides again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -22,6 +22,8 @@ class EncodedList:
     reply_masks: list[list[int]]  # 1 on each reply's tokens
     pairs: list[tuple[int, int]]  # (better, worse) indices into rows
     margin: float
+    reply_starts: list[int] = field(default_factory=list)  # where each row's last turn begins (DPO scores it alone)
+    ref_logps: Optional[list[float]] = None  # DPO: the reference's summed log-prob of each row's last reply
 
 
 class _MemoEncoder:
@@ -41,7 +43,7 @@ class _MemoEncoder:
 
 def encode_preference(pref: Preference, tokenizer, max_length: int, plugin: bool, fixed_margin: float,
                       use_record_margin: bool) -> EncodedList:
-    rows, masks = [], []
+    rows, masks, starts = [], [], []
     encoder = _MemoEncoder(tokenizer)
     for response in pref.responses:
         enc = tokenize_dialogue(pref.prompt.with_reply(response), encoder, max_length, plugin)
@@ -50,32 +52,42 @@ def encode_preference(pref: Preference, tokenizer, max_length: int, plugin: bool
         end = max(i for i, m in enumerate(mask) if m) + 1 if any(mask) else len(ids)
         rows.append(ids[:end])
         masks.append(mask[:end])
+        starts.append(enc["last_turn_start"])
     margin = fixed_margin + (pref.margin or 0.0 if use_record_margin else 0.0)
-    return EncodedList(rows, masks, pref.pairs(), margin)
+    return EncodedList(rows, masks, pref.pairs(), margin, starts)
 
 
 def collate_ranked(lists: Sequence[EncodedList], pad_id: int) -> Batch:
     """Lists of one micro-batch to tensors: input_ids [N, L] right-padded, pairs [P, 2] as row indices,
-    pair_prompt [P], margins [P], best_rows [num_prompts] (each list's first response is its best)."""
-    rows, masks, pairs, pair_prompt, margins, best = [], [], [], [], [], []
+    pair_prompt [P], row_prompt [N], margins [P], best_rows [num_prompts] (each list's first response is its best);
+    for DPO also reply_mask [N, L] (the last reply's tokens alone) and ref_logps [N] where the lists have them."""
+    rows, masks, pairs, pair_prompt, row_prompt, margins, best = [], [], [], [], [], [], []
     for p, lst in enumerate(lists):
         offset = len(rows)
         best.append(offset)
         rows += lst.rows
         masks += lst.reply_masks
+        row_prompt += [p] * len(lst.rows)
         for better, worse in lst.pairs:
             pairs.append((offset + better, offset + worse))
             pair_prompt.append(p)
             margins.append(lst.margin)
-    return {
+    batch = {
         "input_ids": pad(rows, pad_id),
         "attention_mask": pad([[1] * len(r) for r in rows], 0),
         "loss_mask": pad(masks, 0),
         "pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),
         "pair_prompt": torch.tensor(pair_prompt, dtype=torch.long),
+        "row_prompt": torch.tensor(row_prompt, dtype=torch.long),
         "margins": torch.tensor(margins, dtype=torch.float32),
         "best_rows": torch.tensor(best, dtype=torch.long),
     }
+    if all(lst.reply_starts for lst in lists):
+        starts = [s for lst in lists for s in lst.reply_starts]
+        batch["reply_mask"] = pad([[int(m and i >= s) for i, m in enumerate(mask)] for mask, s in zip(masks, starts)], 0)
+    if all(lst.ref_logps is not None for lst in lists):
+        batch["ref_logps"] = torch.tensor([x for lst in lists for x in lst.ref_logps], dtype=torch.float32)
+    return batch
 
 
 def _longest(lst: EncodedList) -> int:
@@ -98,4 +110,4 @@ def micro_batches_of(lists: Sequence[EncodedList], micro: int, pad_id: int, by_l
 def encode_file(path: str, tokenizer, data: DataConfig, loss: RewardLossConfig) -> list[EncodedList]:
     """A preference file's ranked lists, each response tokenized once (shared prompt pieces too)."""
     return [encode_preference(p, tokenizer, data.max_length, data.plugin, loss.margin, loss.use_record_margin)
-            for p in load_preferences(path)]
+            for p in load_preferences(path, data.format)]

@@ -18,7 +18,14 @@ def _config(args: argparse.Namespace, command: str):
     return load_config(command, getattr(args, "config", None), getattr(args, "set", None) or [])
 
 
+def _data_format_arg(p: argparse.ArgumentParser) -> None:
+    from rlhf.formats import FORMATS
+    p.add_argument("--data-format", choices=FORMATS, default=None,
+                   help="format of the data files (default: data.format of the config, auto: detected per file)")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
+    _data_format_arg(p)
     p.add_argument("--config", help="YAML config (configs/tiny/*.yaml for this machine)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the output's last complete checkpoint")
@@ -41,7 +48,19 @@ def cmd_sample(args) -> int:
 
 def cmd_validate(args) -> int:
     from rlhf.data import validate
-    return validate(args.file, args.kind)
+    return validate(args.file, args.kind, args.data_format or "auto")
+
+
+def cmd_convert(args) -> int:
+    """Another format's data file, or a moss-moon-003 checkpoint, into this project's."""
+    if args.source_format == "moss-checkpoint":
+        from rlhf.moss_checkpoint import convert_moss_checkpoint
+        print(f"convert: {args.input} -> {convert_moss_checkpoint(args.input, args.out)} (native CodeGen, safetensors)")
+        return 0
+    from rlhf.formats import convert
+    count = convert(args.input, args.out, args.source_format, args.kind)
+    print(f"convert: {count} records of {args.input} ({args.source_format}) -> {args.out}")
+    return 0
 
 
 def cmd_render(args) -> int:
@@ -53,7 +72,7 @@ def cmd_render(args) -> int:
     def rendered(d) -> dict:
         return {"text": render(d, args.plugin), "trained": trained_spans(d, args.plugin)}
 
-    records = load_records(args.file, args.kind)
+    records = load_records(args.file, args.kind, args.data_format or "auto")
     if args.kind == "preferences":
         lines = [{**p.metadata, "responses": [rendered(p.prompt.with_reply(r)) for r in p.responses],
                   "ranks": p.ranks} for p in records]
@@ -73,8 +92,10 @@ def _check_models(**paths: str) -> None:
 
 
 def cmd_train(args) -> int:
-    """`rlhf sft`, `rlhf rm`, `rlhf ppo`: the flags fill the config's paths, then the command's driver runs."""
+    """`rlhf sft`, `rlhf rm`, `rlhf dpo`, `rlhf ppo`: the flags fill the config's paths, then the command's driver
+    runs."""
     cfg = _config(args, args.command)
+    cfg.data.format = args.data_format or cfg.data.format
     if args.command == "ppo":
         cfg.model.path, cfg.data.train = args.policy, args.prompts
         cfg.roles.reward.model = args.reward or cfg.roles.reward.model
@@ -86,6 +107,8 @@ def cmd_train(args) -> int:
         _check_models(**{"--model": args.model})
         if args.command == "sft":
             from rlhf.drivers.sft import run_sft as run
+        elif args.command == "dpo":
+            from rlhf.drivers.dpo import run_dpo as run
         else:
             from rlhf.drivers.rm import run_rm as run
     summary = run(cfg, args.output, args.resume)
@@ -95,6 +118,7 @@ def cmd_train(args) -> int:
 
 def cmd_rm_eval(args) -> int:
     cfg = _config(args, "rm")
+    cfg.data.format = args.data_format or cfg.data.format
     _check_models(**{"--model": args.model})
     from rlhf.drivers.rm import run_rm_eval
     return run_rm_eval(args.model, args.data, cfg)
@@ -103,7 +127,8 @@ def cmd_rm_eval(args) -> int:
 def cmd_generate(args) -> int:
     _check_models(**{"--model": args.model})
     from rlhf.drivers.generate import run_generate
-    return run_generate(args.model, args.prompts, args.out, args.config, args.set)
+    overrides = (args.set or []) + ([f"data.format={args.data_format}"] if args.data_format else [])
+    return run_generate(args.model, args.prompts, args.out, args.config, overrides)
 
 
 def cmd_sweep(args) -> int:
@@ -137,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     p = add("init-model", cmd_init_model, "write a randomly initialised model in HF format")
-    p.add_argument("--arch", choices=["codegen", "llama"], default="codegen", help="codegen is moss-moon-003's")
+    from rlhf.modeling import PRESETS
+    p.add_argument("--arch", choices=sorted(PRESETS), default="codegen", help="codegen is moss-moon-003's")
     p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
@@ -150,11 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "check a data file; every bad line reported as PATH:LINE: FIELD: problem")
     p.add_argument("file")
     p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True)
+    _data_format_arg(p)
+
+    from rlhf.formats import FORMATS
+    p = add("convert", cmd_convert, "another format's data file (or a moss-moon-003 checkpoint) into this project's")
+    p.add_argument("--from", dest="source_format", required=True, choices=[*FORMATS, "moss-checkpoint"],
+                   help="the input's format; moss-checkpoint: a MossForCausalLM directory (.bin shards or safetensors) "
+                        "to native CodeGen safetensors")
+    p.add_argument("input", help="data file (JSONL, JSON, Parquet) or save_to_disk directory; or a checkpoint")
+    p.add_argument("--out", required=True, help="JSONL in this project's schema; or the model directory")
+    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], default=None,
+                   help="what to read the records as (default: what they are)")
 
     p = add("render", cmd_render, "write the exact text the model sees per record, with the spans it trains on")
     p.add_argument("file")
     p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True)
     p.add_argument("--plugin", action="store_true", help="the MOSS-003-plugin style (as data.plugin: true)")
+    _data_format_arg(p)
     p.add_argument("--out", required=True, help="JSONL: {\"text\", \"trained\": [[start, end], ...]} per record")
 
     p = add("sft", cmd_train, "supervised fine-tuning on MOSS dialogues")
@@ -174,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    _data_format_arg(p)
+
+    p = add("dpo", cmd_train, "listwise DPO of the policy from ranked responses (reference scored once on Ray)")
+    p.add_argument("--model", required=True, help="the policy to start from (also the reference)")
+    p.add_argument("--data", required=True, help="ranked preferences, as `rlhf rm` reads them")
+    p.add_argument("--output", required=True)
+    _train_args(p)
 
     p = add("ppo", cmd_train, "PPO on Ray with policy, reference, reward and critic role groups")
     p.add_argument("--policy", required=True)
@@ -188,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    _data_format_arg(p)
 
     p = add("sweep", cmd_sweep, "a Ray Tune sweep over any training command's config")
     p.add_argument("--config", required=True)

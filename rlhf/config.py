@@ -31,6 +31,9 @@ class DataConfig:
     """Tokens per training sequence (PPO: per PPO-ptx dialogue); longer dialogues lose their oldest turns."""
     plugin: bool = False
     """Render in the MOSS-003-plugin style (absent plugin segments written as None)."""
+    format: str = "auto"
+    """Format of the command's data files: auto (detected per file, said when not this project's), moss, moss-rlhf,
+    trl, hh-rlhf, ultrafeedback, nectar or openai (see `rlhf convert --help`)."""
 
 
 @dataclass
@@ -154,6 +157,16 @@ class RewardLossConfig:
     """alpha: weight of the flipped pair (MOSS-RLHF part II)."""
     lm_loss_coef: float = 0.0
     """Weight of an LM loss on each prompt's best response; 0 turns it off."""
+
+
+@dataclass
+class DPOLossConfig:
+    loss: str = "listwise"
+    """listwise (Plackett-Luce over the whole ranking), pairwise (DPO over every pair) or ipo."""
+    beta: float = 0.1
+    """The implicit reward is beta x the log-ratio to the reference: larger keeps the policy closer to it."""
+    label_smoothing: float = 0.0
+    """cDPO: weight of the flipped preference, for labels you trust less (not with ipo)."""
 
 
 @dataclass
@@ -298,6 +311,8 @@ class RayConfig:
     """Ray namespace of the run's actors."""
     max_restarts: int = 2
     """Times a run rebuilds its role groups after a rank died and reloads the last checkpoint before giving up."""
+    wait_for_nodes_s: float = 0.0
+    """Seconds a run or sweep waits for a cluster too small for it to grow (nodes joining, an autoscaler); 0: stop."""
     in_process: bool = False
     """Run every role as one rank in the command's own process, without Ray (debugging, quick checks on a laptop):
     the same workers, engines and controller; the layouts' rank counts become 1."""
@@ -351,6 +366,12 @@ class SFTConfig(RunConfig):
 class RMConfig(SFTConfig):
     """`rlhf rm`: SFT's sections and the ranking loss."""
     rm: RewardLossConfig = field(default_factory=RewardLossConfig)
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    """`rlhf dpo`: SFT's sections (the trained policy) and the DPO loss; the reference is the starting model."""
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
 
 
 @dataclass
@@ -408,7 +429,7 @@ class PPOPlan:
     """Micro-batches a rank of the policy / critic runs per optimizer step."""
 
 
-COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 """The config class of each training command (`rlhf generate` reads a PPO config's sampling settings)."""
 
 
@@ -420,9 +441,10 @@ _CHOICES = {
     "ppo.kl_estimator": ("k1", "k2", "k3"),
     "ppo.kl_controller": ("fixed", "adaptive"),
     "ppo.critic_init": ("reward", "policy"),
+    "dpo.loss": ("listwise", "pairwise", "ipo"),
 }
 ROLE_NAMES = ("policy", "reference", "reward", "critic")
-AnyConfig = Union[SFTConfig, RMConfig, PPOConfig]
+AnyConfig = Union[SFTConfig, RMConfig, DPOConfig, PPOConfig]
 
 
 def _one_line(err: Exception) -> str:
@@ -458,6 +480,16 @@ def check(cfg: AnyConfig) -> AnyConfig:
             raise ConfigError(f"{dot}deepspeed.offload_param: needs zero_stage 3")
         if optim.schedule not in _CHOICES["optim.schedule"]:
             raise ConfigError(f"{dot}optim.schedule: {optim.schedule!r} is not one of constant, cosine")
+    from rlhf.formats import FORMATS
+    if cfg.data.format not in FORMATS:
+        raise ConfigError(f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
+    if isinstance(cfg, DPOConfig):
+        if cfg.dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta: must be above 0, got {cfg.dpo.beta}")
+        if not 0 <= cfg.dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
+        if cfg.dpo.label_smoothing and cfg.dpo.loss == "ipo":
+            raise ConfigError("dpo.label_smoothing: not defined for the ipo loss; set it to 0 or pick listwise/pairwise")
     if isinstance(cfg, PPOConfig):
         _check_ppo(cfg)
         cap = cfg.generation.max_new_tokens

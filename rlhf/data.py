@@ -1,7 +1,8 @@
-"""JSONL loaders for SFT dialogues, PPO prompts and ranked preferences, with line-precise validation.
+"""Loaders for SFT dialogues, PPO prompts and ranked preferences, with line-precise validation.
 
 A file is read whole and every bad line is reported as `PATH:LINE: FIELD: what is wrong`; a file with any
-error raises one DataFileError and is never half-used.
+error raises one DataFileError and is never half-used. This project's JSONL is parsed here; other formats and
+sources (JSON, Parquet, saved datasets) are read through rlhf/formats.py.
 """
 
 from __future__ import annotations
@@ -228,24 +229,26 @@ def load_parsed(path: str | os.PathLike, parse_record: Callable[[Any], T]) -> li
     return records
 
 
-def load_dialogues(path: str | os.PathLike) -> list[Dialogue]:
-    return load_parsed(path, parse_dialogue)
+def load_dialogues(path: str | os.PathLike, data_format: str = "auto") -> list[Dialogue]:
+    return load_records(path, "sft", data_format)
 
 
-def load_prompts(path: str | os.PathLike) -> list[Dialogue]:
-    return load_parsed(path, parse_prompt)
+def load_prompts(path: str | os.PathLike, data_format: str = "auto") -> list[Dialogue]:
+    return load_records(path, "prompts", data_format)
 
 
-def load_preferences(path: str | os.PathLike) -> list[Preference]:
-    return load_parsed(path, parse_preference)
+def load_preferences(path: str | os.PathLike, data_format: str = "auto") -> list[Preference]:
+    return load_records(path, "preferences", data_format)
 
 
-def load_records(path: str | os.PathLike, kind: str) -> list[Dialogue] | list[Preference]:
-    """Load a file of one kind: "sft", "prompts" or "preferences"."""
-    loaders = {"sft": load_dialogues, "prompts": load_prompts, "preferences": load_preferences}
-    if kind not in loaders:
+def load_records(path: str | os.PathLike, kind: str,
+                 data_format: str = "auto") -> list[Dialogue] | list[Preference]:
+    """Load a file of one kind: "sft", "prompts" or "preferences", in one of rlhf.formats.FORMATS ("auto": detected
+    from the first records; this project's JSONL reads as before)."""
+    if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return loaders[kind](path)
+    from rlhf.formats import load  # formats imports this module
+    return load(path, kind, data_format)
 
 
 def _summary(path: str | os.PathLike, kind: str, records: list) -> str:
@@ -260,10 +263,10 @@ def _summary(path: str | os.PathLike, kind: str, records: list) -> str:
     return f"{path}: {len(records)} preference records, {pairs} pairs, K={k}, OK"
 
 
-def validate(path: str | os.PathLike, kind: str) -> int:
+def validate(path: str | os.PathLike, kind: str, data_format: str = "auto") -> int:
     """`rlhf validate`: every bad line to stderr and 1, or a one-line summary to stdout and 0."""
     try:
-        records = load_records(path, kind)
+        records = load_records(path, kind, data_format)
     except DataFileError as e:
         print(e, file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ imported where they are used, so the command line checks model paths in a fracti
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -25,8 +26,10 @@ class ModelLoadError(Exception):
     """A model or tokenizer could not be loaded; the message is one line saying what to fix."""
 
 
-# Sizes for random models. CodeGen is moss-moon-003's architecture; Llama is the common alternative.
-# "tiny" trains a few hundred SFT steps in about a minute on two CPU cores.
+# Sizes for random models, by transformers' model_type. CodeGen is moss-moon-003's architecture; Llama, Qwen2 and
+# GPT-NeoX (Pythia) are the common alternatives, and the ones a reward model of which also loads as transformers'
+# *ForSequenceClassification (CodeGen has none). "tiny" trains a few hundred SFT steps in about a minute on two CPU
+# cores. Qwen2 is given grouped-query attention (fewer key/value heads) so that path is exercised too.
 PRESETS: dict[str, dict[str, dict]] = {
     "codegen": {
         "tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 16, "n_inner": 256,
@@ -40,11 +43,24 @@ PRESETS: dict[str, dict[str, dict]] = {
         "small": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
                   "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 1024},
     },
+    "qwen2": {
+        "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},
+        "small": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                  "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024},
+    },
+    "gpt_neox": {
+        "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "max_position_embeddings": 512},
+        "small": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                  "num_attention_heads": 8, "max_position_embeddings": 1024},
+    },
 }
 
 # Attention projections are where LoRA pays off most for its size.
 LORA_TARGETS: dict[str, list[str]] = {
     "codegen": ["qkv_proj", "out_proj"],
+    "gpt_neox": ["query_key_value", "dense"],  # `dense` is attention's output; the MLP's are dense_h_to_4h/_4h_to_h
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -124,14 +140,29 @@ def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | No
     return alone[0]
 
 
+def _saved_as_generic(directory: str) -> bool:
+    """Whether a local tokenizer directory names the generic tokenizers backend, with its tokenizer.json beside."""
+    config = os.path.join(directory, "tokenizer_config.json")
+    if not (os.path.isfile(config) and os.path.isfile(os.path.join(directory, "tokenizer.json"))):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            return json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    except (OSError, ValueError, AttributeError):
+        return False  # AutoTokenizer reports what is wrong with it
+
+
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A tokenizer that has the MOSS end tokens as single tokens and a pad token."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # the generic backend, by its 4.x name too
 
     source = _resolve(path_or_id, "tokenizer")
+    # AutoTokenizer swaps in its own class for some model types whatever the directory says (Qwen2 gets Qwen2Tokenizer:
+    # another pre-tokenizer and an extra <|endoftext|> past the model's vocabulary); a tokenizer saved as the generic
+    # backend (as `rlhf tokenizer` saves it) is loaded as exactly what its tokenizer.json holds.
+    loader = PreTrainedTokenizerFast if _saved_as_generic(source) else AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  local_files_only=_offline())
+        tokenizer = loader.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=_offline())
     except Exception as error:  # any loader failure becomes one readable line
         raise ModelLoadError(f"could not load a tokenizer from {path_or_id!r} ({_one_line(error)}); "
                              f"check the path or pass --trust-remote-code for custom tokenizers") from error

@@ -487,7 +487,8 @@ def tokenize_dialogue(dialogue: Dialogue, tokenizer: PreTrainedTokenizerBase, ma
     """`input_ids` and `loss_mask` (1 on model-written tokens) of a whole dialogue.
 
     Too long a dialogue loses its oldest turns (`turns_dropped`); if the meta instruction and the last
-    turn alone are still too long, the end is cut and `truncated` is True.
+    turn alone are still too long, the end is cut and `truncated` is True. `last_turn_start` is where the last
+    turn's tokens begin (what DPO scores is the last reply alone).
     """
     meta, turns = _tokenized_turns(dialogue, tokenizer, plugin)
     first = _first_kept_turn(meta, turns, max_length)
@@ -496,8 +497,8 @@ def tokenize_dialogue(dialogue: Dialogue, tokenizer: PreTrainedTokenizerBase, ma
         ids += turn_ids
         mask += turn_mask
     truncated = len(ids) > max_length
-    return {"input_ids": ids[:max_length], "loss_mask": mask[:max_length],
-            "truncated": truncated, "turns_dropped": first}
+    return {"input_ids": ids[:max_length], "loss_mask": mask[:max_length], "truncated": truncated,
+            "turns_dropped": first, "last_turn_start": min(max_length, len(ids) - len(turns[-1][0]))}
 
 
 def tokenize_prompt(dialogue: Dialogue, tokenizer: PreTrainedTokenizerBase, max_length: int,

@@ -104,6 +104,10 @@ class Reference:
     def logprobs(self, experience: Batch) -> Future:
         return self.group.call(self.method, experience)
 
+    def reply_logprobs(self, lists: list) -> Future:
+        """DPO: each ranked list's summed log-probs of its responses' last replies, and the sequences encoded."""
+        return self.group.call("reply_logprobs", lists, self.method == "reference_logprobs")
+
 
 class Reward(_Role):
     def score(self, experience: Batch) -> Future:
@@ -121,13 +125,13 @@ class Critic(_Role):
 
 
 class Trainer(_Role):
-    """The one trained group of `rlhf sft` and `rlhf rm`."""
+    """The one trained group of `rlhf sft`, `rlhf rm` and `rlhf dpo`."""
 
     def train_step(self, batch: Any, *args: Any) -> Future:
         return self.group.call("train_step", batch, *args)
 
-    def evaluate(self, batch: Any) -> Future:
-        return self.group.call("evaluate", batch)
+    def evaluate(self, batch: Any, *args: Any) -> Future:
+        return self.group.call("evaluate", batch, *args)
 
     def save_pretrained(self, out_dir: str, *args: Any) -> Future:
         return self.group.call("save_pretrained", out_dir, *args)

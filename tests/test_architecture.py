@@ -114,7 +114,7 @@ def _closure(start: str) -> set[str]:
 
 
 @pytest.mark.parametrize("command, driver", [("sft", "rlhf.drivers.sft"), ("rm", "rlhf.drivers.rm"),
-                                             ("ppo", "rlhf.drivers.ppo")])
+                                             ("dpo", "rlhf.drivers.dpo"), ("ppo", "rlhf.drivers.ppo")])
 def test_every_config_field_is_read_by_its_command(command, driver):
     reads = _reads(_trees(_closure(driver) | {"rlhf.cli"}) + _derivations())
     unread = [key for key, name in _fields(config.COMMANDS[command]) if name not in reads]

@@ -83,7 +83,7 @@ def test_replies_cut_short_for_three_iterations_are_named_and_marked_for_the_rep
     iters = [m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
     assert [m.get("ppo/cut_short") for m in iters] == [None, None, 1.0]
     report = write_report(str(tmp_path), rm_eval={"pairwise_accuracy": 0.9, "pairs": 10, "mean_margin": 1.0},
-                          rule_sft=None, rule_ppo=None, examples=[], ppo_metrics=f"{out}/metrics.jsonl",
+                          rules={"SFT": None, "PPO": None}, examples=[], ppo_metrics=f"{out}/metrics.jsonl",
                           sft_metrics=f"{sft_run}/metrics.jsonl")
     text = open(report, encoding="utf-8").read()
     assert text.index("reward_raw.png") < text.index("Replies cut short") < text.index("kl.png")

@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from rlhf.data import DataFileError
-from rlhf.modeling import (PRESETS, ModelLoadError, apply_lora, init_model, load_causal_lm, load_tokenizer,
-                           run_init_model, save_pretrained_atomic)
+from rlhf.modeling import (LORA_TARGETS, PRESETS, ModelLoadError, apply_lora, init_model, load_causal_lm,
+                           load_tokenizer, run_init_model, save_pretrained_atomic)
 from rlhf.moss import PAD, SPECIAL_TOKENS
 from rlhf.sample import write_sample
 from rlhf.tokenizer import run_tokenizer, texts_from_files, train_tokenizer
@@ -91,13 +91,15 @@ def test_run_tokenizer_prints_one_line(sample_paths, tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", sorted(PRESETS))
 def test_init_model_loads_with_transformers_and_is_seeded(arch, model_dirs, tokenizer_dir, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(model_dirs[arch])
+    tokenizer = load_tokenizer(model_dirs[arch])
     model = AutoModelForCausalLM.from_pretrained(model_dirs[arch])
     assert model.config.model_type == arch
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<eom>")
     logits = model(torch.tensor([tokenizer.encode(TEXT)])).logits
-    assert logits.shape[-1] == len(tokenizer)
+    assert logits.shape[-1] == len(tokenizer) == len(load_tokenizer(tokenizer_dir))
+    # Plain AutoTokenizer (which for Qwen2 swaps in its own class) encodes a MOSS dialogue the same way.
+    assert AutoTokenizer.from_pretrained(model_dirs[arch]).encode(TEXT) == tokenizer.encode(TEXT)
     assert os.path.exists(os.path.join(model_dirs[arch], "model.safetensors"))
 
     again = AutoModelForCausalLM.from_pretrained(init_model(arch, "tiny", tokenizer_dir, str(tmp_path / "a")))
@@ -171,4 +173,7 @@ def test_lora_saves_adapter_and_merged_model(arch, model_dirs, tmp_path):
                                         os.path.join(out, "adapter")).eval()
     assert torch.allclose(adapter(ids).logits, expected, atol=1e-5)
     targets = set(json.load(open(os.path.join(out, "adapter", "adapter_config.json")))["target_modules"])
-    assert targets == ({"qkv_proj", "out_proj"} if arch == "codegen" else {"q_proj", "k_proj", "v_proj", "o_proj"})
+    assert targets == set(LORA_TARGETS[arch])
+    # Only the attention projections carry adapters (GPT-NeoX's `dense` must not catch the MLP's dense_h_to_4h).
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in policy.named_parameters() if "lora_A" in name}
+    assert adapted == set(LORA_TARGETS[arch])

@@ -61,13 +61,13 @@ def run_generate(model: str, prompts: str, out: str, config: Optional[str] = Non
     from rlhf.config import load_config
     from rlhf.data import DataFileError, load_prompts, write_jsonl
 
+    cfg = load_config("ppo", config, overrides or [])
     try:
-        dialogues = load_prompts(prompts)
+        dialogues = load_prompts(prompts, cfg.data.format)
     except DataFileError as error:
         for line in error.errors:
             print(str(line), file=sys.stderr)
         return 1
-    cfg = load_config("ppo", config, overrides or [])
     texts = generate_texts(model, dialogues, cfg)
     write_jsonl(out, [{**d.to_json(), "response": text} for d, text in zip(dialogues, texts)])
     print(f"generate: {len(texts)} replies (seed {cfg.seed}) -> {out}")

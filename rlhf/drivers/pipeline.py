@@ -1,6 +1,6 @@
-"""`rlhf pipeline`: data → tokenizer → model → SFT → preference model → PPO → generations and a report, as one
-command. Each stage writes its own output directory; rerunning (or `--resume`) skips finished stages and resumes
-an interrupted one from its last checkpoint."""
+"""`rlhf pipeline`: data → tokenizer → model → SFT → preference model → PPO (and/or DPO) → generations and a
+report, as one command. Each stage writes its own output directory; rerunning (or `--resume`) skips finished stages
+and resumes an interrupted one from its last checkpoint."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,10 @@ class StageConfigs:
     rm: str = "configs/tiny/rm.yaml"
     """Config of the preference-model stage."""
     ppo: str = "configs/tiny/ppo.yaml"
-    """Config of the PPO stage."""
+    """Config of the PPO stage; empty: no PPO (and no preference model, which only PPO needs)."""
+    dpo: str = ""
+    """Config of a DPO stage from the SFT model on the same ranked lists (configs/tiny/dpo.yaml); empty: no DPO.
+    With PPO too, the report compares the two."""
 
 
 @dataclass
@@ -27,6 +30,7 @@ class StageOverrides:
     sft: list[str] = field(default_factory=list)
     rm: list[str] = field(default_factory=list)
     ppo: list[str] = field(default_factory=list)
+    dpo: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -38,7 +42,7 @@ class PipelineConfig:
     model: str = ""
     """Start from this model (path or hub id); empty: train a tokenizer and build a random model."""
     arch: str = "codegen"
-    """Architecture of the random model: codegen (moss-moon-003's) or llama."""
+    """Architecture of the random model: codegen (moss-moon-003's), llama, qwen2 or gpt_neox."""
     preset: str = "tiny"
     """Size of the random model."""
     vocab_size: int = 800
@@ -46,7 +50,7 @@ class PipelineConfig:
     stages: StageConfigs = field(default_factory=StageConfigs)
     overrides: StageOverrides = field(default_factory=StageOverrides)
     report_examples: int = 6
-    """Prompts shown with their SFT and PPO replies in the report."""
+    """Prompts shown with their SFT, PPO and DPO replies in the report."""
     eval_prompts: int = 200
     """Held-out prompts whose replies are scored for the report."""
 
@@ -74,6 +78,7 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
     from actors.runtime import ensure_ray
     from reward.evaluate import evaluate
     from rlhf.data import load_prompts
+    from rlhf.drivers.dpo import run_dpo
     from rlhf.drivers.generate import generate_texts
     from rlhf.drivers.ppo import run_ppo
     from rlhf.drivers.rm import run_rm
@@ -84,8 +89,11 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
     from rlhf.tokenizer import texts_from_files, train_tokenizer
 
     pc = load_pipeline_config(config, overrides)
-    cfgs = {name: load_config(name, getattr(pc.stages, name), getattr(pc.overrides, name))
-            for name in ("sft", "rm", "ppo")}
+    if not pc.stages.ppo and not pc.stages.dpo:
+        raise ConfigError(f"{config}: stages: give ppo, dpo or both (the policy stages after SFT)")
+    aligned = [name for name in ("ppo", "dpo") if getattr(pc.stages, name)]
+    wanted = ["sft"] + (["rm"] if pc.stages.ppo else []) + aligned
+    cfgs = {name: load_config(name, getattr(pc.stages, name), getattr(pc.overrides, name)) for name in wanted}
     os.makedirs(output, exist_ok=True)
     say = lambda msg: print(f"[pipeline] {msg}", flush=True)  # noqa: E731
 
@@ -109,16 +117,18 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
             init_model(pc.arch, pc.preset, tok, model, seed=cfgs["sft"].seed)
             say(f"tokenizer and random {pc.arch}/{pc.preset} model -> {model}")
 
-    started = ensure_ray(cfgs["ppo"].ray, 4)
+    started = ensure_ray(cfgs["sft"].ray, 4)
     try:
-        stage = {name: os.path.join(output, name) for name in ("sft", "rm", "ppo")}
-        cfgs["ppo"].roles.reward.model = f"{stage['rm']}/final"
-        cfgs["ppo"].generation.lengths_from = cfgs["ppo"].generation.lengths_from or files["sft_train"]
+        stage = {name: os.path.join(output, name) for name in wanted}
+        if "ppo" in cfgs:
+            cfgs["ppo"].roles.reward.model = f"{stage['rm']}/final"
+            cfgs["ppo"].generation.lengths_from = cfgs["ppo"].generation.lengths_from or files["sft_train"]
         # Each stage: what it starts from, what it trains on, what it holds out, the line it says, its driver.
         stages = [("sft", model, "sft", "SFT ...", run_sft),
                   ("rm", f"{stage['sft']}/final", "prefs", "preference model ...", run_rm),
-                  ("ppo", f"{stage['sft']}/final", "prompts", "PPO ...", run_ppo)]
-        for name, start, data_kind, line, run in stages:
+                  ("ppo", f"{stage['sft']}/final", "prompts", "PPO ...", run_ppo),
+                  ("dpo", f"{stage['sft']}/final", "prefs", "DPO ...", run_dpo)]
+        for name, start, data_kind, line, run in [s for s in stages if s[0] in cfgs]:
             if os.path.isdir(os.path.join(stage[name], "final")):
                 continue
             cfg = cfgs[name]
@@ -130,18 +140,21 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
         if started:
             ray.shutdown()
 
-    say("generations before and after PPO ...")
-    ppo_cfg = cfgs["ppo"]
+    say(f"generations before and after {' and '.join(n.upper() for n in aligned)} ...")
+    # The sampling settings of PPO's config (MOSS defaults) for every policy, so the replies compare.
+    sampling = cfgs["ppo"] if "ppo" in cfgs else load_config("ppo", None, [])
+    sampling.generation.lengths_from = sampling.generation.lengths_from or files["sft_train"]
     prompts = load_prompts(files["prompts_eval"])[: pc.eval_prompts]
-    replies = {name: generate_texts(f"{stage[name]}/final", prompts, ppo_cfg) for name in ("sft", "ppo")}
-    rm_eval = evaluate(f"{stage['rm']}/final", files["prefs_eval"], cfgs["rm"])
-    examples = [(p.turns[-1].human, a, b) for p, a, b in
-                list(zip(prompts, replies["sft"], replies["ppo"]))[: pc.report_examples]]
-    report = write_report(output, rm_eval=rm_eval, rule_sft=score_of(prompts, replies["sft"]),
-                          rule_ppo=score_of(prompts, replies["ppo"]), examples=examples,
-                          ppo_metrics=f"{stage['ppo']}/metrics.jsonl", sft_metrics=f"{stage['sft']}/metrics.jsonl")
-    say(f"rule score on held-out prompts: SFT {score_of(prompts, replies['sft'])} -> PPO "
-        f"{score_of(prompts, replies['ppo'])}; reward model accuracy {rm_eval['pairwise_accuracy']:.3f}")
+    policies = {name.upper(): name for name in ["sft", *aligned]}
+    replies = {label: generate_texts(f"{stage[name]}/final", prompts, sampling) for label, name in policies.items()}
+    rules = {label: score_of(prompts, texts) for label, texts in replies.items()}
+    rm_eval = evaluate(f"{stage['rm']}/final", files["prefs_eval"], cfgs["rm"]) if "rm" in cfgs else None
+    examples = [(p.turns[-1].human, [replies[label][i] for label in policies])
+                for i, p in enumerate(prompts[: pc.report_examples])]
+    metrics = {f"{name}_metrics": f"{stage[name]}/metrics.jsonl" for name in ("sft", *aligned)}
+    report = write_report(output, rm_eval=rm_eval, rules=rules, examples=examples, **metrics)
+    say("rule score on held-out prompts: " + " -> ".join(f"{label} {score}" for label, score in rules.items()) +
+        (f"; reward model accuracy {rm_eval['pairwise_accuracy']:.3f}" if rm_eval else ""))
     print(f"Report: {report}")
     print(f"TensorBoard: tensorboard --logdir {output}")
     return 0

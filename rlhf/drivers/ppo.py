@@ -347,8 +347,8 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ModelLoadError(f"{reward}: the reward model's tokenizer differs from the policy's ({cfg.model.path}); "
                                  "PPO scores the policy's token ids, so train the reward model from the same tokenizer")
-    prompts = load_prompts(cfg.data.train)
-    held_out = load_prompts(cfg.data.eval)[: cfg.ppo.eval_prompts] if cfg.data.eval else []
+    prompts = load_prompts(cfg.data.train, cfg.data.format)
+    held_out = load_prompts(cfg.data.eval, cfg.data.format)[: cfg.ppo.eval_prompts] if cfg.data.eval else []
     ptx = encode_dialogues(cfg.data.ptx, tokenizer, cfg.data) if cfg.data.ptx and cfg.ppo.ptx_coef > 0 else None
     if len(prompts) < cfg.ppo.prompts_per_iteration:
         raise SystemExit(f"{cfg.data.train}: {len(prompts)} prompts is fewer than ppo.prompts_per_iteration "

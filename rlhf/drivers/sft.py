@@ -13,7 +13,7 @@ from rlhf.roles import Trainer
 
 
 def encode_dialogues(path: str, tokenizer, data: DataConfig) -> list[dict]:
-    return [tokenize_dialogue(d, tokenizer, data.max_length, data.plugin) for d in load_dialogues(path)]
+    return [tokenize_dialogue(d, tokenizer, data.max_length, data.plugin) for d in load_dialogues(path, data.format)]
 
 
 def run_sft(cfg: SFTConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:

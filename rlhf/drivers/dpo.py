@@ -1,0 +1,133 @@
+"""`rlhf dpo`: offline preference training of the policy from the ranked lists `rlhf rm` reads (listwise DPO).
+
+First the reference (the starting model) scores every response once, in a group of its own that stops before the
+policy's starts, so the two never hold memory at the same time; the log-probs are kept in the output directory, so
+a resumed or recovered run does not score them again. Then the policy trains as the preference model does: each
+step takes a global batch of ranked lists, every response encoded once (the prompt's pieces tokenized once), and
+the loss of `rlhf.dpo_math` over all of a prompt's responses at once.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import torch
+
+from reward.batches import EncodedList, encode_file
+from rlhf.checkpoint import atomic_write_json
+from rlhf.config import DPOConfig, RewardLossConfig
+from rlhf.drivers.runs import RunDir, Supervised, backend_for, open_run, recover, train_supervised
+from rlhf.roles import Reference, Trainer
+
+REFERENCE_FILE = "reference_logprobs.json"
+
+
+def summarize_eval(out: dict) -> dict:
+    """Held-out numbers from the per-list results: the implicit reward's pairwise accuracy (as `rm-eval` reports a
+    preference model's), its mean margin, and the better and worse responses' mean log-probs (both falling is
+    DPO's known failure)."""
+    pairs = sum(out["pairs"])
+    cat = lambda key: torch.cat(out[key]) if out[key] else torch.zeros(0)  # noqa: E731
+    margins, better, worse = cat("margins"), cat("better_logps"), cat("worse_logps")
+    mean = lambda t: float(t.mean()) if len(t) else 0.0  # noqa: E731
+    return {"pairwise_accuracy": sum(out["correct"]) / max(1, pairs), "pairs": pairs, "mean_margin": mean(margins),
+            "better_logp": mean(better), "worse_logp": mean(worse)}
+
+
+def _cached(path: str, splits: dict[str, list[EncodedList]]) -> Optional[dict]:
+    """The reference log-probs an earlier attempt of this run wrote, if they fit these lists."""
+    import json
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        cached = json.load(f)
+    fits = all(len(cached.get(name, [])) == len(lists) and
+               all(len(lp) == len(lst.rows) for lp, lst in zip(cached[name], lists)) for name, lists in splits.items())
+    return cached if fits else None
+
+
+def score_with_reference(cfg: DPOConfig, run: RunDir, backend: Any, spec: Any,
+                         splits: dict[str, list[EncodedList]]) -> int:
+    """Attach the reference's log-probs to every list (scored once, or read back); returns the responses scored."""
+    from actors.lm import ReferenceWorker
+    path = os.path.join(run.root, REFERENCE_FILE)
+    cached = _cached(path, splits)
+    encoded = 0
+    if cached is None:
+        every = [lst for lists in splits.values() for lst in lists]
+
+        def score(groups: Any, restarts: int, stage: Any) -> dict:
+            stage.now("the reference pass")
+            return Reference(groups.groups["reference"]).reply_logprobs(every).result()
+
+        out = recover("dpo", run, cfg.ray.max_restarts, lambda: backend.start({"reference": (ReferenceWorker, spec)}),
+                      lambda groups: groups.stop(), score)
+        encoded, logps, cached = out["encoded"], iter(out["logps"]), {}
+        for name, lists in splits.items():
+            cached[name] = [next(logps) for _ in lists]
+        atomic_write_json(path, cached)
+    for name, lists in splits.items():
+        for lst, logps in zip(lists, cached[name]):
+            lst.ref_logps = logps
+    return encoded
+
+
+def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
+    """Train the policy `cfg.model.path` by DPO on the ranked lists of `cfg.data.train`; returns the summary."""
+    import dataclasses
+
+    from actors.lm import DPOWorker
+    from actors.rank import RankSpec
+    from rlhf.modeling import check_model_dir, load_tokenizer
+
+    check_model_dir(cfg.model.path, "--model")
+    backend = backend_for(cfg, backend)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+    no_margin = RewardLossConfig(use_record_margin=False)
+    train = encode_file(cfg.data.train, tokenizer, cfg.data, no_margin)
+    held_out = encode_file(cfg.data.eval, tokenizer, cfg.data, no_margin) if cfg.data.eval else []
+    if len(train) < cfg.train.global_batch_size:
+        raise SystemExit(f"{cfg.data.train}: {len(train)} ranked lists is fewer than train.global_batch_size "
+                         f"({cfg.train.global_batch_size})")
+    plan = cfg.derive(len(train))
+    spec = RankSpec(cfg.model.path, cfg.role(), cfg.model, cfg.seed, trainable=True, grad_accum=plan.grad_accum,
+                    total_steps=plan.total_steps)
+    # The reference is the starting model, frozen: no optimizer, no LoRA (a LoRA policy's base is that model).
+    reference = dataclasses.replace(spec, role=dataclasses.replace(spec.role, lora=dataclasses.replace(
+        spec.role.lora, enabled=False)), trainable=False, grad_accum=1, total_steps=1)
+    seen = {"pairs": 0, "began": 0.0}
+
+    def step(trainer: Trainer, lists: list[EncodedList], epoch: int) -> dict:
+        seen["began"] = seen["began"] or time.time()
+        began = time.time()
+        out = trainer.train_step(lists, len(lists), cfg.dpo).result()
+        pairs = max(1, out["pairs"])
+        seen["pairs"] += out["pairs"]
+        return {"train/loss": out["loss"], "train/accuracy": out["correct"] / pairs,
+                "train/mean_margin": out["margin_sum"] / pairs, "train/better_logp": out["better_logp_sum"] / pairs,
+                "train/worse_logp": out["worse_logp_sum"] / pairs, "train/grad_norm": out["grad_norm"],
+                "train/lr": out["lr"], "train/pairs_per_s": out["pairs"] / (time.time() - began),
+                "train/responses_encoded": out["encoded"], "train/epoch": epoch}
+
+    def evaluate(trainer: Trainer) -> dict:
+        return {f"eval/{k}": v for k, v in summarize_eval(trainer.evaluate(held_out, cfg.dpo.beta).result()).items()}
+
+    def finish(trainer: Trainer, before: dict, after: dict) -> dict:
+        seconds = time.time() - seen["began"] if seen["began"] else 0.0
+        trainer.save_pretrained(run.final, cfg.lora.merge_on_save).result()
+        start = {f"{k.removeprefix('eval/')}_start": v for k, v in before.items()}
+        return start | {k.removeprefix("eval/"): v for k, v in after.items()} | {
+            "train_pairs": seen["pairs"], "train_seconds": seconds, "reference_responses_scored": scored,
+            "final": run.final}
+
+    run = open_run(output, cfg, resume)
+    backend.open(plan.world * cfg.layout.cpus_per_rank)
+    try:
+        scored = score_with_reference(cfg, run, backend, reference, {"train": train, "eval": held_out})
+        run.metrics.log(0, {"dpo/reference_responses_scored": scored})
+        job = Supervised("policy", DPOWorker, train, step, evaluate if held_out else None, finish,
+                         lambda m: {"loss": f"{m['train/loss']:.3f}", "acc": f"{m['train/accuracy']:.2f}"})
+        return train_supervised("dpo", cfg, plan, run, backend, spec, job)
+    finally:
+        backend.close()
