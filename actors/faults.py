@@ -3,8 +3,9 @@
 `RLHF_FAULT=ROLE:METHOD:N:MARKER` in the driver's environment makes rank 0 of ROLE SIGKILL its own process at the
 start of its N-th call of METHOD (1-based, counted in that process), unless the file MARKER exists; it writes
 MARKER first, so the rank that recovery starts in its place lives. Several faults are separated by commas. A kill,
-not an exception: the run sees exactly what a lost process or node gives it. Unset (always, outside tests), the
-hook costs one dictionary lookup per call.
+not an exception: the run sees exactly what a lost process or node gives it. `ROLE:METHOD:N:MARKER:SIGTERM` sends
+SIGTERM instead: with `ray.in_process` the rank is the driver's own process, so that is a scheduler's preemption
+arriving at a chosen step. Unset (always, outside tests), the hook costs one dictionary lookup per call.
 """
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ def fault_point(role: str, rank: int, method: str) -> None:
     specs = os.environ.get(ENV, "")
     if not specs or rank != 0:
         return
-    faults = [spec.split(":", 3) for spec in specs.split(",")]
-    if not any((r, m) == (role, method) for r, m, _, _ in faults):
+    faults = [(spec.split(":", 4) + ["SIGKILL"])[:5] for spec in specs.split(",")]
+    if not any((r, m) == (role, method) for r, m, *_ in faults):
         return
     _calls[method] = _calls.get(method, 0) + 1
-    for want_role, want_method, count, marker in faults:
+    for want_role, want_method, count, marker, sent in faults:
         if (want_role, want_method) == (role, method) and _calls[method] == int(count) and not os.path.exists(marker):
             with open(marker, "w", encoding="utf-8") as f:
                 f.write(f"{role}:{method}:{count} pid {os.getpid()}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, sent))

@@ -43,8 +43,10 @@ def seed_everything(seed: int) -> None:
 
 
 class RankWorker:
-    def __init__(self, role: str, rank: int, world_size: int, spec: RankSpec, num_threads: Optional[int] = None):
+    def __init__(self, role: str, rank: int, world_size: int, spec: RankSpec, num_threads: Optional[int] = None,
+                 label: str = ""):
         self.role, self.rank, self.world_size, self.spec = role, rank, world_size, spec
+        self.label = label or f"{role} rank {rank}/{world_size}"
         if num_threads:
             torch.set_num_threads(num_threads)
         _quiet_loading()
@@ -56,6 +58,10 @@ class RankWorker:
         seed_everything(spec.seed)
         self.engine: Optional[Engine] = None
         self.tokenizer: Any = None
+
+    def __repr__(self) -> str:
+        # Ray's dashboard and `ray list actors --detail` show an actor's repr: say which run's which rank this is.
+        return self.label
 
     # --- placement and rendezvous ---------------------------------------------------------------------------
     def node_info(self) -> dict:

@@ -7,7 +7,8 @@
 #   Ray cluster launcher:  ray dashboard cluster/ray-cluster.yaml
 #   KubeRay:               kubectl port-forward svc/moss-rlhf-head-svc 8265:8265
 #   SLURM or plain SSH:    ssh -N -L 8265:127.0.0.1:8265 <head node>
-# then open http://127.0.0.1:8265 (Jobs tab: status and logs) and run
+# then open http://127.0.0.1:8265 (Jobs tab: status and logs; a token-protected cluster asks for its token first,
+# see cluster/README.md) and run
 #   RAY_ADDRESS=http://127.0.0.1:8265 cluster/submit.sh
 #
 # Afterwards:
@@ -29,6 +30,13 @@ OUTPUT=${OUTPUT:-/shared/runs/llama-7b-ppo}
 
 cd "$(dirname "$0")/.."
 
+# The job's "User-provided metadata" on the dashboard's Jobs page (and in `ray job list`): which command, config and
+# output directory it is, without opening its log (keep it in step with the command below). JSON written by
+# Python, so any path is quoted right.
+METADATA=$(python3 -c 'import json, sys; print(json.dumps(dict(zip(
+    ["command", "config", "output", "policy", "reward", "prompts"], sys.argv[1:]))))' \
+    ppo configs/llama-7b/ppo.yaml "$OUTPUT" "$POLICY" "$REWARD" "$PROMPTS")
+
 # - working_dir ".": this checkout, uploaded (Ray limits the package size: hence the excludes).
 # - `python -m rlhf` runs the uploaded copy even where an older one is pip-installed on the nodes.
 # - ray.address=auto: the driver joins the cluster the job runs on instead of starting a Ray of its own.
@@ -36,6 +44,7 @@ cd "$(dirname "$0")/.."
 #   make Ray refuse the two runtime environments as conflicting.
 ray job submit --address "$RAY_ADDRESS" \
     --submission-id "llama-7b-ppo-$(date +%Y%m%d-%H%M%S)" \
+    --metadata-json "$METADATA" \
     --runtime-env-json '{"working_dir": ".", "excludes": [".venv/", "runs/", ".git/", "**/__pycache__/"], "env_vars": {"HF_HUB_OFFLINE": "1", "NCCL_DEBUG": "WARN"}}' \
     -- python -m rlhf ppo --config configs/llama-7b/ppo.yaml \
         --policy "$POLICY" --reward "$REWARD" --prompts "$PROMPTS" --output "$OUTPUT" \

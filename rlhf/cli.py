@@ -253,8 +253,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from rlhf.config import ConfigError
     from rlhf.data import DataFileError
+    from rlhf.preemption import Preempted
     try:
         return int(args.fn(args) or 0)
+    except Preempted as err:  # a clean stop: the scheduler asked, the checkpoint is written
+        print(str(err), flush=True)
+        return 0
     except DataFileError as err:
         for e in err.errors:
             print(str(e), file=sys.stderr)

@@ -311,6 +311,9 @@ class RayConfig:
     """Ray namespace of the run's actors."""
     max_restarts: int = 2
     """Times a run rebuilds its role groups after a rank died and reloads the last checkpoint before giving up."""
+    preempt_grace_s: float = 300.0
+    """After a SIGTERM (SLURM, Kubernetes), seconds to reach the next step boundary and write a checkpoint before the
+    run stops without one; keep it below the scheduler's kill delay and above a step plus a checkpoint."""
     wait_for_nodes_s: float = 0.0
     """Seconds a run or sweep waits for a cluster too small for it to grow (nodes joining, an autoscaler); 0: stop."""
     in_process: bool = False

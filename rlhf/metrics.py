@@ -1,7 +1,10 @@
-"""What a user watches during training: one JSON line per step in metrics.jsonl, the same scalars in TensorBoard,
-and a progress bar on a terminal.
+"""What a user watches during training: one JSON line per step in metrics.jsonl, the same scalars in TensorBoard and,
+when the run is on Ray, in Ray's metrics (Prometheus gauges the dashboard's Metrics view shows), and a progress bar.
 
 metrics.jsonl is the record scripts read back (`read_metrics`); a resumed run drops the lines after its checkpoint.
+A run is named the same way everywhere outside its own files: its command, its output directory's name and, in a
+sweep, its trial (`run_tags`, `Trial`); Ray's gauges (exported by the Ray side, `set_exporter`) carry those tags and
+the actors' reprs say them.
 """
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from tqdm import tqdm
@@ -28,6 +33,66 @@ def set_reporter(fn: Optional[Reporter]) -> Optional[Reporter]:
     """Install `fn(step, metrics)` to be called after every `MetricsLogger.log`; returns the previous one."""
     global _reporter
     previous, _reporter = _reporter, fn
+    return previous
+
+
+@dataclass(frozen=True)
+class Trial:
+    """The sweep trial a run is (set by `rlhf sweep` inside the trial, None elsewhere)."""
+    sweep: str
+    """The sweep's output directory name: the `run` tag of every trial's metrics."""
+    id: str
+    """Tune's trial id, e.g. 3f2a1_00001."""
+    searched: str
+    """The trial's searched values, `optim.lr=0.0003 rm.label_smoothing=0.1`."""
+
+    def __str__(self) -> str:
+        """`trial 3f2a1_00001 (optim.lr=0.0003)`, as the actors of the trial say in Ray's dashboard."""
+        return f"trial {self.id}" + (f" ({self.searched})" if self.searched else "")
+
+
+_trial: Optional[Trial] = None
+
+
+def set_trial(trial: Optional[Trial]) -> Optional[Trial]:
+    """Say which sweep trial this process runs (None: none); returns the previous one."""
+    global _trial
+    previous, _trial = _trial, trial
+    return previous
+
+
+def current_trial() -> Optional[Trial]:
+    return _trial
+
+
+TAG_KEYS = ("command", "run", "trial", "role")
+"""The tags of every exported gauge: sft/rm/dpo/ppo, the output directory's name (a sweep's, in a trial), the trial
+id (empty outside a sweep), the trained group (sft, reward, policy) whose step it measures (empty for PPO, whose
+metrics are the controller's, made from every role's results)."""
+
+
+def run_tags(command: str, output: str) -> dict[str, str]:
+    trial = current_trial()
+    return {"command": command, "run": trial.sweep if trial else os.path.basename(os.path.abspath(output)),
+            "trial": trial.id if trial else "", "role": ""}
+
+
+def prometheus_name(key: str) -> str:
+    """The gauge of a metric: `ppo/kl` -> `rlhf_ppo_kl` (Prometheus shows it as `ray_rlhf_ppo_kl`: Ray prefixes
+    every application metric with its namespace)."""
+    return "rlhf_" + re.sub(r"[^A-Za-z0-9_]", "_", key)
+
+
+Exporter = Callable[[int, dict, dict], None]
+# Installed while a run's Ray backend is open (`actors.group.RayBackend`): every logged step then also reaches Ray's
+# metrics. The core never imports Ray; the one-process path (`ray.in_process`) installs none.
+_exporter: Optional[Exporter] = None
+
+
+def set_exporter(fn: Optional[Exporter]) -> Optional[Exporter]:
+    """Install `fn(step, metrics, tags)` to be called after every `MetricsLogger.log`; returns the previous one."""
+    global _exporter
+    previous, _exporter = _exporter, fn
     return previous
 
 
@@ -56,10 +121,12 @@ def _json_value(value: float | int) -> float | int | None:
 
 class MetricsLogger:
     """Appends one JSON object per step to out_dir/metrics.jsonl and mirrors scalars to TensorBoard
-    (out_dir/tensorboard)."""
+    (out_dir/tensorboard) and, on Ray, to Ray's metrics with `tags` (`TAG_KEYS`, through the installed exporter)."""
 
-    def __init__(self, out_dir: str, tensorboard: bool = True, resume: bool = False) -> None:
+    def __init__(self, out_dir: str, tensorboard: bool = True, resume: bool = False,
+                 tags: Optional[dict[str, str]] = None) -> None:
         self.out_dir = out_dir
+        self.tags = {key: "" for key in TAG_KEYS} | (tags or {})
         self.path = os.path.join(out_dir, METRICS_FILE)
         self.tb_dir = os.path.join(out_dir, TENSORBOARD_DIR)
         os.makedirs(out_dir, exist_ok=True)
@@ -93,6 +160,8 @@ class MetricsLogger:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, global_step=int(step))
             self._writer.flush()
+        if _exporter is not None:
+            _exporter(int(step), values, self.tags)
         if _reporter is not None:
             _reporter(int(step), values)
 

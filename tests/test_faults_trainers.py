@@ -33,3 +33,29 @@ def test_a_killed_rank_of_a_two_rank_sft_or_rm_run_is_rebuilt_and_the_run_finish
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3, 4]
     assert read_meta(CheckpointManager(str(out / "checkpoints")).latest())["step"] == 4
     assert (out / "final" / "config.json").exists()
+
+
+def test_sigterm_in_an_sft_step_checkpoints_that_step_exits_0_and_resume_continues_exactly(tiny, tmp_path):
+    """A scheduler's SIGTERM arriving inside step 3 (`RLHF_FAULT=...:SIGTERM`; one process, so the rank is the
+    driver): the run finishes step 3, checkpoints it, says so and exits 0; resumed, steps 4-6 are the uninterrupted
+    run's."""
+    import os
+    import subprocess
+    import sys
+    common = ["sft", "--config", "configs/tiny/sft.yaml", "--model", tiny["base"], "--data", tiny["sft_train"],
+              "--set", "train.max_steps=6", "--set", "train.save_every=0", "--set", "train.log_every=1",
+              "--set", "logging.progress=false", "--set", "ray.in_process=true"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run_cli(*common, "--output", whole) == 0
+    env = {**os.environ, "RLHF_FAULT": f"sft:train_step:3:{tmp_path / 'sent'}:SIGTERM"}
+    done = subprocess.run([sys.executable, "-m", "rlhf", *common, "--output", str(part)], env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sft: preempted (SIGTERM) after step 3; checkpoint" in done.stdout
+    assert read_meta(CheckpointManager(str(part / "checkpoints")).latest())["step"] == 3
+    assert not (part / "final").exists()
+    assert run_cli(*common, "--output", part, "--resume") == 0
+    a = {m["step"]: m["train/loss"] for m in read_metrics(f"{whole}/metrics.jsonl") if "train/loss" in m}
+    b = {m["step"]: m["train/loss"] for m in read_metrics(f"{part}/metrics.jsonl") if "train/loss" in m}
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert [b[s] for s in (4, 5, 6)] == pytest.approx([a[s] for s in (4, 5, 6)], rel=1e-5)

@@ -58,3 +58,47 @@ def test_one_process_gives_what_ray_gives(tiny, sft_run, rm_run, short_run, tmp_
     assert "ppo/pg_loss" in runs["local"][-1]
     with open(tmp_path / "local" / "placement.json") as f:
         assert sorted(json.load(f)) == ["critic", "policy", "reference", "reward"]
+
+
+def test_sigterm_stops_at_an_iteration_boundary_with_a_checkpoint_and_resume_continues_exactly(
+        tiny, sft_run, rm_run, short_run, tmp_path):
+    """What SLURM and Kubernetes send before a kill: the run finishes the iteration it is in, writes a checkpoint,
+    says so in one line and exits 0; `--resume` then gives the uninterrupted run's next iteration."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "preempted"
+    argv = [sys.executable, "-m", "rlhf", "ppo", "--config", "configs/tiny/ppo.yaml", "--policy", f"{sft_run}/final",
+            "--reward", f"{rm_run}/final", "--prompts", tiny["prompts_train"], "--output", str(out), *SHORT,
+            "--set", "ppo.iterations=3", "--set", "ray.in_process=true"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:  # the first iteration logged: signal the second
+            if (out / "metrics.jsonl").exists() and '"ppo/reward_raw"' in (out / "metrics.jsonl").read_text():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        printed, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, printed
+    [line] = [x for x in printed.splitlines() if "preempted (SIGTERM)" in x]
+    stopped = int(line.split("after step ")[1].split(";")[0])
+    assert stopped in (1, 2)
+    done = [m["step"] for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
+    assert done == list(range(1, stopped + 1))
+    assert os.path.isdir(out / "checkpoints" / f"step_{stopped:08d}")
+
+    assert _ppo(tiny, sft_run, rm_run, out, *SHORT, "--set", "ppo.iterations=3", "--set", "ray.in_process=true",
+                "--resume") == 0
+    a = {m["step"]: m for m in read_metrics(f"{short_run}/metrics.jsonl") if "ppo/reward_raw" in m}
+    b = {m["step"]: m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m}
+    assert sorted(b) == [1, 2, 3]
+    for k in ("ppo/reward_raw", "ppo/kl", "ppo/vf_loss", "ppo/response_length", "ppo/kl_coef"):
+        assert b[stopped + 1][k] == pytest.approx(a[stopped + 1][k], rel=1e-5, abs=1e-6), k

@@ -21,10 +21,11 @@ from rlhf.batching import Batch, collate_prompts, collate_sft
 from rlhf.checkpoint import read_meta
 from rlhf.config import PPOConfig
 from rlhf.data import load_prompts
-from rlhf.drivers.runs import (RunDir, Stage, backend_for, load_checkpoint, open_run, permutation, recover,
-                               resumed, save_checkpoint)
+from rlhf.drivers.runs import (RunDir, Stage, backend_for, checkpoint_at, load_checkpoint, open_run, permutation,
+                               recover, resumed, save_checkpoint)
 from rlhf.metrics import Progress
 from rlhf.moss import Dialogue, tokenize_prompt
+from rlhf.preemption import Preempted, on_sigterm, preempted
 from rlhf.roles import PolicyLoss, PPORoles, UpdatePlan, ValueLoss
 
 
@@ -365,8 +366,9 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
 
     backend.open(sum(getattr(cfg.roles, r).layout.cpus_per_rank * _ranks(cfg, r) for r in plan.roles))
     try:
-        return recover("ppo", run, cfg.ray.max_restarts, lambda: start_roles(cfg, backend),
-                       lambda session: session[1].stop(), train)
+        with on_sigterm(cfg.ray.preempt_grace_s):
+            return recover("ppo", run, cfg.ray.max_restarts, lambda: start_roles(cfg, backend),
+                           lambda session: session[1].stop(), train)
     finally:
         run.metrics.close()
         backend.close()
@@ -396,6 +398,10 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
     progress = Progress(iterations, desc="ppo", enabled=cfg.logging.progress, initial=trainer.iteration_done)
     skipped_in_row = cut_short = 0
     while trainer.iteration_done < iterations:
+        if preempted():
+            stage.now(f"the checkpoint of iteration {trainer.iteration_done}", trainer.iteration_done)
+            raise Preempted("ppo", trainer.iteration_done, checkpoint_at(
+                run, roles.trained(), trainer.iteration_done, lambda: {"controller": trainer.state_dict()}))
         done = trainer.iteration_done + 1
         stage.now(f"iteration {done}", done)
         metrics = trainer.iteration(done - 1)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from rlhf.checkpoint import CheckpointManager, read_meta
-from rlhf.config import save_config
-from rlhf.metrics import MetricsLogger, Progress
+from rlhf.config import command_of, save_config
+from rlhf.metrics import MetricsLogger, Progress, run_tags
+from rlhf.preemption import Preempted, on_sigterm, preempted
 from rlhf.roles import RankDied, Trainer
 
 
@@ -39,7 +40,8 @@ def open_run(output: str, cfg: Any, resume: bool) -> RunDir:
         raise SystemExit(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
                          "or choose another --output")
     save_config(cfg, os.path.join(output, "config.yaml"))
-    metrics = MetricsLogger(output, tensorboard=cfg.logging.tensorboard, resume=latest is not None)
+    metrics = MetricsLogger(output, tensorboard=cfg.logging.tensorboard, resume=latest is not None,
+                            tags=run_tags(command_of(cfg), output))
     if latest:
         metrics.truncate_after(int(read_meta(latest)["step"]))
     return RunDir(output, metrics, checkpoints, latest)
@@ -53,6 +55,15 @@ def save_checkpoint(run: RunDir, trained: Sequence[Any], step: int, meta: dict) 
         future.result()
     fault_point("driver", 0, "commit")  # the fault tests' "driver killed with every part written, unsealed"
     return run.checkpoints.commit(step, tmp, {**meta, "step": step})
+
+
+def checkpoint_at(run: RunDir, trained: Sequence[Any], step: int, meta: Callable[[], dict]) -> str:
+    """The checkpoint of `step`: the latest complete one when it is that step's, else one written now (a preempted
+    run's last act)."""
+    latest = run.checkpoints.latest()
+    if latest and int(read_meta(latest)["step"]) == step:
+        return latest
+    return save_checkpoint(run, trained, step, meta())
 
 
 def load_checkpoint(trained: Sequence[Any], checkpoint: str) -> dict:
@@ -71,7 +82,7 @@ def backend_for(cfg: Any, given: Any = None) -> Any:
             given = LocalBackend()
         else:
             from actors.group import RayBackend
-            given = RayBackend(cfg.ray)
+            given = RayBackend(cfg.ray, command_of(cfg))
     if given.local:
         layouts = [getattr(cfg.roles, r).layout for r in ("policy", "reference", "reward", "critic")] \
             if hasattr(cfg, "roles") else [cfg.layout]
@@ -158,6 +169,7 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
     final/; resumed from the last complete checkpoint, and recovered (`recover`) when a rank dies."""
     batch = cfg.train.global_batch_size
     before: dict = {}
+    run.metrics.tags["role"] = job.role  # every metric of this loop measures the trained group's steps
 
     def attempt(groups: Any, restarts: int, stage: Stage) -> dict:
         trainer = Trainer(groups.groups[job.role])
@@ -170,9 +182,12 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
             run.metrics.log(0, before)
         progress = Progress(plan.total_steps, desc=command, enabled=cfg.logging.progress, initial=start)
         for step in range(start, plan.total_steps):
+            epoch, index = divmod(step, plan.steps_per_epoch)
+            if preempted():
+                stage.now(f"the checkpoint of step {step}", step)
+                raise Preempted(command, step, checkpoint_at(run, [trainer], step, lambda: {"epoch": epoch}))
             done = step + 1
             stage.now(f"step {done}", done)
-            epoch, index = divmod(step, plan.steps_per_epoch)
             order = permutation(len(job.records), cfg.seed, epoch)[index * batch:(index + 1) * batch]
             metrics = job.step(trainer, [job.records[i] for i in order], epoch)
             evaluated = bool(job.evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0)
@@ -199,8 +214,9 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
 
     backend.open(plan.world * cfg.layout.cpus_per_rank)
     try:
-        return recover(command, run, cfg.ray.max_restarts, lambda: backend.start({job.role: (job.worker, spec)}),
-                       lambda groups: groups.stop(), attempt)
+        with on_sigterm(cfg.ray.preempt_grace_s):
+            return recover(command, run, cfg.ray.max_restarts, lambda: backend.start({job.role: (job.worker, spec)}),
+                           lambda groups: groups.stop(), attempt)
     finally:
         run.metrics.close()
         backend.close()

@@ -1,8 +1,10 @@
 """`rlhf sweep`: a Ray Tune sweep over any config key of `rlhf sft`, `rlhf rm` or `rlhf ppo` (docs/sweeps.md).
 
 Every trial is a whole run in its own directory, on role groups placed inside the trial's placement group, so
-trials queue for the cluster instead of oversubscribing it. Each logged step reaches Tune through the metrics
-logger's reporter hook, each committed checkpoint through the checkpoint manager's commit hook (PBT restores them).
+trials queue for the cluster instead of oversubscribing it; a trial the cluster can never hold stops the sweep
+before Tune starts. Each logged step reaches Tune through the metrics logger's reporter hook, each committed
+checkpoint through the checkpoint manager's commit hook (PBT restores them); the trial's controller and ranks say
+in Ray's dashboard which trial they are, and its metrics reach Ray's tagged with the trial id.
 """
 from __future__ import annotations
 
@@ -236,15 +238,35 @@ def _check_search(spec: SweepSpec, base_path: str, where: str) -> None:
                 raise ConfigError(f"{where}search.{key}: {msg} (value {value!r})") from None
 
 
-def trial_bundles(command: str, cfg: Any, use_gpu: bool, driver_cpus: float) -> list[dict]:
-    """The trial's placement group: its controller's bundle, then the role groups' as the planner lays them out
-    for the run (the run takes exactly those bundles of the trial's group)."""
+def trial_plan(command: str, cfg: Any, use_gpu: bool) -> Any:
+    """The role groups' bundles as the planner lays them out for the run (the run takes exactly those bundles of
+    the trial's placement group)."""
     from actors.placement import plan_placement
     if command == "ppo":
         layouts = {r: getattr(cfg.roles, r).layout for r in cfg.derive().roles}
     else:
         layouts = {"sft" if command == "sft" else "reward": cfg.layout}
-    return plan_placement(layouts, use_gpu).trial_bundles(driver_cpus)
+    return plan_placement(layouts, use_gpu)
+
+
+def trial_bundles(command: str, cfg: Any, use_gpu: bool, driver_cpus: float) -> list[dict]:
+    """The trial's placement group: its controller's bundle, then the role groups' (`trial_plan`)."""
+    return trial_plan(command, cfg, use_gpu).trial_bundles(driver_cpus)
+
+
+def check_trial_fits(spec: SweepSpec, plan: Any, strategy: str, wait_s: float, started_ray: bool,
+                     where: str) -> None:
+    """Stop before Tune starts when the cluster can never hold one trial, which Tune would leave PENDING forever
+    (after `ray.wait_for_nodes_s` for nodes to join): what a trial needs, what the cluster lacks, what to change."""
+    from actors.placement import room_for, show, total, what_to_change
+    bundles = plan.trial_bundles(spec.driver_cpus)
+    why = room_for([(bundles, strategy)], wait_s)
+    if why is None:
+        return
+    keys = "roles.<role>.layout" if spec.command == "ppo" else "layout"
+    raise ConfigError(f"{where}one trial needs {show(total(bundles))} ({spec.driver_cpus:g} CPU for its controller, "
+                      f"driver_cpus; {plan.describe()}) but {why}; "
+                      f"{what_to_change(keys, why, started_ray, ' (overrides), driver_cpus')}")
 
 
 # --- inside a trial ---------------------------------------------------------------------------------------------
@@ -308,14 +330,17 @@ def run_trial(config: dict, job: dict) -> None:
     from rlhf.checkpoint import set_commit_hook
     from rlhf.metrics import set_reporter
 
+    from rlhf.metrics import Trial, set_trial
+
     ctx = tune.get_context()
     run_dir = os.path.join(job["experiment_dir"], ctx.get_trial_id(), "run")
+    trial = Trial(os.path.basename(os.path.dirname(job["experiment_dir"])), ctx.get_trial_id(), searched(config))
     cfg = load_config(job["command"], job["base_config"], trial_overrides(config) + ["logging.progress=false"])
     resume = _prepare_run_dir(run_dir, tune.get_checkpoint())
     every, last = cfg.train.save_every, cfg.ppo.iterations if job["command"] == "ppo" else cfg.train.max_steps
     reporter = TuneReporter(job["metric"], lambda step: step > 0 and (bool(every and step % every == 0)
                                                                        or bool(last and step >= last)))
-    previous = set_reporter(reporter.log), set_commit_hook(reporter.commit)
+    previous = set_reporter(reporter.log), set_commit_hook(reporter.commit), set_trial(trial)
     try:
         RUNNERS[job["command"]]()(cfg, run_dir, resume)
     except SystemExit as err:  # a user error inside the run: Tune records it as the trial's error
@@ -323,6 +348,7 @@ def run_trial(config: dict, job: dict) -> None:
     finally:
         set_reporter(previous[0])
         set_commit_hook(previous[1])
+        set_trial(previous[2])
     reporter.flush()
 
 
@@ -340,6 +366,27 @@ RUNNERS = {"sft": _runner("rlhf.drivers.sft", "run_sft"), "rm": _runner("rlhf.dr
 
 def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
+
+
+def searched(config: dict) -> str:
+    """A trial's searched values as its actors' reprs show them: `optim.lr=0.0003 rm.label_smoothing=0.1`."""
+    return " ".join(f"{key}={_cell(value)}" for key, value in sorted(config.items()))
+
+
+def trainable(job: dict, resources: Any) -> type:
+    """Tune's function trainable of `run_trial`, whose actor (the trial's controller) says in Ray's dashboard which
+    trial it is. It keeps Tune's class name, ImplicitFunc, so `ray list actors` reads as Tune's users know it."""
+    from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
+    base = wrap_function(tune.with_resources(tune.with_parameters(run_trial, job=job), resources))
+
+    class ImplicitFunc(base):  # type: ignore[misc, valid-type]
+        def __repr__(self) -> str:
+            # Ray asks for the repr once the actor is built, when Tune has given it its trial and values.
+            from rlhf.metrics import Trial
+            return f"{job['command']} controller of {Trial('', self.trial_id, searched(self.config))}"
+
+    return ImplicitFunc
 
 
 # --- the driver --------------------------------------------------------------------------------------------------
@@ -404,20 +451,21 @@ def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str)
     _check_search(spec, base_path, where)
 
     bundles_probe = trial_bundles(spec.command, base, False, spec.driver_cpus)
-    ensure_ray(base.ray, sum(b["CPU"] for b in bundles_probe))
-    bundles = trial_bundles(spec.command, base, cluster_has_gpus(), spec.driver_cpus)
+    started_ray = ensure_ray(base.ray, sum(b["CPU"] for b in bundles_probe))
+    plan = trial_plan(spec.command, base, cluster_has_gpus())
     strategy = base.layout.strategy if spec.command != "ppo" else "PACK"
     strategy = {"STRICT_SPREAD": "SPREAD"}.get(strategy, strategy)  # bundle 0 (the controller) needs no node of its own
+    check_trial_fits(spec, plan, strategy, base.ray.wait_for_nodes_s, started_ray, where)
+    bundles = plan.trial_bundles(spec.driver_cpus)
     job = {"command": spec.command, "base_config": base_path, "args": vars(spec.args), "metric": spec.metric,
            "experiment_dir": experiment_dir}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job),
-                                    tune.PlacementGroupFactory(bundles, strategy=strategy))
+    trial_trainable = trainable(job, tune.PlacementGroupFactory(bundles, strategy=strategy))
     if resume:
-        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment_dir, trial_trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = _scheduler(spec, base, where)
         tuner = tune.Tuner(
-            trainable, param_space=_param_space(spec),
+            trial_trainable, param_space=_param_space(spec),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                         scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials or None,
                                         trial_dirname_creator=_trial_dirname),
