@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.config import ConfigError, load_config, save_config, to_yaml
 
-COMMANDS = ("sft", "rm", "ppo")
+COMMANDS = ("sft", "rm", "dpo", "ppo")
 SEARCH_TYPES = ("grid", "choice", "uniform", "loguniform")
 EXPERIMENT = "tune"
 """Tune's experiment directory under --output (what `--resume` restores)."""
@@ -143,7 +143,7 @@ def _check_spec(spec: SweepSpec, path: Optional[str]) -> None:
     where = _where(path)
     if spec.command not in COMMANDS:
         raise ConfigError(f"{where}command: {spec.command!r} is not one of {', '.join(COMMANDS)}")
-    needed = ("model", "data") if spec.command in ("sft", "rm") else ("policy", "reward", "prompts")
+    needed = ("model", "data") if spec.command != "ppo" else ("policy", "reward", "prompts")
     for name in needed:
         if not getattr(spec.args, name):
             raise ConfigError(f"{where}args.{name}: `rlhf {spec.command}` needs it")
@@ -245,7 +245,8 @@ def trial_plan(command: str, cfg: Any, use_gpu: bool) -> Any:
     if command == "ppo":
         layouts = {r: getattr(cfg.roles, r).layout for r in cfg.derive().roles}
     else:
-        layouts = {"sft" if command == "sft" else "reward": cfg.layout}
+        # One trained group (DPO's reference pass runs before it, in the same bundles).
+        layouts = {{"sft": "sft", "rm": "reward", "dpo": "policy"}[command]: cfg.layout}
     return plan_placement(layouts, use_gpu)
 
 
@@ -360,7 +361,7 @@ def _runner(module: str, name: str) -> Callable[[], Callable]:
 
 
 RUNNERS = {"sft": _runner("rlhf.drivers.sft", "run_sft"), "rm": _runner("rlhf.drivers.rm", "run_rm"),
-           "ppo": _runner("rlhf.drivers.ppo", "run_ppo")}
+           "dpo": _runner("rlhf.drivers.dpo", "run_dpo"), "ppo": _runner("rlhf.drivers.ppo", "run_ppo")}
 """Each command's run function (imported in the trial, where it runs)."""
 
 
@@ -531,7 +532,7 @@ def _cell(value: Any) -> str:
 
 def _command_line(spec: SweepSpec, config: str, output: str) -> str:
     a = spec.args
-    pairs = ([("--model", a.model), ("--data", a.data)] if spec.command in ("sft", "rm") else
+    pairs = ([("--model", a.model), ("--data", a.data)] if spec.command != "ppo" else
              [("--policy", a.policy), ("--reward", a.reward), ("--prompts", a.prompts)])
     parts = ["rlhf", spec.command, "--config", config] + [x for p in pairs for x in p] + ["--output", output]
     return " ".join(shlex.quote(p) for p in parts)
