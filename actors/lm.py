@@ -2,7 +2,9 @@
 
 Losses come from the pure functions of `rlhf.ppo_math`; each is a share of the global batch's token mean (see
 `actors.engine`). Forward passes drop the columns that are padding in every row of a micro-batch and keep only the
-reply's logits, so a micro-batch of short rows costs what its rows need.
+reply's logits, so a micro-batch of short rows costs what its rows need. With a token budget
+(`max_tokens_per_micro_batch`) micro-batches are rows packed end to end without padding (`rlhf.batching.Packing`),
+and only the positions a loss reads reach the LM head; every per-token number is the padded path's.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ from typing import Any
 import torch
 
 from actors.dispatch import dispatch, even_items, even_rows, padded_items, padded_rows, update_plan
+from actors.engine import (check_packable, deepspeed_config, load_partitioned, partitioned_construction, peak_rss_gb,
+                           say_unloaded)
 from actors.rank import RankWorker
-from rlhf.batching import Batch, chunk, micro_batches, position_ids, trim_left_padding, trim_padding
+from rlhf.batching import (Batch, Packing, chunk, fill_bins, micro_batches, position_ids, select, trim_left_padding,
+                           trim_padding)
 from rlhf.ppo_math import entropy_from_logits, kl_loss, logprobs_from_logits, masked_sum, policy_loss
 from rlhf.roles import PolicyLoss, UpdatePlan
 
@@ -24,11 +29,21 @@ class CausalLMWorker(RankWorker):
     """What the three LM roles share: the model, its LoRA adapters, and log-probs of token spans."""
 
     def build(self) -> torch.nn.Module:
-        from rlhf.modeling import apply_lora_config, load_causal_lm
+        from rlhf.modeling import apply_lora_config, build_causal_lm, load_causal_lm
         spec = self.spec
-        # Load straight into the run's dtype: a 16B model in float32 would need 64 GB of host memory per rank.
-        model = load_causal_lm(spec.model_path, str(self.dtype()).removeprefix("torch."),
-                               spec.model.trust_remote_code)
+        dtype = str(self.dtype()).removeprefix("torch.")
+        self.loaded = {"partitioned": spec.role.deepspeed.zero_stage == 3}
+        if self.loaded["partitioned"]:  # built partitioned; each rank reads only its share of every weight
+            config = deepspeed_config(spec.role, spec.trainable, spec.grad_accum, self.world_size, self.device,
+                                      self.dtype())
+            model = build_causal_lm(spec.model_path, dtype, spec.model.trust_remote_code,
+                                    partitioned_construction(config))
+            unused, missing, read = load_partitioned(model, spec.model_path)
+            say_unloaded(spec.model_path, model, unused, missing)
+            self.loaded |= {"elements_read": read, "elements": sum(p.ds_numel for p in model.parameters())}
+        else:
+            # Load straight into the run's dtype: a 16B model in float32 would need 64 GB of host memory per rank.
+            model = load_causal_lm(spec.model_path, dtype, spec.model.trust_remote_code)
         if spec.model.gradient_checkpointing and spec.trainable:
             model.gradient_checkpointing_enable()
         self.lora = spec.role.lora.enabled and spec.trainable
@@ -39,7 +54,60 @@ class CausalLMWorker(RankWorker):
         self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.eom_id = self.tokenizer.convert_tokens_to_ids("<eom>")
         self.sequences_encoded = 0  # ranked-list responses encoded (DPO counts its reference passes with it)
+        self.budget = spec.role.max_tokens_per_micro_batch
+        if self.budget:
+            check_packable(base.config, spec.model_path)
+        self.lm_head = base.get_output_embeddings()
+        self.loaded["peak_rss_gb"] = peak_rss_gb()
         return model
+
+    @dispatch(reduce="concat")
+    def load_report(self) -> list[dict]:
+        """How each rank loaded its weights: partitioned (ZeRO-3, and then how many elements it read of how many),
+        and its process's peak resident set once the model was built (before its DeepSpeed engine)."""
+        return [self.loaded]
+
+    # --- packed forward passes (a token budget): rows end to end, no padding --------------------------------------
+    def _packed_logits(self, pk: Packing, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [k, V] at the flat packed positions `keep`: only those reach the LM head, so the other
+        positions never make vocabulary-sized logits."""
+        keep = keep.to(self.device)
+        hook = self.lm_head.register_forward_pre_hook(
+            lambda _, args: (args[0].flatten(0, -2)[keep].unsqueeze(0), *args[1:]))
+        try:
+            out = self.engine.forward(input_ids=pk.pack(input_ids, self.tokenizer.pad_token_id).to(self.device),
+                                      attention_mask=pk.attention_mask(self.dtype()).to(self.device),
+                                      position_ids=pk.position_ids.to(self.device), use_cache=False)
+        finally:
+            hook.remove()
+        return out.logits[0].float()
+
+    def _packed_token_logprobs(self, mb: Batch, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [k] of the tokens where `mask` [b, T] is 1 (each sequence's first left out: nothing predicts
+        it), and the row of the batch each belongs to."""
+        pk = Packing(mb["attention_mask"])
+        predict, target, row = pk.targets(mask)
+        logits = self._packed_logits(pk, mb["input_ids"], predict)
+        labels = pk.pack(mb["input_ids"]).view(-1)[target].to(self.device)
+        return logprobs_from_logits(logits.unsqueeze(0), labels.unsqueeze(0))[0], row.to(self.device)
+
+    def _packed_response_logprobs(self, mb: Batch, with_entropy: bool = False):
+        """`_response_logprobs` of a packed micro-batch: [b, R], 0 where a row has no reply token."""
+        rows, width = mb["response_ids"].shape
+        pk = Packing(mb["attention_mask"])
+        end = mb["sequences"].shape[1]
+        before = torch.arange(end - width - 1, end - 1).expand(rows, -1)  # the columns that predict each reply token
+        flat, ok = pk.locate(before)
+        ok = ok & pk.locate(before + 1)[1]
+        logits = self._packed_logits(pk, mb["sequences"], flat[ok])
+        ok = ok.to(self.device)
+        logp = torch.zeros(rows, width, device=self.device)
+        logp[ok] = logprobs_from_logits(logits.unsqueeze(0), mb["response_ids"].to(self.device)[ok].unsqueeze(0))[0]
+        if not with_entropy:
+            return logp, None
+        entropy = torch.zeros(rows, width, device=self.device)
+        entropy[ok] = entropy_from_logits(logits.unsqueeze(0))[0]
+        return logp, entropy
 
     def _logits(self, mb: Batch, keep: int = 0) -> torch.Tensor:
         """Float32 logits [b, T, V]; with `keep`, only the last `keep` positions'."""
@@ -51,6 +119,8 @@ class CausalLMWorker(RankWorker):
 
     def _response_logprobs(self, mb: Batch, with_entropy: bool = False):
         """Log-probs [b, R] of the reply tokens of an experience micro-batch (sequences = prompt + reply)."""
+        if self.budget:
+            return self._packed_response_logprobs(mb, with_entropy)
         width = mb["response_ids"].shape[1]
         mb = trim_left_padding(mb)
         logits = self._logits({"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]}, keep=width + 1)
@@ -61,30 +131,46 @@ class CausalLMWorker(RankWorker):
     def _logprobs(self, batch: Batch, adapters_off: bool = False) -> torch.Tensor:
         off = self.engine.module.disable_adapter() if adapters_off and self.lora else contextlib.nullcontext()
         with off:
+            if self.budget:
+                return self.engine.forward_rows(batch, self.budget, lambda mb: self._response_logprobs(mb)[0])
             return self.each_micro_batch(batch, lambda mb: self._response_logprobs(mb)[0])
 
-    def _reply_logps(self, mb: Batch) -> torch.Tensor:
-        """[b] summed log-probs of each row's last reply, in a right-padded ranked-list micro-batch."""
+    def _reply_logps(self, mb: Batch, real: bool = True) -> torch.Tensor:
+        """[b] summed log-probs of each row's last reply, in a right-padded ranked-list micro-batch (a pass that is
+        not `real` only keeps the ranks' pass counts equal, and is not counted)."""
+        self.sequences_encoded += int(mb["input_ids"].shape[0]) if real else 0
+        if self.budget:
+            logp, row = self._packed_token_logprobs(mb, mb["reply_mask"])
+            return torch.zeros(len(mb["input_ids"]), device=self.device).index_add(0, row, logp)
         mb = trim_padding(mb, ("input_ids", "attention_mask", "reply_mask"))
-        self.sequences_encoded += int(mb["input_ids"].shape[0])
         logits = self._logits({"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]})
         logp = logprobs_from_logits(logits[:, :-1], mb["input_ids"][:, 1:].to(self.device))
         return (logp * mb["reply_mask"][:, 1:].to(self.device).float()).sum(1)
 
     def _lists_logps(self, lists: list, adapters_off: bool = False) -> list[list[float]]:
         """Each ranked list's summed log-probs of its responses' last replies, without gradients."""
-        from reward.batches import micro_batches_of
         self.engine.eval()
         off = self.engine.module.disable_adapter() if adapters_off and self.lora else contextlib.nullcontext()
         logps: list[list[float]] = []
         with off, torch.no_grad():
-            for mb, part in micro_batches_of(lists, self.spec.role.micro_batch_size, self.tokenizer.pad_token_id,
-                                             by_length=False, with_lists=True):
-                values = self._reply_logps(mb).float().cpu().tolist()
-                for lst in part:
+            for (mb, part), real in self._list_steps(lists, train=False, by_length=False):
+                values = self._reply_logps(mb, real).float().cpu().tolist()
+                for lst in part if real else ():
                     logps.append(values[:len(lst.rows)])
                     values = values[len(lst.rows):]
         return logps
+
+    def _list_steps(self, lists: list, train: bool = True, by_length: bool = True):
+        """Micro-batches of whole ranked lists with their lists, each with whether it is real: `micro_batch_size`
+        lists each, or with a token budget whole lists grouped by their tokens."""
+        from reward.batches import collate_ranked, micro_batches_of
+        pad = self.tokenizer.pad_token_id
+        if not self.budget:
+            return ((item, True) for item in micro_batches_of(lists, self.spec.role.micro_batch_size, pad,
+                                                                by_length=by_length, with_lists=True))
+        groups = fill_bins([sum(map(len, lst.rows)) for lst in lists], self.budget, in_order=not by_length)
+        parts = [[lists[i] for i in group] for group in groups]
+        return self.engine.micro_steps([(collate_ranked(part, pad), part) for part in parts], train)
 
     @dispatch(split={"lists": padded_items}, reduce={"logps": "concat", "encoded": "sum"})
     def reply_logprobs(self, lists: list, adapters_off: bool = False) -> dict:
@@ -95,6 +181,9 @@ class CausalLMWorker(RankWorker):
 
     def _lm_loss_sum(self, mb: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed token loss over the loss mask of a right-padded micro-batch, and its token count."""
+        if self.budget:
+            logp, _ = self._packed_token_logprobs(mb, mb["loss_mask"])
+            return -logp.sum(), torch.tensor(float(len(logp)))
         logits = self._logits(mb)
         labels = mb["input_ids"][:, 1:].to(self.device)
         mask = mb["loss_mask"][:, 1:].to(self.device).float()
@@ -171,36 +260,20 @@ class PolicyWorker(CausalLMWorker):
             sums["kl_loss"] = 0.0
         fresh: list[torch.Tensor] = []
         for step, (batch, num_tokens) in enumerate(zip(plan.steps, plan.tokens)):
+            ptx = plan.ptx[step] if plan.ptx is not None and loss.ptx_coef > 0 else None  # this rank's SFT rows
+            if self.budget:
+                ptx_tokens = plan.ptx_tokens[step] if ptx is not None else 0
+                fresh += self._packed_update_step(batch, num_tokens, ptx, ptx_tokens, loss, sums)
+                sums["grad_norm"] += self.engine.grad_norm()
+                continue
             n_micro = max(1, len(batch["response_ids"]) // micro)
-            ptx_parts = None
-            if plan.ptx is not None and loss.ptx_coef > 0:  # this rank's SFT rows of the step, a part per micro-batch
-                ptx_parts = [chunk(plan.ptx[step], i, n_micro) for i in range(n_micro)]
+            ptx_parts = None if ptx is None else [chunk(ptx, i, n_micro) for i in range(n_micro)]  # one per micro-batch
             for i, mb in enumerate(micro_batches(batch, micro)):
-                mask = mb["action_mask"].to(self.device).float()
-                logp, entropy = self._response_logprobs(mb, with_entropy=True)
-                old = mb["old_logprobs"].to(self.device) if "old_logprobs" in mb else logp.detach()
+                total, logp = self._policy_loss(mb, num_tokens, loss, sums)
                 if "old_logprobs" not in mb:
-                    fresh.append(logp.detach().cpu())
-                total, stats = policy_loss(logp, old, mb["advantages"].to(self.device), mask, loss.clip_eps,
-                                           num_tokens=num_tokens, dual_clip=loss.dual_clip,
-                                           log_ratio_clip=loss.log_ratio_clip)
-                share = float(mask.sum()) / num_tokens
-                sums["pg_loss"] += float(total.detach())
-                for key in ("clipfrac", "approx_kl", "log_ratio_clipfrac"):
-                    sums[key] += float(stats[key]) * share
-                ent = masked_sum(entropy, mask) / num_tokens
-                sums["entropy"] += float(ent.detach())
-                if loss.entropy_coef:
-                    total = total - loss.entropy_coef * ent
-                if loss.kl_coef:
-                    kl, _ = kl_loss(logp, mb["ref_logprobs"].to(self.device), mask, num_tokens, loss.kl_clip)
-                    sums["kl_loss"] += float(kl.detach())
-                    total = total + loss.kl_coef * kl
+                    fresh.append(logp)
                 if ptx_parts is not None:
-                    ptx_sum, _ = self._lm_loss_sum(trim_padding(ptx_parts[i]))
-                    ptx_loss = ptx_sum / max(1, plan.ptx_tokens[step])
-                    sums["ptx_loss"] += float(ptx_loss.detach())
-                    total = total + loss.ptx_coef * ptx_loss
+                    total = total + self._ptx_loss(ptx_parts[i], plan.ptx_tokens[step], loss, sums)
                 self.engine.backward_step(total)
             sums["grad_norm"] += self.engine.grad_norm()
         steps = max(1, len(plan.steps))
@@ -209,6 +282,58 @@ class PolicyWorker(CausalLMWorker):
         if fresh:
             out["logprobs"] = torch.cat(fresh)
         return out
+
+    def _packed_update_step(self, batch: Batch, num_tokens: int, ptx: Batch | None, ptx_tokens: int,
+                            loss: PolicyLoss, sums: dict) -> list[torch.Tensor]:
+        """One optimizer step in token-budget micro-batches: the minibatch's rows, then the PPO-ptx rows in micro-
+        batches of their own (the gradient is a sum, so where each term is computed does not change it). Returns
+        the on-policy log-probs [b, R] of the minibatch's rows, in their order, when it has no old ones."""
+        parts = [("policy", group, select(batch, torch.tensor(group)))
+                 for group in fill_bins(batch["attention_mask"].sum(1).tolist(), self.budget)]
+        if ptx is not None:
+            parts += [("ptx", group, select(ptx, torch.tensor(group)))
+                      for group in fill_bins(ptx["attention_mask"].sum(1).tolist(), self.budget)]
+        fresh = torch.zeros(batch["response_ids"].shape)
+        for (kind, group, mb), real in self.engine.micro_steps(parts):
+            stats = sums if real else dict.fromkeys(sums, 0.0)  # a repeat counts for nothing
+            if kind == "policy":
+                total, logp = self._policy_loss(mb, num_tokens, loss, stats)
+                if real:
+                    fresh[group] = logp
+            else:
+                total = self._ptx_loss(mb, ptx_tokens, loss, stats)
+            self.engine.backward_step(total, real)
+        return [] if "old_logprobs" in batch else [fresh]
+
+    def _policy_loss(self, mb: Batch, num_tokens: int, loss: PolicyLoss,
+                     sums: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch's share of the policy loss (clipped surrogate, entropy bonus, k3 KL), its stats added to
+        `sums`; and its detached log-probs [b, R] on the CPU (the on-policy old ones when it has none)."""
+        mask = mb["action_mask"].to(self.device).float()
+        logp, entropy = self._response_logprobs(mb, with_entropy=True)
+        old = mb["old_logprobs"].to(self.device) if "old_logprobs" in mb else logp.detach()
+        total, stats = policy_loss(logp, old, mb["advantages"].to(self.device), mask, loss.clip_eps,
+                                   num_tokens=num_tokens, dual_clip=loss.dual_clip, log_ratio_clip=loss.log_ratio_clip)
+        share = float(mask.sum()) / num_tokens
+        sums["pg_loss"] += float(total.detach())
+        for key in ("clipfrac", "approx_kl", "log_ratio_clipfrac"):
+            sums[key] += float(stats[key]) * share
+        ent = masked_sum(entropy, mask) / num_tokens
+        sums["entropy"] += float(ent.detach())
+        if loss.entropy_coef:
+            total = total - loss.entropy_coef * ent
+        if loss.kl_coef:
+            kl, _ = kl_loss(logp, mb["ref_logprobs"].to(self.device), mask, num_tokens, loss.kl_clip)
+            sums["kl_loss"] += float(kl.detach())
+            total = total + loss.kl_coef * kl
+        return total, logp.detach().cpu()
+
+    def _ptx_loss(self, rows: Batch, ptx_tokens: int, loss: PolicyLoss, sums: dict) -> torch.Tensor:
+        """PPO-ptx: ptx_coef x the LM loss of SFT rows, over the minibatch's ptx tokens; its value added to `sums`."""
+        ptx_sum, _ = self._lm_loss_sum(trim_padding(rows))
+        ptx_loss = ptx_sum / max(1, ptx_tokens)
+        sums["ptx_loss"] += float(ptx_loss.detach())
+        return loss.ptx_coef * ptx_loss
 
 
 class ReferenceWorker(CausalLMWorker):
@@ -228,15 +353,23 @@ class SFTWorker(CausalLMWorker):
         """One optimizer step over this rank's rows; the loss is the mean over the global batch's tokens."""
         self.engine.train()
         total = 0.0
-        for mb in micro_batches(batch, self.spec.role.micro_batch_size):
+        for mb, real in self.engine.micro_batches(batch, self.spec.role.micro_batch_size, self.budget):
             loss_sum, _ = self._lm_loss_sum(trim_padding(mb))
-            self.engine.backward_step(loss_sum / num_tokens)
-            total += float(loss_sum.detach())
+            self.engine.backward_step(loss_sum / num_tokens, real)
+            total += float(loss_sum.detach()) if real else 0.0
         return {"loss_sum": total, "grad_norm": self.engine.grad_norm(), "lr": self.engine.lr()}
 
     @dispatch(split={"batch": padded_rows}, reduce="concat")
     def evaluate(self, batch: Batch) -> dict:
         """Per row: summed token loss and token count (no update)."""
+        if self.budget:
+            def per_row(mb: Batch) -> torch.Tensor:
+                logp, row = self._packed_token_logprobs(mb, mb["loss_mask"])
+                rows = len(mb["input_ids"])
+                return torch.stack([torch.zeros(rows, device=self.device).index_add(0, row, -logp),
+                                    torch.zeros(rows, device=self.device).index_add(0, row, torch.ones_like(logp))], 1)
+            out = self.engine.forward_rows(batch, self.budget, per_row)
+            return {"loss_sum": out[:, 0], "tokens": out[:, 1]}
         self.engine.eval()
         losses, tokens = [], []
         with torch.no_grad():
@@ -259,18 +392,19 @@ class DPOWorker(PolicyWorker):
     def train_step(self, lists: list, num_prompts: int, loss: Any) -> dict:
         """One optimizer step over this rank's lists, the loss summed over them and divided by the global batch's
         prompt count. Stats are sums over pairs (the log-prob sums over each pair's better and worse response)."""
-        from reward.batches import micro_batches_of
         from rlhf.dpo_math import dpo_loss
         self.engine.train()
         before = self.sequences_encoded
         out = dict.fromkeys(("loss", "correct", "pairs", "margin_sum", "better_logp_sum", "worse_logp_sum"), 0.0)
-        for mb in micro_batches_of(lists, self.spec.role.micro_batch_size, self.tokenizer.pad_token_id):
-            logps = self._reply_logps(mb)
+        for (mb, _), real in self._list_steps(lists):
+            logps = self._reply_logps(mb, real)
             pairs = mb["pairs"].to(self.device)
             res = dpo_loss(logps, mb["ref_logps"].to(self.device), pairs, mb["pair_prompt"].to(self.device),
                            mb["row_prompt"].to(self.device), loss.beta, loss.loss, loss.label_smoothing,
                            num_prompts=num_prompts, reply_tokens=mb["reply_mask"][:, 1:].sum(1).to(self.device))
-            self.engine.backward_step(res["loss"])
+            self.engine.backward_step(res["loss"], real)
+            if not real:
+                continue
             n = res["num_pairs"]
             out["loss"] += float(res["loss"].detach())
             out["pairs"] += n

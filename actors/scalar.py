@@ -1,6 +1,8 @@
 """The scalar-head roles: the reward (a frozen preference model), the critic, and the preference-model trainer.
 
 All three hold a `reward.model.ScalarHeadModel`: one value per position, the reward read at a dialogue's last token.
+With a token budget (`max_tokens_per_micro_batch`) micro-batches are rows packed end to end without padding
+(`rlhf.batching.Packing`); every value is the padded path's.
 """
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ from typing import Optional
 import torch
 
 from actors.dispatch import dispatch, even_items, padded_items, padded_rows, update_plan
+from actors.engine import (check_packable, deepspeed_config, load_partitioned, partitioned_construction, peak_rss_gb,
+                           say_unloaded)
 from actors.rank import RankWorker
-from reward.batches import EncodedList, micro_batches_of
+from reward.batches import EncodedList, collate_ranked, micro_batches_of
 from reward.model import last_index
-from rlhf.batching import Batch, micro_batches, position_ids, trim_left_padding, trim_padding
+from rlhf.batching import Batch, Packing, fill_bins, position_ids, trim_left_padding, trim_padding
 from rlhf.ppo_math import logprobs_from_logits, value_loss
 from rlhf.roles import UpdatePlan, ValueLoss
 
@@ -24,7 +28,9 @@ class ScalarWorker(RankWorker):
         from reward.model import ScalarHeadModel, load_reward_stats
         from rlhf.modeling import apply_lora_config
         spec = self.spec
-        model = ScalarHeadModel.from_pretrained(spec.model_path, self.dtype(), spec.model.trust_remote_code)
+        self.loaded = {"partitioned": spec.role.deepspeed.zero_stage == 3}
+        model = ScalarHeadModel.from_pretrained(spec.model_path, self.dtype(), spec.model.trust_remote_code,
+                                                load_lm=self._load_partitioned if self.loaded["partitioned"] else None)
         self.stats = load_reward_stats(spec.model_path)
         self.lora = spec.role.lora.enabled and spec.trainable
         if self.lora:  # adapters in the backbone, the head trained in full
@@ -32,16 +38,56 @@ class ScalarWorker(RankWorker):
         if spec.model.gradient_checkpointing and spec.trainable:
             model.lm.gradient_checkpointing_enable()
         self.sequences_encoded = 0
+        self.budget = spec.role.max_tokens_per_micro_batch
+        if self.budget:
+            check_packable(model.config, spec.model_path)
+        self.loaded["peak_rss_gb"] = peak_rss_gb()
         return model
+
+    def _load_partitioned(self, path: str):
+        """The backbone built partitioned (ZeRO-3), each rank reading only its share of every weight; with the
+        checkpoint's unused and missing keys, and how to say them."""
+        from rlhf.modeling import build_causal_lm
+        spec = self.spec
+        config = deepspeed_config(spec.role, spec.trainable, spec.grad_accum, self.world_size, self.device,
+                                  self.dtype())
+        lm = build_causal_lm(path, str(self.dtype()).removeprefix("torch."), spec.model.trust_remote_code,
+                             partitioned_construction(config))
+        unused, missing, read = load_partitioned(lm, path)
+        self.loaded |= {"elements_read": read, "elements": sum(p.ds_numel for p in lm.parameters())}
+        return lm, unused, missing, lambda: say_unloaded(path, lm, unused, missing)
+
+    @dispatch(reduce="concat")
+    def load_report(self) -> list[dict]:
+        """How each rank loaded its weights: partitioned (ZeRO-3, and then how many elements it read of how many),
+        and its process's peak resident set once the model was built (before its DeepSpeed engine)."""
+        return [self.loaded]
 
     def _values(self, mb: Batch) -> torch.Tensor:
         mb = {k: v.to(self.device) for k, v in mb.items()}
         self.sequences_encoded += int(mb["input_ids"].shape[0])
         return self.engine.forward(mb["input_ids"], mb["attention_mask"], position_ids(mb["attention_mask"]))
 
+    def _packed_inputs(self, pk: Packing, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A packed forward's input ids, 4D attention mask and positions, on the device."""
+        ids = pk.pack(input_ids, self.tokenizer.pad_token_id)
+        return (ids.to(self.device), pk.attention_mask(self.dtype()).to(self.device), pk.position_ids.to(self.device))
+
+    def _packed_values(self, mb: Batch, key: str, columns: torch.Tensor, real: bool = True) -> torch.Tensor:
+        """Values [b, k] at columns [b, k] of the padded rows from one packed forward; 0 outside a row's tokens."""
+        pk = Packing(mb["attention_mask"])
+        self.sequences_encoded += len(pk.lengths) if real else 0
+        values = self.engine.forward(*self._packed_inputs(pk, mb[key])).view(-1)
+        flat, ok = pk.locate(columns)
+        return torch.where(ok.to(self.device), values[flat.to(self.device)], 0.0)
+
     def _response_values(self, mb: Batch) -> torch.Tensor:
         """[b, R] values of the states before each reply token of an experience micro-batch."""
         width = mb["response_ids"].shape[1]
+        if self.budget:
+            end = mb["sequences"].shape[1]
+            before = torch.arange(end - width - 1, end - 1).expand(len(mb["sequences"]), -1)
+            return self._packed_values(mb, "sequences", before)
         mb = trim_left_padding(mb)
         values = self._values({"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]})
         return values[:, -width - 1:-1]
@@ -51,6 +97,10 @@ class RewardWorker(ScalarWorker):
     @dispatch(split={"batch": padded_rows}, reduce="concat")
     def score(self, batch: Batch) -> torch.Tensor:
         """[b] reward of each full dialogue, read at its last token (the reply's <eom>)."""
+        if self.budget:
+            return self.engine.forward_rows(batch, self.budget, lambda mb: self._packed_values(
+                mb, "sequences", last_index(mb["attention_mask"]).unsqueeze(1))[:, 0])
+
         def forward(mb: Batch) -> torch.Tensor:
             mb = trim_left_padding(mb)
             seq = {"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]}
@@ -62,6 +112,8 @@ class CriticWorker(ScalarWorker):
     @dispatch(split={"batch": padded_rows}, reduce="concat")
     def values(self, batch: Batch) -> torch.Tensor:
         """[b, R] critic values of the states before each reply token."""
+        if self.budget:
+            return self.engine.forward_rows(batch, self.budget, self._response_values)
         return self.each_micro_batch(batch, self._response_values)
 
     @dispatch(split={"plan": update_plan},
@@ -71,14 +123,15 @@ class CriticWorker(ScalarWorker):
         self.engine.train()
         sums = {"vf_loss": 0.0, "vf_clipfrac": 0.0, "vf_grad_norm": 0.0}
         for batch, num_tokens in zip(plan.steps, plan.tokens):
-            for mb in micro_batches(batch, self.spec.role.micro_batch_size):
+            for mb, real in self.engine.micro_batches(batch, self.spec.role.micro_batch_size, self.budget):
                 mask = mb["action_mask"].to(self.device).float()
                 values = self._response_values(mb).float()
                 vf, stats = value_loss(values, mb["old_values"].to(self.device), mb["returns"].to(self.device), mask,
                                        loss.clip_eps or None, num_tokens=num_tokens)
-                sums["vf_loss"] += float(vf.detach())
-                sums["vf_clipfrac"] += float(stats["vf_clipfrac"]) * float(mask.sum()) / num_tokens
-                self.engine.backward_step(loss.coef * vf)
+                if real:
+                    sums["vf_loss"] += float(vf.detach())
+                    sums["vf_clipfrac"] += float(stats["vf_clipfrac"]) * float(mask.sum()) / num_tokens
+                self.engine.backward_step(loss.coef * vf, real)
             sums["vf_grad_norm"] += self.engine.grad_norm()
         steps = max(1, len(plan.steps))
         return {k: v / steps for k, v in sums.items()} | {"nonfinite": self.engine.take_nonfinite()}
@@ -106,21 +159,27 @@ class RMWorker(ScalarWorker):
         encoded_before = self.sequences_encoded
         out = {"loss": 0.0, "correct": 0.0, "pairs": 0.0, "margin_sum": 0.0, "lm_loss": 0.0}
         rewards = []
-        for mb in micro_batches_of(lists, self.spec.role.micro_batch_size, self.tokenizer.pad_token_id):
+        for (mb, _), real in self._list_steps(lists):
             seq = {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}
-            if lm_coef > 0:
+            lm = None
+            if self.budget:
+                scores, lm = self._packed_scores(mb, lm_coef > 0, real)
+            elif lm_coef > 0:
                 values, logits = self._values_and_logits(seq)
+                scores = _last_values(values, mb["attention_mask"].to(self.device))
+                lm = _best_lm_loss(logits, mb, self.device)
             else:
-                values, logits = self._values(trim_padding(seq)), None
-            scores = _last_values(values, mb["attention_mask"].to(self.device))
+                scores = _last_values(self._values(trim_padding(seq)), mb["attention_mask"].to(self.device))
             res = ranking_loss(scores, mb["pairs"].to(self.device), mb["pair_prompt"].to(self.device),
                                mb["margins"].to(self.device), label_smoothing, num_prompts=num_prompts)
             loss = res["loss"]
-            if logits is not None:
-                lm = _best_lm_loss(logits, mb, self.device) / max(1, num_best_tokens)
+            if lm is not None:
+                lm = lm / max(1, num_best_tokens)
                 loss = loss + lm_coef * lm
-                out["lm_loss"] += float(lm.detach())
-            self.engine.backward_step(loss)
+                out["lm_loss"] += float(lm.detach()) if real else 0.0
+            self.engine.backward_step(loss, real)
+            if not real:
+                continue
             n_pairs = int(res["num_pairs"])
             out["loss"] += float(res["loss"].detach())
             out["pairs"] += n_pairs
@@ -130,11 +189,40 @@ class RMWorker(ScalarWorker):
         return out | {"encoded": self.sequences_encoded - encoded_before, "grad_norm": self.engine.grad_norm(),
                       "rewards": torch.cat(rewards) if rewards else torch.zeros(0)}
 
+    def _list_steps(self, lists: list[EncodedList], train: bool = True, by_length: bool = True):
+        """Micro-batches of whole ranked lists with their lists, each with whether it is real: `micro_batch_size`
+        lists each, or with a token budget whole lists grouped by their tokens."""
+        pad = self.tokenizer.pad_token_id
+        if not self.budget:
+            return ((item, True) for item in micro_batches_of(lists, self.spec.role.micro_batch_size, pad,
+                                                                by_length=by_length, with_lists=True))
+        groups = fill_bins([sum(map(len, lst.rows)) for lst in lists], self.budget, in_order=not by_length)
+        parts = [[lists[i] for i in group] for group in groups]
+        return self.engine.micro_steps([(collate_ranked(part, pad), part) for part in parts], train)
+
+    def _packed_scores(self, mb: Batch, with_lm: bool,
+                       real: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Scores [N] of a packed ranked-list micro-batch's responses (the value at each one's last token) and, with
+        with_lm, the summed LM loss on each prompt's best response (only its reply positions reach the LM head)."""
+        pk = Packing(mb["attention_mask"])
+        self.sequences_encoded += len(pk.lengths) if real else 0
+        inputs = self._packed_inputs(pk, mb["input_ids"])
+        last, _ = pk.locate(last_index(mb["attention_mask"]).unsqueeze(1))
+        if not with_lm:
+            return self.engine.forward(*inputs).view(-1)[last[:, 0].to(self.device)], None
+        best = torch.zeros(len(pk.lengths), 1, dtype=torch.long)
+        best[mb["best_rows"]] = 1
+        predict, target, _ = pk.targets(mb["loss_mask"] * best)
+        values, logits = self.engine.forward(*inputs, logits_at=predict.to(self.device))
+        labels = inputs[0].view(-1)[target.to(self.device)]
+        lm = -logprobs_from_logits(logits.float().unsqueeze(0), labels.unsqueeze(0)).sum()
+        return values.view(-1)[last[:, 0].to(self.device)], lm
+
     def _values_and_logits(self, seq: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         mb = {k: v.to(self.device) for k, v in seq.items()}
         self.sequences_encoded += int(mb["input_ids"].shape[0])
-        return self.engine.module.forward_with_logits(mb["input_ids"], mb["attention_mask"],
-                                                      position_ids(mb["attention_mask"]))
+        return self.engine.forward(mb["input_ids"], mb["attention_mask"], position_ids(mb["attention_mask"]),
+                                   logits_at=True)
 
     @dispatch(split={"lists": padded_items}, reduce="concat")
     def evaluate(self, lists: list[EncodedList]) -> dict:
@@ -142,13 +230,15 @@ class RMWorker(ScalarWorker):
         self.engine.eval()
         out: dict[str, list] = {"correct": [], "pairs": [], "margins": [], "rewards": []}
         with torch.no_grad():
-            for mb, part in micro_batches_of(lists, self.spec.role.micro_batch_size, self.tokenizer.pad_token_id,
-                                             by_length=False, with_lists=True):
-                seq = trim_padding({"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]})
-                scores = _last_values(self._values(seq), mb["attention_mask"].to(self.device)).float().cpu()
+            for (mb, part), real in self._list_steps(lists, train=False, by_length=False):
+                if self.budget:
+                    scores = self._packed_scores(mb, False, real)[0].float().cpu()
+                else:
+                    seq = trim_padding({"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]})
+                    scores = _last_values(self._values(seq), mb["attention_mask"].to(self.device)).float().cpu()
                 diff = scores[mb["pairs"][:, 0]] - scores[mb["pairs"][:, 1]]
                 offset = 0
-                for i, lst in enumerate(part):
+                for i, lst in enumerate(part if real else ()):
                     mine = diff[mb["pair_prompt"] == i]
                     out["correct"].append(int((mine > 0).sum()))
                     out["pairs"].append(len(mine))

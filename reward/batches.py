@@ -24,6 +24,11 @@ class EncodedList:
     margin: float
     reply_starts: list[int] = field(default_factory=list)  # where each row's last turn begins (DPO scores it alone)
     ref_logps: Optional[list[float]] = None  # DPO: the reference's summed log-prob of each row's last reply
+    pair_margins: Optional[list[float]] = None  # one per pair where they differ (preference strength); else margin
+
+    def margins_of_pairs(self) -> list[float]:
+        """Each pair's margin in -log sigmoid(s_better - s_worse - margin)."""
+        return list(self.pair_margins) if self.pair_margins is not None else [self.margin] * len(self.pairs)
 
 
 class _MemoEncoder:
@@ -68,10 +73,10 @@ def collate_ranked(lists: Sequence[EncodedList], pad_id: int) -> Batch:
         rows += lst.rows
         masks += lst.reply_masks
         row_prompt += [p] * len(lst.rows)
-        for better, worse in lst.pairs:
+        for (better, worse), margin in zip(lst.pairs, lst.margins_of_pairs()):
             pairs.append((offset + better, offset + worse))
             pair_prompt.append(p)
-            margins.append(lst.margin)
+            margins.append(margin)
     batch = {
         "input_ids": pad(rows, pad_id),
         "attention_mask": pad([[1] * len(r) for r in rows], 0),

@@ -23,7 +23,8 @@ def ranking_loss(
     """Bradley-Terry loss over ranked pairs, with optional margin (Llama 2) and label smoothing (MOSS-RLHF II).
 
     scores: `[N]`, one scalar per encoded response. pairs: `[P, 2]` long, (better, worse) indices into `scores`.
-    pair_prompt: `[P]` long, the local prompt index (0..num_local_prompts-1) of each pair. margins: `[P]` or a float.
+    pair_prompt: `[P]` long, the local prompt index (0..num_local_prompts-1) of each pair. margins: `[P]` or a float
+    (fixed, a record's own, or per pair the ensemble's mean preference strength: part II's adaptive margin).
     num_prompts: the global number of prompts that have at least one pair (None: the distinct prompts here).
 
     Per pair, d = s_better - s_worse - margin and loss = -(1 - a) * logsigmoid(d) - a * logsigmoid(-d).

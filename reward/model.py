@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -182,9 +182,15 @@ class ScalarHeadModel(torch.nn.Module):
         # The head runs in its own dtype (float32 unless DeepSpeed cast it), so bf16 backbones give stable scores.
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """[B, T] float32 values, one per position."""
-        return self._values(self._hidden(input_ids, attention_mask, position_ids))
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
+                logits_at: Tensor | bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """[B, T] float32 values, one per position; with `logits_at`, also the LM head's logits from the same pass
+        (`forward_with_logits`). A DeepSpeed engine's call goes through here: under ZeRO-3 its forward hooks must see
+        every pass, the LM loss's included."""
+        if logits_at is None or logits_at is False:
+            return self._values(self._hidden(input_ids, attention_mask, position_ids))
+        positions = None if logits_at is True else logits_at
+        return self.forward_with_logits(input_ids, attention_mask, position_ids, positions)
 
     def score(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """[B] the value at each row's last attended position: the reward of the whole sequence."""
@@ -195,12 +201,14 @@ class ScalarHeadModel(torch.nn.Module):
         """[B, T, V] logits of the LM head, for an optional LM loss on the best response."""
         return self.forward_with_logits(input_ids, attention_mask, position_ids)[1]
 
-    def forward_with_logits(self, input_ids: Tensor, attention_mask: Tensor,
-                            position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(values [B, T] float32, logits [B, T, V] in the LM's dtype) from one backbone pass."""
+    def forward_with_logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
+                            positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(values [B, T] float32, logits [B, T, V] in the LM's dtype) from one backbone pass; with `positions`
+        (flat indices into [B * T]) the logits of those positions only, [k, V]."""
         hidden = self._hidden(input_ids, attention_mask, position_ids)
+        kept = hidden if positions is None else hidden.flatten(0, -2)[positions]
         # Called as a module so ZeRO-3 gathers its weights; models with logit scaling are not special-cased.
-        logits = self.lm.get_output_embeddings()(hidden)
+        logits = self.lm.get_output_embeddings()(kept)
         return self._values(hidden), logits
 
     def save_pretrained(self, out_dir: str, stats: dict | None = None, merge_lora: bool = True,
@@ -259,12 +267,18 @@ class ScalarHeadModel(torch.nn.Module):
         return config
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32,
-                        trust_remote_code: bool = False) -> "ScalarHeadModel":
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                        load_lm: Callable[[str], tuple[PreTrainedModel, set, set, Callable[[], None]]] | None = None,
+                        ) -> "ScalarHeadModel":
         """Load the LM from safetensors and the head from value_head.safetensors, else from a sequence classifier's
-        `score`, else start a new head (e.g. a critic initialised from an SFT model)."""
+        `score`, else start a new head (e.g. a critic initialised from an SFT model). `load_lm` loads the LM in
+        place of transformers (a ZeRO-3 rank's partitions) and gives (LM, checkpoint keys it did not use, its keys
+        the checkpoint lacked, what says them)."""
         if not os.path.isdir(path):
             raise ModelLoadError(f"model directory {path!r} does not exist; pass the output of `rlhf sft` or `rlhf rm`")
+        if load_lm is not None:
+            lm, unused, missing, show = load_lm(path)
+            return cls._with_head(lm, _saved_head(path, lm, unused, missing, show))
         with _HeldLoadReport() as report:
             try:
                 lm, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
@@ -275,7 +289,11 @@ class ScalarHeadModel(torch.nn.Module):
                 text = " ".join(str(error).split())[:300]
                 raise ModelLoadError(f"could not load a causal LM from {path!r} ({type(error).__name__}: {text}); "
                                      f"it must be an HF directory with safetensors weights") from error
-        tensors = _saved_head(path, lm, set(info["unexpected_keys"]), set(info["missing_keys"]), report)
+        tensors = _saved_head(path, lm, set(info["unexpected_keys"]), set(info["missing_keys"]), report.show)
+        return cls._with_head(lm, tensors)
+
+    @classmethod
+    def _with_head(cls, lm: PreTrainedModel, tensors: dict[str, Tensor] | None) -> "ScalarHeadModel":
         if tensors is None:
             return cls(lm)
         head = torch.nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0], dtype=torch.float32)
@@ -286,7 +304,7 @@ class ScalarHeadModel(torch.nn.Module):
 
 
 def _saved_head(path: str, lm: PreTrainedModel, unused: set[str], missing: set[str],
-                report: _HeldLoadReport) -> dict[str, Tensor] | None:
+                show: Callable[[], None]) -> dict[str, Tensor] | None:
     """The head saved with the causal LM just loaded from `path` ({"weight", "bias"}), from value_head.safetensors or
     the classifier's weights that the LM left `unused`; None when there is none. Shows transformers' load report
     when it says more than that one class's head is not the other's."""
@@ -301,7 +319,7 @@ def _saved_head(path: str, lm: PreTrainedModel, unused: set[str], missing: set[s
     output = next((n for n, m in lm.named_modules() if m is lm.get_output_embeddings()), None)
     new_lm_head = {k for k in missing if output is not None and k.startswith(f"{output}.")}
     if unused - set(classifier_keys) or missing - (new_lm_head if classifier is not None else set()):
-        report.show()
+        show()
     elif new_lm_head:
         print(f"{path}: a sequence classifier without an LM head; a new one is initialised (only the reward "
               f"model's LM loss, rm.lm_loss_coef, uses it)", file=sys.stderr)

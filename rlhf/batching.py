@@ -96,3 +96,118 @@ def pad_rows(batch: Batch, multiple: int, zero_keys: Sequence[str] = ("loss_mask
             filler = torch.zeros_like(filler)
         out[k] = torch.cat([v, filler])
     return out, n
+
+
+# --- packing: sequences end to end, without padding between them ----------------------------------------------
+
+def spans(attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Each row's first attended column and number of attended tokens, in a left- or right-padded batch. Packing
+    takes a row's attended tokens as one sequence, so they must be one contiguous run (padding only around it)."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    starts = mask.long().argmax(1)  # the first attended column (0 for an empty row)
+    columns = torch.arange(mask.shape[1]).expand_as(mask)
+    inside = (columns >= starts.unsqueeze(1)) & (columns < (starts + lengths).unsqueeze(1))
+    if not torch.equal(inside, mask):
+        raise ValueError("packing needs each row's attended tokens in one run, with padding only before or after it")
+    return starts.tolist(), lengths.tolist()
+
+
+def fill_bins(sizes: Sequence[int], capacity: int, in_order: bool = False) -> list[list[int]]:
+    """The indices of `sizes` in bins of at most `capacity` (an item larger than that alone in its own), first fit
+    from the largest item down: few bins, nearly full. Each bin lists its indices in their input order. `in_order`
+    keeps the items in order instead, a new bin whenever the next item does not fit (results that must come back in
+    the input's order)."""
+    if in_order:
+        runs: list[list[int]] = []
+        for i, size in enumerate(sizes):
+            if runs and sum(sizes[j] for j in runs[-1]) + size <= capacity:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        return runs
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for b, left in enumerate(room):
+            if sizes[i] <= left:
+                bins[b].append(i)
+                room[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - sizes[i])
+    return [sorted(b) for b in bins]
+
+
+class Packing:
+    """The rows of a padded batch as sequences laid end to end in `rows` rows of `width` tokens (the longest
+    sequence; first fit from the longest down), with no padding between them. Each sequence keeps its positions
+    (0, 1, ...), the ones a padded row gets from its attention mask, and a block-diagonal causal mask keeps its
+    attention inside it, so every token's outputs are the padded batch's. Only a row's end can be padding, which
+    attends to itself and is never attended to.
+
+    Flat indices address the packed tokens row-major ([rows * width]): `locate` maps the padded batch's columns to
+    them, `targets` finds the positions whose next token a loss reads."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.starts, self.lengths = spans(attention_mask)
+        self.width = max([1] + self.lengths)
+        rows = fill_bins(self.lengths, self.width)
+        self.rows = len(rows)
+        self.row, self.offset = [0] * len(self.lengths), [0] * len(self.lengths)
+        segment = torch.full((self.rows, self.width), -1, dtype=torch.long)  # the sequence of each token; -1: padding
+        positions = torch.arange(self.width).repeat(self.rows, 1)
+        for r, members in enumerate(rows):
+            at = 0
+            for i in members:
+                self.row[i], self.offset[i] = r, at
+                segment[r, at:at + self.lengths[i]] = i
+                positions[r, at:at + self.lengths[i]] = torch.arange(self.lengths[i])
+                at += self.lengths[i]
+            positions[r, at:] = torch.arange(self.width - at)
+        self.segment, self.position_ids = segment, positions
+        # Every real token: (row of the padded batch, its column there) -> its flat packed index.
+        counts = torch.tensor(self.lengths, dtype=torch.long)
+        seq = torch.repeat_interleave(torch.arange(len(self.lengths)), counts)
+        within = torch.arange(len(seq)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        self._seq, self._col = seq, torch.tensor(self.starts, dtype=torch.long)[seq] + within
+        self._flat = (torch.tensor(self.row, dtype=torch.long)[seq] * self.width
+                      + torch.tensor(self.offset, dtype=torch.long)[seq] + within)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    def pack(self, x: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        """[rows, width] from a padded batch's [b, T] (ids or a mask): each row's attended tokens, end to end."""
+        out = torch.full((self.rows * self.width,), fill, dtype=x.dtype)
+        out[self._flat] = x[self._seq, self._col]
+        return out.view(self.rows, self.width)
+
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, 1, width, width] additive mask: 0 where a token may attend (earlier tokens of its own sequence,
+        itself), the dtype's minimum elsewhere. transformers takes a 4D mask as it is (eager and SDPA attention)."""
+        seg = self.segment
+        causal = torch.ones(self.width, self.width, dtype=torch.bool).tril()
+        allowed = (seg.unsqueeze(2) == seg.unsqueeze(1)) & causal
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+    def locate(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat packed indices [b, k] of columns [b, k] of the padded rows, and whether each is an attended token
+        (the others get index 0, to be masked by the caller)."""
+        within = columns - torch.tensor(self.starts, dtype=torch.long).unsqueeze(1)
+        valid = (within >= 0) & (within < torch.tensor(self.lengths, dtype=torch.long).unsqueeze(1))
+        base = torch.tensor(self.row, dtype=torch.long) * self.width + torch.tensor(self.offset, dtype=torch.long)
+        return torch.where(valid, base.unsqueeze(1) + within, 0), valid
+
+    def targets(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next-token loss positions: for every token of the padded rows where `mask` [b, T] is 1 but a sequence's
+        first (which nothing in it predicts), the flat index of the token before it, its own flat index, and its
+        sequence (row of the padded batch); each [k], in packed order."""
+        packed = self.pack(mask.long()).view(-1).bool()
+        seg = self.segment.view(-1)
+        follows = torch.zeros_like(packed)
+        follows[1:] = (seg[1:] == seg[:-1]) & (seg[1:] >= 0)
+        target = torch.nonzero(packed & follows).squeeze(1)
+        return target - 1, target, seg[target]

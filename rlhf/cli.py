@@ -124,6 +124,20 @@ def cmd_rm_eval(args) -> int:
     return run_rm_eval(args.model, args.data, cfg)
 
 
+def cmd_rm_strength(args) -> int:
+    """An ensemble of preference models on Ray; each pair's preference strength into OUTPUT/strength.jsonl."""
+    cfg = _config(args, "rm")
+    cfg.data.format = args.data_format or cfg.data.format
+    cfg.model.path, cfg.data.train = args.model, args.data
+    _check_models(**{"--model": args.model})
+    from rlhf.drivers.strength import run_strength
+    summary = run_strength(cfg, args.output, args.resume)
+    print(f"rm-strength: done; {summary['negative']} of {summary['pairs']} pairs ({summary['negative_share']:.1%}) "
+          f"have a negative mean strength over {summary['members']} reward models; {args.output}/strength.jsonl, "
+          f"{args.output}/strength.png")
+    return 0
+
+
 def cmd_generate(args) -> int:
     _check_models(**{"--model": args.model})
     from rlhf.drivers.generate import run_generate
@@ -213,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     _data_format_arg(p)
+
+    p = add("rm-strength", cmd_rm_strength, "train rm.ensemble.members preference models side by side on Ray and "
+            "write each pair's preference strength (mean, std of r_better - r_worse)")
+    p.add_argument("--model", required=True, help="the model each member starts from (as for rlhf rm)")
+    p.add_argument("--data", required=True, help="ranked preferences, as `rlhf rm` reads them")
+    p.add_argument("--output", required=True, help="member-K/ runs, strength.jsonl, strength.json, strength.png")
+    _train_args(p)
 
     p = add("dpo", cmd_train, "listwise DPO of the policy from ranked responses (reference scored once on Ray)")
     p.add_argument("--model", required=True, help="the policy to start from (also the reference)")

@@ -141,10 +141,21 @@ class TrainConfig(CheckpointConfig):
     """Records per optimizer step across all ranks (dialogues for SFT, prompts for RM)."""
     micro_batch_size: int = 4
     """Records per forward pass on one rank."""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: a forward pass takes whole records up to this many tokens, packed end to end without padding (ranked
+    lists kept whole), in place of micro_batch_size records; 0: micro_batch_size records, padded."""
     eval_every: int = 50
     """Evaluate on data.eval every N steps (0: only at the end)."""
     log_every: int = 10
     """Log training metrics every N steps."""
+
+
+@dataclass
+class EnsembleConfig:
+    members: int = 4
+    """Reward models `rlhf rm-strength` trains side by side, each its own Ray group; member k has seed + k."""
+    bootstrap: bool = False
+    """Each member trains on a bootstrap resample of the ranked lists (drawn with replacement, seeded per member)."""
 
 
 @dataclass
@@ -157,6 +168,15 @@ class RewardLossConfig:
     """alpha: weight of the flipped pair (MOSS-RLHF part II)."""
     lm_loss_coef: float = 0.0
     """Weight of an LM loss on each prompt's best response; 0 turns it off."""
+    preference_strength: str = ""
+    """strength.jsonl that `rlhf rm-strength` wrote for this training file; empty: every pair as labelled."""
+    weak_pairs: str = "keep"
+    """With preference_strength: keep, flip or drop each pair whose mean strength is below flip_below, or margin
+    (every pair's margin grows by its mean strength, MOSS-RLHF part II's adaptive margin)."""
+    flip_below: float = 0.0
+    """Mean strength under which a pair is weak (flipped or dropped)."""
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    """`rlhf rm-strength`: the reward models that measure each pair's strength."""
 
 
 @dataclass
@@ -212,6 +232,9 @@ class RoleConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     micro_batch_size: int = 4
     """Sequences per forward pass on one rank of this role."""
+    max_tokens_per_micro_batch: int = 0
+    """> 0: a forward or training pass of this role takes sequences up to this many tokens (prompt and reply),
+    packed end to end without padding, in place of micro_batch_size sequences (generation is not packed); 0: off."""
 
 
 @dataclass
@@ -353,7 +376,8 @@ class SFTConfig(RunConfig):
         """The trained group as a role, as PPO's roles are described."""
         return RoleConfig(model=self.model.path, layout=self.layout,
                           deepspeed=RoleDeepSpeedConfig(**dataclasses.asdict(self.deepspeed)), optim=self.optim,
-                          lora=self.lora, micro_batch_size=self.train.micro_batch_size)
+                          lora=self.lora, micro_batch_size=self.train.micro_batch_size,
+                          max_tokens_per_micro_batch=self.train.max_tokens_per_micro_batch)
 
     def derive(self, records: int) -> "TrainPlan":
         """The values that follow from the config and the number of training records, computed here only."""
@@ -445,6 +469,7 @@ _CHOICES = {
     "ppo.kl_controller": ("fixed", "adaptive"),
     "ppo.critic_init": ("reward", "policy"),
     "dpo.loss": ("listwise", "pairwise", "ipo"),
+    "rm.weak_pairs": ("keep", "flip", "drop", "margin"),
 }
 ROLE_NAMES = ("policy", "reference", "reward", "critic")
 AnyConfig = Union[SFTConfig, RMConfig, DPOConfig, PPOConfig]
@@ -483,6 +508,11 @@ def check(cfg: AnyConfig) -> AnyConfig:
             raise ConfigError(f"{dot}deepspeed.offload_param: needs zero_stage 3")
         if optim.schedule not in _CHOICES["optim.schedule"]:
             raise ConfigError(f"{dot}optim.schedule: {optim.schedule!r} is not one of constant, cosine")
+    budgets = ({f"roles.{r}.": getattr(cfg.roles, r).max_tokens_per_micro_batch for r in ROLE_NAMES}
+               if isinstance(cfg, PPOConfig) else {"train.": cfg.train.max_tokens_per_micro_batch})
+    for key, budget in budgets.items():
+        if budget < 0:
+            raise ConfigError(f"{key}max_tokens_per_micro_batch: must be a number of tokens, or 0 (off), got {budget}")
     from rlhf.formats import FORMATS
     if cfg.data.format not in FORMATS:
         raise ConfigError(f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")

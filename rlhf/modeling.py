@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -191,6 +192,98 @@ def load_causal_lm(path_or_id: str, dtype: str = "float32", trust_remote_code: b
     except Exception as error:  # any loader failure becomes one readable line
         raise ModelLoadError(f"could not load a causal LM from {path_or_id!r} ({_one_line(error)}); it must be "
                              f"an HF directory with safetensors weights (convert .bin checkpoints first)") from error
+
+
+def build_causal_lm(path_or_id: str, dtype: str, trust_remote_code: bool,
+                    construction: contextlib.AbstractContextManager) -> PreTrainedModel:
+    """The causal LM of an HF directory built from its config.json inside `construction`, for a loader that fills
+    in the weights itself: under `deepspeed.zero.Init`, with no random init, a ZeRO-3 rank reads only its own
+    partitions (`SafetensorsIndex`)."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    source = local_model_dir(path_or_id)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+        build = lambda: AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),  # noqa: E731
+                                                         trust_remote_code=trust_remote_code)
+        # Once on the meta device first (no memory): the model's modules are imported outside `construction`,
+        # whose patched tensor constructors torch's own imports cannot run under.
+        with torch.device("meta"):
+            build()
+        with construction:
+            model = build()
+    except Exception as error:  # any failure to build from the config becomes one readable line
+        raise ModelLoadError(f"could not build a causal LM from {path_or_id!r}'s config.json "
+                             f"({_one_line(error)})") from error
+    with contextlib.suppress(OSError):  # from_pretrained takes the directory's generation settings too
+        model.generation_config = GenerationConfig.from_pretrained(source, local_files_only=True)
+    return model.eval()
+
+
+def local_model_dir(path_or_id: str) -> str:
+    """The local directory of a model (a hub id's files are downloaded first, as from_pretrained would)."""
+    source = check_model_dir(path_or_id, "model")
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+    return snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.py", "*.txt", "*.model"])
+
+
+class SafetensorsIndex:
+    """Where each tensor of an HF directory's safetensors weights lies (file, dtype, shape, byte offset), read from
+    the files' headers, so that a flat range of one tensor is read without reading or mapping the rest of it: how a
+    ZeRO-3 rank loads only its partition of every weight."""
+
+    DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+    def __init__(self, path: str):
+        import struct
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        self.entries: dict[str, tuple[str, str, tuple[int, ...], int]] = {}
+        for name in files:
+            file = os.path.join(path, name)
+            with open(file, "rb") as f:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            for key, meta in header.items():
+                if key != "__metadata__":
+                    self.entries[key] = (file, meta["dtype"], tuple(meta["shape"]), 8 + size + meta["data_offsets"][0])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][2]
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.shape(name))
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Elements [start, start + count) of the flattened tensor (all of it by default), in the file's dtype."""
+        import torch
+        file, kind, _, offset = self.entries[name]
+        dtype = getattr(torch, self.DTYPES[kind])
+        count = self.numel(name) - start if count is None else count
+        item = torch.empty(0, dtype=dtype).element_size()
+        data = bytearray(count * item)
+        with open(file, "rb") as f:
+            f.seek(offset + start * item)
+            if f.readinto(data) != len(data):
+                raise ModelLoadError(f"{file}: {name} is cut short; the file is incomplete, download or save it again")
+        return torch.frombuffer(data, dtype=dtype) if count else torch.empty(0, dtype=dtype)
 
 
 def init_model(arch: str, preset: str, tokenizer_dir: str, out_dir: str, seed: int = 0) -> str:

@@ -59,3 +59,16 @@ def test_sigterm_in_an_sft_step_checkpoints_that_step_exits_0_and_resume_continu
     b = {m["step"]: m["train/loss"] for m in read_metrics(f"{part}/metrics.jsonl") if "train/loss" in m}
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [b[s] for s in (4, 5, 6)] == pytest.approx([a[s] for s in (4, 5, 6)], rel=1e-5)
+
+
+def test_a_learning_rate_changed_for_the_resume_is_the_one_the_restored_optimizer_uses(tiny, tmp_path):
+    """What PBT does to a trial (restore a checkpoint, mutate optim.lr): the restored schedule must not bring the
+    old rate back. Resumed with half the rate, the steps after the checkpoint run at the new one."""
+    common = ["sft", "--config", "configs/tiny/sft.yaml", "--model", tiny["base"], "--data", tiny["sft_train"],
+              "--set", "train.save_every=2", "--set", "train.log_every=1", "--set", "optim.schedule=constant",
+              "--set", "optim.warmup_steps=0", "--set", "logging.progress=false", "--set", "ray.in_process=true",
+              "--output", tmp_path / "sft"]
+    assert run_cli(*common, "--set", "train.max_steps=2", "--set", "optim.lr=1e-3") == 0
+    assert run_cli(*common, "--set", "train.max_steps=4", "--set", "optim.lr=5e-4", "--resume") == 0
+    lrs = {m["step"]: m["train/lr"] for m in read_metrics(f"{tmp_path}/sft/metrics.jsonl") if "train/lr" in m}
+    assert lrs[1] == pytest.approx(1e-3) and lrs[3] == pytest.approx(5e-4) and lrs[4] == pytest.approx(5e-4)

@@ -29,8 +29,15 @@ def summarize_eval(out: dict) -> dict:
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0}
 
 
-def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
-    """Train a preference model from `cfg.model.path` on `cfg.data.train`; returns the command's summary."""
+def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[Any] = None,
+           encoded: Optional[list[EncodedList]] = None, role: str = "reward",
+           score: Optional[list[EncodedList]] = None) -> dict:
+    """Train a preference model from `cfg.model.path` on `cfg.data.train`; returns the command's summary.
+
+    For an ensemble member (`rlhf rm-strength`): `encoded`, the training lists already encoded (a resample of them);
+    `role`, the trained group's name, which its placement group takes (members train side by side under their own);
+    `score`, lists the trained group scores before it stops: the summary's `pair_margins` is `[P]` r_better - r_worse
+    of their pairs, in order."""
     from actors.rank import RankSpec
     from actors.scalar import RMWorker
     from rlhf.modeling import check_model_dir, load_tokenizer
@@ -38,7 +45,8 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
     check_model_dir(cfg.model.path, "--model")
     backend = backend_for(cfg, backend)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
-    train = encode_file(cfg.data.train, tokenizer, cfg.data, cfg.rm)
+    train = encode_file(cfg.data.train, tokenizer, cfg.data, cfg.rm) if encoded is None else encoded
+    train, touched = weak_pairs(cfg, train)
     held_out = encode_file(cfg.data.eval, tokenizer, cfg.data, cfg.rm) if cfg.data.eval else []
     if len(train) < cfg.train.global_batch_size:
         raise SystemExit(f"{cfg.data.train}: {len(train)} ranked lists is fewer than train.global_batch_size "
@@ -77,13 +85,39 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
         if not math.isfinite(stats["std"]) or stats["std"] <= 0:
             stats["std"] = 1.0
         trainer.save_pretrained(run.final, stats, cfg.lora.merge_on_save).result()
+        scored = {}
+        if score is not None:  # while the group is up: an ensemble member's scores of every pair
+            margins = trainer.evaluate(score).result()["margins"]
+            scored["pair_margins"] = torch.cat(margins) if margins else torch.zeros(0)
         return final | {"train_pairs": seen["pairs"], "train_seconds": seconds,
-                        "train_pairs_per_s": seen["pairs"] / max(1e-9, seconds), "final": run.final}
+                        "train_pairs_per_s": seen["pairs"] / max(1e-9, seconds), "final": run.final} | touched | scored
 
     run = open_run(output, cfg, resume)
-    job = Supervised("reward", RMWorker, train, step, evaluate if held_out else None, finish,
+    if touched and not run.resume_from:
+        run.metrics.log(0, {f"train/{k}": v for k, v in touched.items()})
+    job = Supervised(role, RMWorker, train, step, evaluate if held_out else None, finish,
                      lambda m: {"loss": f"{m['train/loss']:.3f}", "acc": f"{m['train/accuracy']:.2f}"})
     return train_supervised("rm", cfg, plan, run, backend, spec, job)
+
+
+def weak_pairs(cfg: RMConfig, train: list[EncodedList]) -> tuple[list[EncodedList], dict]:
+    """The training lists under `rm.weak_pairs` (flip, drop or margin by `rm.preference_strength`), and how many
+    pairs each rule touched (said once here, logged once at step 0); as they are when no strength file is given."""
+    from reward.strength import weak_pairs_of_file
+    if not cfg.rm.preference_strength:
+        if cfg.rm.weak_pairs != "keep":
+            raise SystemExit(f"rm.weak_pairs: {cfg.rm.weak_pairs} needs rm.preference_strength, the strength.jsonl "
+                             f"that `rlhf rm-strength` writes for {cfg.data.train}")
+        return train, {}
+    train, touched = weak_pairs_of_file(train, cfg.data.train, cfg.rm, cfg.data.format)
+    rule = cfg.rm.weak_pairs
+    did = {"keep": "kept as labelled", "flip": f"{touched['pairs_flipped']} flipped",
+           "drop": f"{touched['pairs_dropped']} dropped",
+           "margin": f"all {touched['pairs_margined']} with their mean strength added to their margin"}[rule]
+    emptied = f", {touched['lists_dropped']} lists left without pairs" if touched["lists_dropped"] else ""
+    print(f"rm: {cfg.rm.preference_strength}: {touched['pairs_weak']} of {touched['pairs_labelled']} pairs have a "
+          f"mean strength below {cfg.rm.flip_below:g}; rm.weak_pairs={rule}: {did}{emptied}", flush=True)
+    return train, touched
 
 
 def run_rm_eval(model_dir: str, data: str, cfg: RMConfig, write_stats: bool = True) -> int:
