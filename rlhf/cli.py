@@ -33,7 +33,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_tokenizer(args) -> int:
     from rlhf.tokenizer import run_tokenizer
-    return run_tokenizer(args.data, args.vocab_size, args.out)
+    return run_tokenizer(args.data, args.vocab_size, args.out, args.data_format or "auto")
 
 
 def cmd_init_model(args) -> int:
@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("tokenizer", cmd_tokenizer, "train a byte-level BPE with the MOSS special tokens")
-    p.add_argument("--data", nargs="+", required=True, help="JSONL files (dialogues, prompts or preferences)")
+    p.add_argument("--data", nargs="+", required=True, help="data files (dialogues, prompts or preferences)")
     p.add_argument("--vocab-size", type=int, default=2000)
     p.add_argument("--out", required=True)
+    _data_format_arg(p)
 
     p = add("init-model", cmd_init_model, "write a randomly initialised model in HF format")
     from rlhf.modeling import PRESETS

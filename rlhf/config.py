@@ -187,6 +187,10 @@ class DPOLossConfig:
     """The implicit reward is beta x the log-ratio to the reference: larger keeps the policy closer to it."""
     label_smoothing: float = 0.0
     """cDPO: weight of the flipped preference, for labels you trust less (not with ipo)."""
+    reference_from_lora_base: bool = True
+    """With LoRA, the reference is the policy with its adapters switched off: no reference group, no second copy."""
+    kl_prompts: int = 16
+    """Held-out prompts the policy answers at each evaluation, for its KL to the reference (0: no sampling)."""
 
 
 @dataclass
@@ -399,6 +403,12 @@ class RMConfig(SFTConfig):
 class DPOConfig(SFTConfig):
     """`rlhf dpo`: SFT's sections (the trained policy) and the DPO loss; the reference is the starting model."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How the policy answers the held-out prompts whose KL to the reference is measured."""
+
+    def groups(self) -> tuple[str, ...]:
+        """The role groups the run starts: the policy, and the frozen reference unless the LoRA policy's base is it."""
+        return ("policy",) if self.lora.enabled and self.dpo.reference_from_lora_base else ("policy", "reference")
 
 
 @dataclass

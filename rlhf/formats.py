@@ -708,9 +708,15 @@ def _load(path: str | os.PathLike, kind: str | None, data_format: str) -> tuple[
     return records, kind
 
 
-def load(path: str | os.PathLike, kind: str, data_format: str = "auto") -> list[Record]:
-    """The records of a file of one kind ("sft", "prompts" or "preferences") in `data_format` (FORMATS)."""
+def load(path: str | os.PathLike, kind: str | None, data_format: str = "auto") -> list[Record]:
+    """The records of a file of one kind ("sft", "prompts" or "preferences"; None: the kind they are) in
+    `data_format` (FORMATS)."""
     return _load(path, kind, data_format)[0]
+
+
+def texts_of(record: Record) -> list[Dialogue]:
+    """The dialogues a record holds: itself, or a preference's prompt with each of its responses."""
+    return [record.prompt.with_reply(r) for r in record.responses] if isinstance(record, Preference) else [record]
 
 
 def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, data_format: str = "auto",

@@ -95,16 +95,21 @@ REPLY_COVER = 0.99
 """The share of a data file's replies a generation cap should let reach `<eom>`."""
 
 
-def reply_lengths(path: str, tokenizer: Any) -> list[int]:
+def reply_lengths(path: str, tokenizer: Any, data_format: str = "auto") -> list[int]:
     """Tokens of every reply of an SFT or preference file as the policy writes them (` {reply}<eom>`)."""
     from rlhf.data import load_parsed, parse_dialogue, parse_preference
+    from rlhf.formats import load, texts_of
 
     def replies(obj: Any) -> list[str]:
         if isinstance(obj, dict) and ("responses" in obj or "chosen" in obj):
             return list(parse_preference(obj).responses)
         return [turn.moss for turn in parse_dialogue(obj).turns if turn.moss is not None]
-    return [len(tokenizer.encode(f" {r}{EOM}", add_special_tokens=False)) for rs in load_parsed(path, replies)
-            for r in rs]
+    if data_format in ("auto", "moss"):  # this project's JSONL, record by record
+        texts = [r for rs in load_parsed(path, replies) for r in rs]
+    else:
+        texts = [t.moss for record in load(path, None, data_format) for d in texts_of(record) for t in d.turns
+                 if t.moss is not None]
+    return [len(tokenizer.encode(f" {r}{EOM}", add_special_tokens=False)) for r in texts]
 
 
 def covering_length(lengths: Sequence[int], cover: float = REPLY_COVER) -> int:
@@ -113,7 +118,8 @@ def covering_length(lengths: Sequence[int], cover: float = REPLY_COVER) -> int:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(cover * len(ordered)) - 1))]
 
 
-def fit_generation_cap(generation: GenerationConfig, tokenizer: Any, source: str, command: str) -> GenerationConfig:
+def fit_generation_cap(generation: GenerationConfig, tokenizer: Any, source: str, command: str,
+                       data_format: str = "auto") -> GenerationConfig:
     """`generation` with its cap resolved: `auto` becomes the length that covers 99% of the replies in `source`,
     and a number below it is named in one line (the cap, the length, the key to change); a run whose best replies
     cannot finish learns to prefer the ones that can."""
@@ -123,7 +129,7 @@ def fit_generation_cap(generation: GenerationConfig, tokenizer: Any, source: str
             raise SystemExit("generation.max_new_tokens: auto needs generation.lengths_from (an SFT or preference "
                              "file whose replies show how long they run)")
         return generation
-    needed = covering_length(reply_lengths(source, tokenizer))
+    needed = covering_length(reply_lengths(source, tokenizer, data_format))
     if cap == "auto":
         print(f"{command}: generation.max_new_tokens=auto: {needed} tokens, enough for "
               f"{REPLY_COVER:.0%} of the replies in {source}", flush=True)

@@ -61,26 +61,31 @@ def _texts_of_record(obj: object) -> list[str]:
         dialogues = [preference.prompt.with_reply(r) for r in preference.responses]
     else:
         dialogues = [Dialogue.from_json(obj)]  # an SFT dialogue or a prompt
-    texts = []
-    for dialogue in dialogues:
-        texts.append(render(dialogue))
-        # The plugin model sees `None` segments and a different prompt ending; train on that text too.
-        if any(turn.has_tools for turn in dialogue.turns):
-            texts.append(render(dialogue, plugin=True))
-    return texts
+    return [text for dialogue in dialogues for text in _rendered(dialogue)]
 
 
-def texts_from_files(paths: list[str]) -> Iterator[str]:
-    """Rendered MOSS text of every record in JSONL files of any kind (SFT, prompts, preferences)."""
+def _rendered(dialogue: Dialogue) -> list[str]:
+    """A dialogue's text; a plugin dialogue's also as the plugin model sees it (`None` segments, its prompt ending)."""
+    return [render(dialogue)] + ([render(dialogue, plugin=True)] if any(t.has_tools for t in dialogue.turns) else [])
+
+
+def texts_from_files(paths: list[str], data_format: str = "auto") -> Iterator[str]:
+    """Rendered MOSS text of every record in data files of any kind (SFT, prompts, preferences): this project's
+    JSONL record by record (a file may mix kinds), a file in another named format (`rlhf.formats`) as a whole."""
+    from rlhf import formats
     for path in paths:
-        for texts in load_parsed(path, _texts_of_record):  # the whole file parses before any text is used
-            yield from texts
+        if data_format in ("auto", "moss"):
+            for texts in load_parsed(path, _texts_of_record):  # the whole file parses before any text is used
+                yield from texts
+        else:
+            for record in formats.load(path, None, data_format):
+                yield from (text for d in formats.texts_of(record) for text in _rendered(d))
 
 
-def run_tokenizer(data: list[str], vocab_size: int, out: str) -> int:
+def run_tokenizer(data: list[str], vocab_size: int, out: str, data_format: str = "auto") -> int:
     """`rlhf tokenizer`: train on the data files and print a one-line summary."""
     try:
-        tokenizer = train_tokenizer(texts_from_files(data), vocab_size, out)
+        tokenizer = train_tokenizer(texts_from_files(data, data_format), vocab_size, out)
     except DataFileError as error:  # every bad line, as `rlhf validate` prints them
         for line in error.errors:
             print(line, file=sys.stderr)

@@ -49,3 +49,17 @@ def test_render_writes_the_text_the_model_sees_and_the_spans_it_trains_on(tmp_pa
     assert [r["text"] for r in line["responses"]] == ["<|Human|>: 2+3?<eoh>\n<|MOSS|>: 5<eom>\n",
                                                       "<|Human|>: 2+3?<eoh>\n<|MOSS|>: 6<eom>\n"]
     assert [[r["text"][a:b] for a, b in r["trained"]] for r in line["responses"]] == [[" 5<eom>"], [" 6<eom>"]]
+
+
+def test_tokenizer_and_the_generation_cap_read_another_projects_format(tmp_path):
+    """`--data-format` reaches every command that reads data, the tokenizer and the reply-length check too."""
+    from rlhf.generation import reply_lengths
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text("".join(json.dumps({"chosen": f"\n\nHuman: {q}?\n\nAssistant: {a}.",
+                                      "rejected": f"\n\nHuman: {q}?\n\nAssistant: no."}) + "\n"
+                          for q, a in [("2+3", "It is 5"), ("Name a colour", "Blue, like the sky")] * 20))
+    assert run_cli("tokenizer", "--data", hh, "--data-format", "hh-rlhf", "--vocab-size", "300",
+                   "--out", tmp_path / "tok") == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    lengths = reply_lengths(str(hh), tok, "hh-rlhf")
+    assert len(lengths) == 80 and max(lengths) == len(tok.encode(" Blue, like the sky.<eom>", add_special_tokens=False))

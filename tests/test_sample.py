@@ -132,7 +132,7 @@ def test_plugin_dialogues_call_the_calculator(sample):
     text = render(calls[0], plugin=True)
     expression = calls[0].metadata["expression"]
     assert f'<|Commands|>: Calculate("{expression}")<eoc>' in text
-    assert f'Calculate("{expression}") => {calls[0].metadata["answer"]}<eor>' in text
+    assert f'Calculate("{expression}") => {calls[0].metadata["answer"]}\n<eor>' in text
     assert "- Calculator: enabled. API: Calculate(expression)" in calls[0].meta_instruction
     no_tool = next(d for d in records["plugin_sft"] if not d.turns[-1].commands)
     assert "<|Commands|>: None<eoc>" in render(no_tool, plugin=True)

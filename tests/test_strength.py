@@ -238,7 +238,8 @@ def test_negative_strength_marks_the_reversed_pairs(ensemble, noisy):
 
 def _rm(out: Path, model: str, data: str, held_out: str, *sets: str) -> dict:
     """`rlhf rm` for 3 epochs (long enough for wrong labels to cost accuracy); its held-out numbers after training."""
-    overrides = [a for s in ("train.epochs=3", "train.eval_every=0", "logging.progress=false",
+    # One process: the same loss and updates as the Ray group's ranks (a batch's gradient does not depend on its split).
+    overrides = [a for s in ("train.epochs=3", "train.eval_every=0", "logging.progress=false", "ray.in_process=true",
                              f"data.eval={held_out}", *sets) for a in ("--set", s)]
     assert run_cli("rm", "--config", CONFIG, "--model", model, "--data", data, *overrides, "--output", out) == 0
     final = [m for m in read_metrics(f"{out}/metrics.jsonl") if "eval/pairwise_accuracy" in m][-1]

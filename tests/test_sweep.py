@@ -122,20 +122,3 @@ def test_trials_and_their_role_groups_show_in_the_ray_state_api(tiny, sweep_ray,
     assert pairs, "no trial actor with its SFT rank in its placement group was seen while the sweep ran"
     assert pairs[0][0].placement_group_id is not None
 
-
-def test_dpo_sweep_over_beta_runs_each_trial_with_its_reference_pass(tiny, sft_run, sweep_ray, tmp_path, capsys):
-    """`rlhf dpo` is a sweepable command like the others: each trial scores the reference once in its own bundles,
-    then trains, and the best trial's beta goes into best_config.yaml."""
-    spec = write_spec(tmp_path, command="dpo", base_config="configs/tiny/dpo.yaml",
-                      args={"model": f"{sft_run}/final", "data": tiny["prefs_train"]},
-                      overrides=[f"data.eval={tiny['prefs_eval']}", "train.max_steps=2", "train.eval_every=2",
-                                 "train.save_every=2", *ONE_RANK],
-                      search={"dpo.beta": {"type": "grid", "values": [0.1, 0.5]}},
-                      metric="eval/pairwise_accuracy", mode="max")
-    out = str(tmp_path / "sweep")
-    assert run_cli("sweep", "--config", spec, "--output", out) == 0
-    rows = summary(out)
-    assert [r["status"] for r in rows] == ["ok", "ok"]
-    for r in rows:
-        assert os.path.exists(os.path.join(r["run_dir"], "reference_logprobs.json"))
-    assert load_config("dpo", f"{out}/best_config.yaml").dpo.beta == pytest.approx(float(rows[0]["dpo.beta"]))

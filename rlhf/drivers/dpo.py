@@ -1,10 +1,11 @@
 """`rlhf dpo`: offline preference training of the policy from the ranked lists `rlhf rm` reads (listwise DPO).
 
-First the reference (the starting model) scores every response once, in a group of its own that stops before the
-policy's starts, so the two never hold memory at the same time; the log-probs are kept in the output directory, so
-a resumed or recovered run does not score them again. Then the policy trains as the preference model does: each
-step takes a global batch of ranked lists, every response encoded once (the prompt's pieces tokenized once), and
-the loss of `rlhf.dpo_math` over all of a prompt's responses at once.
+The reference (the starting model, frozen: a group of its own, or the LoRA policy's base with its adapters off)
+scores every response once before the first step; the log-probs are kept in the output directory, so a resumed or
+recovered run does not score them again. Then the policy trains as the preference model does: each step takes a
+global batch of ranked lists, every response encoded once (the prompt's pieces tokenized once), and the loss of
+`rlhf.dpo_math` over all of a prompt's responses at once. At each held-out evaluation the policy also answers a few
+held-out prompts, and the reference scores those answers: the KL to the reference on the policy's own replies.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import torch
 from reward.batches import EncodedList, encode_file
 from rlhf.checkpoint import atomic_write_json
 from rlhf.config import DPOConfig, RewardLossConfig
-from rlhf.drivers.runs import RunDir, Supervised, backend_for, open_run, recover, train_supervised
-from rlhf.roles import Reference, Trainer
+from rlhf.drivers.runs import RunDir, Supervised, backend_for, open_run, train_supervised
+from rlhf.roles import Policy, Reference, Trainer
 
 REFERENCE_FILE = "reference_logprobs.json"
 
@@ -47,22 +48,13 @@ def _cached(path: str, splits: dict[str, list[EncodedList]]) -> Optional[dict]:
     return cached if fits else None
 
 
-def score_with_reference(cfg: DPOConfig, run: RunDir, backend: Any, spec: Any,
-                         splits: dict[str, list[EncodedList]]) -> int:
+def score_with_reference(run: RunDir, reference: Reference, splits: dict[str, list[EncodedList]]) -> int:
     """Attach the reference's log-probs to every list (scored once, or read back); returns the responses scored."""
-    from actors.lm import ReferenceWorker
     path = os.path.join(run.root, REFERENCE_FILE)
     cached = _cached(path, splits)
     encoded = 0
     if cached is None:
-        every = [lst for lists in splits.values() for lst in lists]
-
-        def score(groups: Any, restarts: int, stage: Any) -> dict:
-            stage.now("the reference pass")
-            return Reference(groups.groups["reference"]).reply_logprobs(every).result()
-
-        out = recover("dpo", run, cfg.ray.max_restarts, lambda: backend.start({"reference": (ReferenceWorker, spec)}),
-                      lambda groups: groups.stop(), score)
+        out = reference.reply_logprobs([lst for lists in splits.values() for lst in lists]).result()
         encoded, logps, cached = out["encoded"], iter(out["logps"]), {}
         for name, lists in splits.items():
             cached[name] = [next(logps) for _ in lists]
@@ -77,9 +69,13 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     """Train the policy `cfg.model.path` by DPO on the ranked lists of `cfg.data.train`; returns the summary."""
     import dataclasses
 
-    from actors.lm import DPOWorker
+    from actors.lm import DPOWorker, ReferenceWorker
     from actors.rank import RankSpec
+    from rlhf.batching import collate_prompts
+    from rlhf.data import load_preferences
+    from rlhf.generation import fit_generation_cap
     from rlhf.modeling import check_model_dir, load_tokenizer
+    from rlhf.moss import tokenize_prompt
 
     check_model_dir(cfg.model.path, "--model")
     backend = backend_for(cfg, backend)
@@ -87,6 +83,12 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     no_margin = RewardLossConfig(use_record_margin=False)
     train = encode_file(cfg.data.train, tokenizer, cfg.data, no_margin)
     held_out = encode_file(cfg.data.eval, tokenizer, cfg.data, no_margin) if cfg.data.eval else []
+    # The held-out prompts the policy answers for its KL to the reference, and how long it may answer.
+    kl_prompts = collate_prompts([tokenize_prompt(p.prompt, tokenizer, cfg.data.max_length, cfg.data.plugin) for p in
+                                  load_preferences(cfg.data.eval, cfg.data.format)[:cfg.dpo.kl_prompts]],
+                                 tokenizer.pad_token_id) if cfg.data.eval and cfg.dpo.kl_prompts else None
+    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from or cfg.data.train, "dpo",
+                                        cfg.data.format)
     if len(train) < cfg.train.global_batch_size:
         raise SystemExit(f"{cfg.data.train}: {len(train)} ranked lists is fewer than train.global_batch_size "
                          f"({cfg.train.global_batch_size})")
@@ -96,7 +98,16 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     # The reference is the starting model, frozen: no optimizer, no LoRA (a LoRA policy's base is that model).
     reference = dataclasses.replace(spec, role=dataclasses.replace(spec.role, lora=dataclasses.replace(
         spec.role.lora, enabled=False)), trainable=False, grad_accum=1, total_steps=1)
-    seen = {"pairs": 0, "began": 0.0}
+    seen = {"pairs": 0, "began": 0.0, "scored": 0}
+    roles: dict[str, Any] = {}
+
+    def started(groups: Any) -> None:
+        """The reference of this start of the groups, and its log-probs of every response (once per run)."""
+        policy = groups.groups["policy"]
+        roles["policy"] = Policy(policy)
+        roles["reference"] = Reference(groups.groups["reference"]) if "reference" in groups.groups else \
+            Reference(policy, adapters_off=True)
+        seen["scored"] += score_with_reference(run, roles["reference"], {"train": train, "eval": held_out})
 
     def step(trainer: Trainer, lists: list[EncodedList], epoch: int) -> dict:
         seen["began"] = seen["began"] or time.time()
@@ -111,23 +122,25 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
                 "train/responses_encoded": out["encoded"], "train/epoch": epoch}
 
     def evaluate(trainer: Trainer) -> dict:
-        return {f"eval/{k}": v for k, v in summarize_eval(trainer.evaluate(held_out, cfg.dpo.beta).result()).items()}
+        out = {f"eval/{k}": v for k, v in summarize_eval(trainer.evaluate(held_out, cfg.dpo.beta).result()).items()}
+        if kl_prompts is None:
+            return out
+        from rlhf.drivers.ppo import experience
+        exp = experience(kl_prompts, roles["policy"].generate(kl_prompts, cfg.generation).result())
+        policy, reference = roles["policy"].logprobs(exp), roles["reference"].logprobs(exp)
+        ratio = ((policy.result() - reference.result()) * exp["action_mask"].float()).sum(1)  # [b] log pi/pi_ref
+        return out | {"eval/kl": float(ratio.mean()), "eval/response_length": float(exp["action_mask"].float().sum(1).mean())}
 
     def finish(trainer: Trainer, before: dict, after: dict) -> dict:
         seconds = time.time() - seen["began"] if seen["began"] else 0.0
         trainer.save_pretrained(run.final, cfg.lora.merge_on_save).result()
         start = {f"{k.removeprefix('eval/')}_start": v for k, v in before.items()}
         return start | {k.removeprefix("eval/"): v for k, v in after.items()} | {
-            "train_pairs": seen["pairs"], "train_seconds": seconds, "reference_responses_scored": scored,
+            "train_pairs": seen["pairs"], "train_seconds": seconds, "reference_responses_scored": seen["scored"],
             "final": run.final}
 
     run = open_run(output, cfg, resume)
-    backend.open(plan.world * cfg.layout.cpus_per_rank)
-    try:
-        scored = score_with_reference(cfg, run, backend, reference, {"train": train, "eval": held_out})
-        run.metrics.log(0, {"dpo/reference_responses_scored": scored})
-        job = Supervised("policy", DPOWorker, train, step, evaluate if held_out else None, finish,
-                         lambda m: {"loss": f"{m['train/loss']:.3f}", "acc": f"{m['train/accuracy']:.2f}"})
-        return train_supervised("dpo", cfg, plan, run, backend, spec, job)
-    finally:
-        backend.close()
+    others = {"reference": (ReferenceWorker, reference)} if "reference" in cfg.groups() else {}
+    job = Supervised("policy", DPOWorker, train, step, evaluate if held_out else None, finish,
+                     lambda m: {"loss": f"{m['train/loss']:.3f}", "acc": f"{m['train/accuracy']:.2f}"}, others, started)
+    return train_supervised("dpo", cfg, plan, run, backend, spec, job)

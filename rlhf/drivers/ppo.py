@@ -341,7 +341,8 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     rules, eval_rules, reward_stats = load_reward_setup(cfg)
     plan = cfg.derive()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
-    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from or cfg.data.ptx, "ppo")
+    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from or cfg.data.ptx, "ppo",
+                                        cfg.data.format)
     reward = cfg.roles.reward.model
     if reward and ("reward" in plan.roles or role_model(cfg, "critic") == reward):
         reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)

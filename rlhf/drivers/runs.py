@@ -9,7 +9,7 @@ complete, so it is never taken.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from rlhf.checkpoint import CheckpointManager, read_meta
@@ -162,6 +162,10 @@ class Supervised:
     """After the last step: write final/ from (the evaluations before and after training); returns the summary."""
     shown: Callable[[dict], dict]
     """What the progress bar shows of a step's metrics."""
+    others: dict = field(default_factory=dict)
+    """Groups started beside the trained one: name -> (worker class, RankSpec) (DPO's frozen reference)."""
+    started: Optional[Callable[[Any], None]] = None
+    """Called with the started groups before training, again after a restart (DPO: the reference's pass)."""
 
 
 def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: Any, spec: Any, job: Supervised) -> dict:
@@ -173,6 +177,9 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
 
     def attempt(groups: Any, restarts: int, stage: Stage) -> dict:
         trainer = Trainer(groups.groups[job.role])
+        if job.started:
+            stage.now("the preparation of the groups")
+            job.started(groups)
         latest = run.checkpoints.latest()
         start = int(load_checkpoint([trainer], latest)["step"]) if latest else 0
         resumed(run, restarts, stage, start, "train")
@@ -212,10 +219,11 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
         stage.now("the save of final/", plan.total_steps)
         return job.finish(trainer, before, after)
 
-    backend.open(plan.world * cfg.layout.cpus_per_rank)
+    backend.open(plan.world * cfg.layout.cpus_per_rank * (1 + len(job.others)))
     try:
         with on_sigterm(cfg.ray.preempt_grace_s):
-            return recover(command, run, cfg.ray.max_restarts, lambda: backend.start({job.role: (job.worker, spec)}),
+            return recover(command, run, cfg.ray.max_restarts,
+                           lambda: backend.start({job.role: (job.worker, spec), **job.others}),
                            lambda groups: groups.stop(), attempt)
     finally:
         run.metrics.close()

@@ -245,8 +245,8 @@ def trial_plan(command: str, cfg: Any, use_gpu: bool) -> Any:
     if command == "ppo":
         layouts = {r: getattr(cfg.roles, r).layout for r in cfg.derive().roles}
     else:
-        # One trained group (DPO's reference pass runs before it, in the same bundles).
-        layouts = {{"sft": "sft", "rm": "reward", "dpo": "policy"}[command]: cfg.layout}
+        roles = cfg.groups() if command == "dpo" else ({"sft": "sft", "rm": "reward"}[command],)
+        layouts = {role: cfg.layout for role in roles}  # DPO's reference is laid out as its policy
     return plan_placement(layouts, use_gpu)
 
 
