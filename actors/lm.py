@@ -160,18 +160,6 @@ class CausalLMWorker(RankWorker):
                     values = values[len(lst.rows):]
         return logps
 
-    def _list_steps(self, lists: list, train: bool = True, by_length: bool = True):
-        """Micro-batches of whole ranked lists with their lists, each with whether it is real: `micro_batch_size`
-        lists each, or with a token budget whole lists grouped by their tokens."""
-        from reward.batches import collate_ranked, micro_batches_of
-        pad = self.tokenizer.pad_token_id
-        if not self.budget:
-            return ((item, True) for item in micro_batches_of(lists, self.spec.role.micro_batch_size, pad,
-                                                                by_length=by_length, with_lists=True))
-        groups = fill_bins([sum(map(len, lst.rows)) for lst in lists], self.budget, in_order=not by_length)
-        parts = [[lists[i] for i in group] for group in groups]
-        return self.engine.micro_steps([(collate_ranked(part, pad), part) for part in parts], train)
-
     @dispatch(split={"lists": padded_items}, reduce={"logps": "concat", "encoded": "sum"})
     def reply_logprobs(self, lists: list, adapters_off: bool = False) -> dict:
         """DPO's reference pass: each ranked list's summed log-probs of its responses' last replies (with

@@ -121,6 +121,20 @@ class RankWorker:
             return torch.cat([forward(mb).float().cpu()
                               for mb in micro_batches(batch, self.spec.role.micro_batch_size)])
 
+    def _list_steps(self, lists: list, train: bool = True, by_length: bool = True):
+        """Micro-batches of whole ranked lists with their lists, each with whether it is real: `micro_batch_size`
+        lists each, or with a token budget (`self.budget`, set by the role's build) whole lists grouped by their
+        tokens. The preference model's and DPO's steps and evaluations share it."""
+        from reward.batches import collate_ranked, micro_batches_of
+        from rlhf.batching import fill_bins
+        pad = self.tokenizer.pad_token_id
+        if not self.budget:
+            return ((item, True) for item in micro_batches_of(lists, self.spec.role.micro_batch_size, pad,
+                                                                by_length=by_length, with_lists=True))
+        groups = fill_bins([sum(map(len, lst.rows)) for lst in lists], self.budget, in_order=not by_length)
+        parts = [[lists[i] for i in group] for group in groups]
+        return self.engine.micro_steps([(collate_ranked(part, pad), part) for part in parts], train)
+
     # --- what every role answers -------------------------------------------------------------------------------
     @dispatch(reduce="first")
     def save_checkpoint(self, directory: str) -> None:

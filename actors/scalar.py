@@ -14,9 +14,9 @@ from actors.dispatch import dispatch, even_items, padded_items, padded_rows, upd
 from actors.engine import (check_packable, deepspeed_config, load_partitioned, partitioned_construction, peak_rss_gb,
                            say_unloaded)
 from actors.rank import RankWorker
-from reward.batches import EncodedList, collate_ranked, micro_batches_of
+from reward.batches import EncodedList
 from reward.model import last_index
-from rlhf.batching import Batch, Packing, fill_bins, position_ids, trim_left_padding, trim_padding
+from rlhf.batching import Batch, Packing, position_ids, trim_left_padding, trim_padding
 from rlhf.ppo_math import logprobs_from_logits, value_loss
 from rlhf.roles import UpdatePlan, ValueLoss
 
@@ -188,17 +188,6 @@ class RMWorker(ScalarWorker):
             rewards.append(scores.detach().float().cpu())
         return out | {"encoded": self.sequences_encoded - encoded_before, "grad_norm": self.engine.grad_norm(),
                       "rewards": torch.cat(rewards) if rewards else torch.zeros(0)}
-
-    def _list_steps(self, lists: list[EncodedList], train: bool = True, by_length: bool = True):
-        """Micro-batches of whole ranked lists with their lists, each with whether it is real: `micro_batch_size`
-        lists each, or with a token budget whole lists grouped by their tokens."""
-        pad = self.tokenizer.pad_token_id
-        if not self.budget:
-            return ((item, True) for item in micro_batches_of(lists, self.spec.role.micro_batch_size, pad,
-                                                                by_length=by_length, with_lists=True))
-        groups = fill_bins([sum(map(len, lst.rows)) for lst in lists], self.budget, in_order=not by_length)
-        parts = [[lists[i] for i in group] for group in groups]
-        return self.engine.micro_steps([(collate_ranked(part, pad), part) for part in parts], train)
 
     def _packed_scores(self, mb: Batch, with_lm: bool,
                        real: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

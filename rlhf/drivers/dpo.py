@@ -18,7 +18,7 @@ import torch
 from reward.batches import EncodedList, encode_file
 from rlhf.checkpoint import atomic_write_json
 from rlhf.config import DPOConfig, RewardLossConfig
-from rlhf.drivers.runs import RunDir, Supervised, backend_for, open_run, train_supervised
+from rlhf.drivers.runs import RunDir, Supervised, backend_for, one_group_plan, open_run, train_supervised
 from rlhf.roles import Policy, Reference, Trainer
 
 REFERENCE_FILE = "reference_logprobs.json"
@@ -70,7 +70,6 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     import dataclasses
 
     from actors.lm import DPOWorker, ReferenceWorker
-    from actors.rank import RankSpec
     from rlhf.batching import collate_prompts
     from rlhf.data import load_preferences
     from rlhf.generation import fit_generation_cap
@@ -89,12 +88,7 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
                                  tokenizer.pad_token_id) if cfg.data.eval and cfg.dpo.kl_prompts else None
     cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from or cfg.data.train, "dpo",
                                         cfg.data.format)
-    if len(train) < cfg.train.global_batch_size:
-        raise SystemExit(f"{cfg.data.train}: {len(train)} ranked lists is fewer than train.global_batch_size "
-                         f"({cfg.train.global_batch_size})")
-    plan = cfg.derive(len(train))
-    spec = RankSpec(cfg.model.path, cfg.role(), cfg.model, cfg.seed, trainable=True, grad_accum=plan.grad_accum,
-                    total_steps=plan.total_steps)
+    plan, spec = one_group_plan(cfg, len(train), "ranked lists")
     # The reference is the starting model, frozen: no optimizer, no LoRA (a LoRA policy's base is that model).
     reference = dataclasses.replace(spec, role=dataclasses.replace(spec.role, lora=dataclasses.replace(
         spec.role.lora, enabled=False)), trainable=False, grad_accum=1, total_steps=1)

@@ -15,7 +15,7 @@ import torch
 
 from reward.batches import EncodedList, encode_file
 from rlhf.config import RMConfig
-from rlhf.drivers.runs import Supervised, backend_for, open_run, train_supervised
+from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
 from rlhf.roles import Trainer
 
 
@@ -38,7 +38,6 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
     `role`, the trained group's name, which its placement group takes (members train side by side under their own);
     `score`, lists the trained group scores before it stops: the summary's `pair_margins` is `[P]` r_better - r_worse
     of their pairs, in order."""
-    from actors.rank import RankSpec
     from actors.scalar import RMWorker
     from rlhf.modeling import check_model_dir, load_tokenizer
 
@@ -48,12 +47,7 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
     train = encode_file(cfg.data.train, tokenizer, cfg.data, cfg.rm) if encoded is None else encoded
     train, touched = weak_pairs(cfg, train)
     held_out = encode_file(cfg.data.eval, tokenizer, cfg.data, cfg.rm) if cfg.data.eval else []
-    if len(train) < cfg.train.global_batch_size:
-        raise SystemExit(f"{cfg.data.train}: {len(train)} ranked lists is fewer than train.global_batch_size "
-                         f"({cfg.train.global_batch_size})")
-    plan = cfg.derive(len(train))
-    spec = RankSpec(cfg.model.path, cfg.role(), cfg.model, cfg.seed, trainable=True, grad_accum=plan.grad_accum,
-                    total_steps=plan.total_steps)
+    plan, spec = one_group_plan(cfg, len(train), "ranked lists")
     # The loop's own throughput (start-up and the final save left out) and the scores PPO normalises with.
     seen = {"pairs": 0, "began": 0.0, "rewards": []}
 

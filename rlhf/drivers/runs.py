@@ -91,6 +91,18 @@ def backend_for(cfg: Any, given: Any = None) -> Any:
     return given
 
 
+def one_group_plan(cfg: Any, records: int, what: str) -> tuple[Any, Any]:
+    """The plan and the trained group's rank spec of a one-group run (SFT, RM, DPO); too few records for one global
+    batch is one line."""
+    from actors.rank import RankSpec
+    if records < cfg.train.global_batch_size:
+        raise SystemExit(f"{cfg.data.train}: {records} {what} is fewer than train.global_batch_size "
+                         f"({cfg.train.global_batch_size})")
+    plan = cfg.derive(records)
+    return plan, RankSpec(cfg.model.path, cfg.role(), cfg.model, cfg.seed, trainable=True,
+                          grad_accum=plan.grad_accum, total_steps=plan.total_steps)
+
+
 def permutation(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of an epoch: a function of (seed, epoch) alone, so a resumed run sees the same order."""
     import random

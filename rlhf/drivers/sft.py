@@ -7,7 +7,7 @@ from typing import Any, Optional
 from rlhf.batching import collate_sft
 from rlhf.config import DataConfig, SFTConfig
 from rlhf.data import load_dialogues
-from rlhf.drivers.runs import Supervised, backend_for, open_run, train_supervised
+from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
 from rlhf.moss import tokenize_dialogue
 from rlhf.roles import Trainer
 
@@ -19,7 +19,6 @@ def encode_dialogues(path: str, tokenizer, data: DataConfig) -> list[dict]:
 def run_sft(cfg: SFTConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
     """Train `cfg.model.path` on `cfg.data.train`; returns the summary the command line prints."""
     from actors.lm import SFTWorker
-    from actors.rank import RankSpec
     from rlhf.modeling import check_model_dir, load_tokenizer
 
     # Everything that can be wrong with the input is found before any rank starts.
@@ -28,12 +27,7 @@ def run_sft(cfg: SFTConfig, output: str, resume: bool = False, backend: Optional
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     train = encode_dialogues(cfg.data.train, tokenizer, cfg.data)
     held_out = encode_dialogues(cfg.data.eval, tokenizer, cfg.data) if cfg.data.eval else []
-    if len(train) < cfg.train.global_batch_size:
-        raise SystemExit(f"{cfg.data.train}: {len(train)} dialogues is fewer than train.global_batch_size "
-                         f"({cfg.train.global_batch_size})")
-    plan = cfg.derive(len(train))
-    spec = RankSpec(cfg.model.path, cfg.role(), cfg.model, cfg.seed, trainable=True, grad_accum=plan.grad_accum,
-                    total_steps=plan.total_steps)
+    plan, spec = one_group_plan(cfg, len(train), "dialogues")
     pad_id = tokenizer.pad_token_id
 
     def step(trainer: Trainer, dialogues: list, epoch: int) -> dict:
