@@ -122,8 +122,9 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
         from rlhf.drivers.ppo import experience
         exp = experience(kl_prompts, roles["policy"].generate(kl_prompts, cfg.generation).result())
         policy, reference = roles["policy"].logprobs(exp), roles["reference"].logprobs(exp)
-        ratio = ((policy.result() - reference.result()) * exp["action_mask"].float()).sum(1)  # [b] log pi/pi_ref
-        return out | {"eval/kl": float(ratio.mean()), "eval/response_length": float(exp["action_mask"].float().sum(1).mean())}
+        mask = exp["action_mask"].float()
+        ratio = ((policy.result() - reference.result()) * mask).sum(1)  # [b] log pi/pi_ref of each reply
+        return out | {"eval/kl": float(ratio.mean()), "eval/response_length": float(mask.sum(1).mean())}
 
     def finish(trainer: Trainer, before: dict, after: dict) -> dict:
         seconds = time.time() - seen["began"] if seen["began"] else 0.0
