@@ -81,3 +81,26 @@ def test_rlhf_command_runs_as_a_ray_job(jobs_client, tmp_path):
     logs = jobs_client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs
     assert f"{data}/prefs_train.jsonl: " in logs and " preference records, " in logs and logs.rstrip().endswith("OK")
+
+
+def test_the_kubernetes_prestop_hook_stops_a_running_job_with_sigterm_and_waits_for_it(jobs_client, tmp_path):
+    """cluster/stop_jobs.py, what a Ray pod runs before Kubernetes kills it: the job's driver gets SIGTERM (here a
+    stand-in that writes a marker and exits 0, as a preempted `rlhf` run does after its checkpoint), and the hook
+    returns once the job has stopped."""
+    import importlib.util
+    from ray.job_submission import JobStatus
+    marker = tmp_path / "got-sigterm"
+    driver = (f"import signal, sys, time, pathlib\n"
+              f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).touch(), sys.exit(0)))\n"
+              f"print('running', flush=True)\ntime.sleep(120)\n")
+    (tmp_path / "driver.py").write_text(driver)
+    job = _wait("Ray job agent", 90, lambda: jobs_client.submit_job(
+        entrypoint=f"{sys.executable} {tmp_path / 'driver.py'}"))
+    _wait(f"job {job} running", 60, lambda: "running" in jobs_client.get_job_logs(job))
+    spec = importlib.util.spec_from_file_location("stop_jobs", REPO / "cluster" / "stop_jobs.py")
+    stop_jobs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stop_jobs)
+    began = time.monotonic()
+    assert stop_jobs.main(["--address", jobs_client.get_address(), "--grace", "60"]) == 0
+    assert time.monotonic() - began < 30 and marker.exists()
+    assert jobs_client.get_job_status(job) == JobStatus.STOPPED
