@@ -37,9 +37,9 @@ _SCHEDULER_PARAMS = {
 class SweepArgs:
     """The swept command's own arguments: paths relative to the working directory or the repository root."""
     model: str = ""
-    """sft, rm: the starting model (--model)."""
+    """sft, rm, dpo: the starting model (--model)."""
     data: str = ""
-    """sft, rm: the training file (--data)."""
+    """sft, rm, dpo: the training file (--data)."""
     policy: str = ""
     """ppo: the policy (--policy)."""
     reward: str = ""
