@@ -21,7 +21,8 @@ from actors.engine import (check_packable, deepspeed_config, load_partitioned, p
 from actors.rank import RankWorker
 from rlhf.batching import (Batch, Packing, chunk, fill_bins, micro_batches, position_ids, select, trim_left_padding,
                            trim_padding)
-from rlhf.ppo_math import entropy_from_logits, kl_loss, logprobs_from_logits, masked_sum, policy_loss
+from rlhf.ppo_math import (entropy_from_logits, kl_loss, logprobs_from_logits, masked_sum, policy_loss,
+                           truncated_is_weights)
 from rlhf.roles import PolicyLoss, UpdatePlan
 
 
@@ -58,8 +59,30 @@ class CausalLMWorker(RankWorker):
         if self.budget:
             check_packable(base.config, spec.model_path)
         self.lm_head = base.get_output_embeddings()
+        self.tools = None
+        if spec.plugins is not None:  # a plugin policy runs its commands in this process, between passes
+            from rlhf.tools import build_registry
+            p = spec.plugins
+            self.tools = build_registry(p.tools, p.solver, p.timeout)
         self.loaded["peak_rss_gb"] = peak_rss_gb()
         return model
+
+    def _sample(self, prompts: Batch, generation: Any, synced: bool = False) -> Batch:
+        """Replies to left-padded prompts, stopping at <eom>, right-padded to a fixed width; a plugin policy writes
+        its turn in two passes around the tools' Results (see rlhf.generation). Returns response_ids, action_mask
+        (what the model wrote), response_mask (what later passes attend to) [b, R] and ended [b] (and each row's
+        commands and results for a plugin policy)."""
+        from rlhf.generation import generate_plugin_replies, generate_replies
+        gen = dataclasses.asdict(generation) if dataclasses.is_dataclass(generation) else dict(generation)
+        rows = len(prompts["input_ids"])
+        if self.tools is not None:
+            out, infos = generate_plugin_replies(self.engine.module, self.tokenizer, prompts, gen, self.tools,
+                                                 self.device, synced=synced, micro_batch=rows,
+                                                 max_results_tokens=self.spec.plugins.max_results_tokens)
+            # What each row's tools were asked and answered, as the rules judge it (no parse of decoded text).
+            return out | {"commands": [i["commands"] for i in infos], "results": [i["results"] for i in infos]}
+        return generate_replies(self.engine.module, prompts, gen, self.eom_id, self.tokenizer.pad_token_id,
+                                self.device, synced=synced, micro_batch=rows)
 
     @dispatch(reduce="concat")
     def load_report(self) -> list[dict]:
@@ -190,36 +213,38 @@ class PolicyWorker(CausalLMWorker):
     """A policy rank: it samples the rollouts, scores them with its own log-probs (and, with LoRA, its base's as
     the reference), and takes the PPO updates."""
 
-    def build(self) -> torch.nn.Module:
-        model = super().build()
-        self.tools = None
-        if self.spec.plugins is not None:  # a plugin policy runs its commands in this process, between passes
-            from rlhf.tools import build_registry
-            p = self.spec.plugins
-            self.tools = build_registry(p.tools, p.solver, p.timeout)
-        return model
-
     @dispatch(split={"prompts": padded_rows}, reduce="concat")
     def generate(self, prompts: Batch, generation: Any) -> Batch:
-        """Sample replies to left-padded prompts, stopping at <eom>, right-padded to a fixed width; a plugin
-        policy writes its turn in two passes around the tools' Results (see rlhf.generation).
-        Returns response_ids, action_mask (what the policy wrote), response_mask (what later passes attend to)
-        [b, R] and ended [b]."""
-        from rlhf.generation import generate_plugin_replies, generate_replies
-        gen = dataclasses.asdict(generation) if dataclasses.is_dataclass(generation) else dict(generation)
+        """Sample replies to left-padded prompts with the training weights (no rollout group): see `_sample`."""
         zero3 = self.engine.partitioned
         gather = zero3 and self.spec.role.deepspeed.gather_for_generation
-        synced = zero3 and not gather  # ranks step together, gathering each layer's weights as they go
-        rows = len(prompts["input_ids"])
         with self.engine.gathered(gather):
-            if self.tools is not None:
-                out, infos = generate_plugin_replies(self.engine.module, self.tokenizer, prompts, gen, self.tools,
-                                                     self.device, synced=synced, micro_batch=rows,
-                                                     max_results_tokens=self.spec.plugins.max_results_tokens)
-                # What each row's tools were asked and answered, as the rules judge it (no parse of decoded text).
-                return out | {"commands": [i["commands"] for i in infos], "results": [i["results"] for i in infos]}
-            return generate_replies(self.engine.module, prompts, gen, self.eom_id, self.tokenizer.pad_token_id,
-                                    self.device, synced=synced, micro_batch=rows)
+            return self._sample(prompts, generation, synced=zero3 and not gather)  # synced: ranks gather layer by layer
+
+    # --- weight sync to a rollout group (actors.weight_sync) ----------------------------------------------------
+    @dispatch(reduce="first")
+    def weight_manifest(self) -> list:
+        """(name, shape, dtype) of what a sync sends: the plain model's parameters, LoRA merged in."""
+        from actors.weight_sync import manifest_of, trainer_sources
+        return manifest_of(trainer_sources(self.engine.module))
+
+    @dispatch(reduce="first")
+    def weight_sync_endpoint(self, loopback: bool) -> tuple[str, int]:
+        return self.master_endpoint(loopback)
+
+    @dispatch(reduce="first")
+    def join_weight_sync(self, addr: str, port: int, world: int) -> None:
+        """Rank 0 joins the sync group as its rank 0 (the other ranks only gather with it under ZeRO-3)."""
+        import ray
+        from actors.weight_sync import sync_group
+        self.sync = sync_group(addr, port, 0, world, self.cuda, ray.util.get_node_ip_address()) \
+            if self.rank == 0 else None
+
+    @dispatch(reduce="first")
+    def send_weights(self, bucket_mb: float) -> None:
+        """Every rank calls this; rank 0 broadcasts the current weights to the rollout ranks, bucket by bucket."""
+        from actors.weight_sync import send, trainer_sources
+        send(self.sync, trainer_sources(self.engine.module), bucket_mb, self.engine.partitioned, self.device)
 
     @dispatch(split={"batch": padded_rows}, reduce="concat")
     def logprobs(self, batch: Batch) -> torch.Tensor:
@@ -300,8 +325,12 @@ class PolicyWorker(CausalLMWorker):
         mask = mb["action_mask"].to(self.device).float()
         logp, entropy = self._response_logprobs(mb, with_entropy=True)
         old = mb["old_logprobs"].to(self.device) if "old_logprobs" in mb else logp.detach()
+        weights = None
+        if "behaviour_logprobs" in mb:  # sampled by the rollout engine: correct for its weights and numbers
+            weights = truncated_is_weights(old, mb["behaviour_logprobs"].to(self.device), loss.tis_cap)
         total, stats = policy_loss(logp, old, mb["advantages"].to(self.device), mask, loss.clip_eps,
-                                   num_tokens=num_tokens, dual_clip=loss.dual_clip, log_ratio_clip=loss.log_ratio_clip)
+                                   num_tokens=num_tokens, dual_clip=loss.dual_clip, log_ratio_clip=loss.log_ratio_clip,
+                                   is_weights=weights)
         share = float(mask.sum()) / num_tokens
         sums["pg_loss"] += float(total.detach())
         for key in ("clipfrac", "approx_kl", "log_ratio_clipfrac"):

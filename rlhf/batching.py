@@ -211,3 +211,11 @@ class Packing:
         follows[1:] = (seg[1:] == seg[:-1]) & (seg[1:] >= 0)
         target = torch.nonzero(packed & follows).squeeze(1)
         return target - 1, target, seg[target]
+
+
+def experience(prompts: Batch, rollout: Batch) -> Batch:
+    """Prompt (left-padded) and reply (right-padded) side by side: what every scoring role reads. Attention
+    covers plugin Results too (the policy wrote its answer after reading them); actions cover only what it wrote."""
+    return {"sequences": torch.cat([prompts["input_ids"], rollout["response_ids"]], 1),
+            "attention_mask": torch.cat([prompts["attention_mask"], rollout["response_mask"]], 1),
+            "response_ids": rollout["response_ids"], "action_mask": rollout["action_mask"]}

@@ -311,6 +311,18 @@ class AlgorithmConfig:
     """Weight of the preference model's score in the reward; 0 starts no reward group (rules alone)."""
     reward_rules: dict[str, float] = field(default_factory=dict)
     """Rule rewards and their weights, added to the model's: answer, command, grounded, sample, module:function."""
+    rollout_group: bool = False
+    """Generate with a rollout group of its own (`roles.rollout`: generation-only ranks, no optimizer), whose weights
+    the policy's rank 0 sends after each update; False: the policy's training ranks generate (no room for one)."""
+    off_policy_steps: int = 0
+    """0: each iteration trains on replies of the weights it starts with. 1 (needs ppo.rollout_group): the rollout
+    group generates iteration k+1's replies, and the reference and reward model score them, while the policy
+    trains on iteration k's; the ratio is then taken against the engine's log-probs (see ppo.tis_cap)."""
+    tis_cap: float = 2.0
+    """With a rollout group: cap of the truncated importance weight min(pi_trainer / pi_engine, cap) on each token
+    of the policy loss, for replies the engine sampled with other (or differently computed) weights; 0: off."""
+    weight_sync_bucket_mb: float = 256.0
+    """Size of one broadcast of the weight sync from the policy to the rollout group."""
     eval_rules: dict[str, str] = field(default_factory=lambda: {"answer_accuracy": "answer"})
     """Metric name -> rule, logged per iteration (`ppo/NAME`) and on held-out prompts (`eval/NAME`) but never
     rewarded, where the rule can judge every prompt (e.g. `{rule_score: sample}` for the bundled task)."""
@@ -322,6 +334,9 @@ class RolesConfig:
     reference: RoleConfig = field(default_factory=RoleConfig)
     reward: RoleConfig = field(default_factory=RoleConfig)
     critic: RoleConfig = field(default_factory=RoleConfig)
+    rollout: RoleConfig = field(default_factory=RoleConfig)
+    """The rollout engine's ranks (started with ppo.rollout_group): each a whole copy of the policy's weights
+    (ZeRO-0, no LoRA: it receives merged weights), on its own CPUs/GPUs or colocated with the policy's."""
 
 
 @dataclass
@@ -433,6 +448,8 @@ class PPOConfig(RunConfig):
             started.append("reference")
         if estimator.needs_critic:
             started.append("critic")
+        if p.rollout_group:
+            started.append("rollout")
         rollouts = p.prompts_per_iteration * p.samples_per_prompt
         minibatches = max(1, rollouts // p.train_batch_size)
         accum = {r: gradient_accumulation_steps(p.train_batch_size, getattr(self.roles, r).micro_batch_size,
@@ -481,7 +498,7 @@ _CHOICES = {
     "dpo.loss": ("listwise", "pairwise", "ipo"),
     "rm.weak_pairs": ("keep", "flip", "drop", "margin"),
 }
-ROLE_NAMES = ("policy", "reference", "reward", "critic")
+ROLE_NAMES = ("policy", "reference", "reward", "critic", "rollout")
 AnyConfig = Union[SFTConfig, RMConfig, DPOConfig, PPOConfig]
 
 
@@ -568,9 +585,41 @@ def _check_ppo(cfg: PPOConfig) -> None:
                               f"{world} ranks of roles.{r}")
     if p.dual_clip and p.dual_clip <= 1:
         raise ConfigError(f"ppo.dual_clip: must be above 1 (it caps the loss at dual_clip x |A|) or 0, got {p.dual_clip}")
+    _check_rollout(cfg)
     if p.estimator in ("grpo", "rloo") and p.samples_per_prompt < 2:
         raise ConfigError(f"ppo.samples_per_prompt: {p.estimator} needs at least 2 replies per prompt")
     _check_rewards(cfg)
+
+
+def _check_rollout(cfg: PPOConfig) -> None:
+    p, rollout = cfg.ppo, cfg.roles.rollout
+    if p.off_policy_steps not in (0, 1):
+        raise ConfigError(f"ppo.off_policy_steps: must be 0 or 1, got {p.off_policy_steps}")
+    if p.off_policy_steps and not p.rollout_group:
+        raise ConfigError("ppo.off_policy_steps: 1 overlaps generation with training, which needs a rollout group "
+                          "of its own; set ppo.rollout_group=true")
+    if p.tis_cap < 0 or 0 < p.tis_cap < 1:
+        raise ConfigError(f"ppo.tis_cap: must be at least 1 (the largest importance weight a token gets) or 0 (off), "
+                          f"got {p.tis_cap}")
+    if p.weight_sync_bucket_mb <= 0:
+        raise ConfigError(f"ppo.weight_sync_bucket_mb: must be above 0, got {p.weight_sync_bucket_mb}")
+    if not p.rollout_group:
+        return
+    if cfg.ray.in_process:
+        raise ConfigError("ppo.rollout_group: the rollout group's weight sync runs between Ray actors; "
+                          "ray.in_process runs every role in one process (set ppo.rollout_group=false)")
+    if rollout.deepspeed.zero_stage:
+        raise ConfigError("roles.rollout.deepspeed.zero_stage: each rollout rank holds the whole model (an engine, "
+                          f"not a trainer); use 0, got {rollout.deepspeed.zero_stage}")
+    if rollout.lora.enabled:
+        raise ConfigError("roles.rollout.lora.enabled: the rollout group receives the policy's merged weights; "
+                          "turn LoRA on for roles.policy instead")
+    if rollout.model:
+        raise ConfigError("roles.rollout.model: the rollout group starts from the policy's weights and follows them; "
+                          "leave it empty")
+    if rollout.layout.colocate_with not in ("", "policy"):
+        raise ConfigError(f"roles.rollout.layout.colocate_with: {rollout.layout.colocate_with!r}: the rollout group "
+                          "colocates with the policy only (or set it to '' for GPUs of its own)")
 
 
 def _check_rewards(cfg: PPOConfig) -> None:

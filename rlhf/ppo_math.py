@@ -342,8 +342,12 @@ def policy_loss(
     num_tokens: int | float | Tensor | None = None,
     dual_clip: float | None = None,
     log_ratio_clip: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """PPO clipped surrogate, summed over action tokens and divided by `num_tokens`.
+
+    `is_weights` (detached, per token) multiplies each token's clipped loss: the truncated importance weights of
+    replies sampled by another engine or weights than `old_logprobs` (`truncated_is_weights`; decoupled PPO).
 
     `dual_clip` (Ye et al. 2020, > 1) also caps the loss of negative-advantage tokens at dual_clip * |A|.
     `log_ratio_clip` bounds log(new/old) before the exponential, so a token whose probability moved by orders of
@@ -361,6 +365,8 @@ def policy_loss(
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (it caps the loss at dual_clip * |A|), got {dual_clip}")
         pg_loss = torch.where(advantages < 0, torch.min(pg_loss, -advantages * dual_clip), pg_loss)
+    if is_weights is not None:
+        pg_loss = pg_loss * is_weights
     loss = masked_sum(pg_loss, action_mask) / _normaliser(action_mask, num_tokens)
     with torch.no_grad():
         stats = {
@@ -369,6 +375,17 @@ def policy_loss(
             "log_ratio_clipfrac": masked_mean((raw_log_ratio != log_ratio).float(), action_mask),
         }
     return loss, stats
+
+
+def truncated_is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, cap: float | None) -> Tensor:
+    """min(pi_old / pi_behaviour, cap) per token, detached: how much more likely the trainer's weights before this
+    update (`old_logprobs`, the PPO ratio's denominator) make a token than the engine that sampled it did
+    (`behaviour_logprobs`: older weights one step off-policy, or the same weights computed by another engine). The cap
+    bounds the variance a token the engine sampled by a rare chance would add (truncated importance sampling; with
+    the clipped ratio on top this is decoupled PPO). `cap` None: the weights uncapped."""
+    with torch.no_grad():
+        weights = torch.exp((old_logprobs - behaviour_logprobs).clamp(max=50.0))
+        return weights.clamp(max=cap) if cap else weights
 
 
 def kl_loss(

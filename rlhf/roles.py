@@ -59,6 +59,8 @@ class PolicyLoss:
     dual_clip: Optional[float] = None
     log_ratio_clip: Optional[float] = None
     kl_clip: Optional[float] = None
+    tis_cap: Optional[float] = None
+    """Rows with `behaviour_logprobs` (a rollout group's): each token's loss times min(pi_old / pi_engine, tis_cap)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,54 @@ class Critic(_Role):
         return self.group.call("update", plan, loss)
 
 
+class Rollout:
+    """The rollout engine's group: it samples with the policy's weights as of the last `WeightSync.push`."""
+
+    def __init__(self, group: Group):
+        self.group = group
+
+    def generate(self, prompts: Batch, generation: Any) -> Future:
+        """The policy's `generate`, plus `logprobs` [b, R] of the sampled tokens under the engine's weights, the
+        `version` [b] of those weights and the `span` [b, 2] (wall-clock start and end) of the generation."""
+        return self.group.call("generate", prompts, generation)
+
+    def sleep(self) -> Future:
+        return self.group.call("sleep")
+
+    def wake(self) -> Future:
+        return self.group.call("wake")
+
+
+class WeightSync:
+    """The policy's rank 0 and every rollout rank, joined in a process group of their own; `push` sends the
+    policy's current weights (gathered under ZeRO-3, LoRA merged) to every rollout rank (`actors.weight_sync`)."""
+
+    def __init__(self, policy: Group, rollout: Group, bucket_mb: float):
+        self.policy, self.rollout, self.bucket_mb = policy, rollout, bucket_mb
+        self.manifest = policy.call("weight_manifest").result()
+        theirs = rollout.call("weight_manifest").result()
+        if [tuple(m[:2]) for m in self.manifest] != [tuple(m[:2]) for m in theirs]:
+            ours = {m[0]: tuple(m[1]) for m in self.manifest}
+            other = {m[0]: tuple(m[1]) for m in theirs}
+            name = next((n for n in ours if ours[n] != other.get(n)), next(iter(set(other) - set(ours)), "?"))
+            raise RuntimeError(f"the rollout group's model is not the policy's: {name} is {other.get(name)} there, "
+                               f"{ours.get(name)} in the policy")
+        nodes = {info["node_id"] for info in policy.node_info()[:1] + rollout.node_info()}
+        addr, port = policy.call("weight_sync_endpoint", len(nodes) == 1).result()
+        world = 1 + rollout.world_size
+        joined = [policy.call("join_weight_sync", addr, port, world), rollout.call("join_weight_sync", addr, port, world)]
+        for future in joined:
+            future.result()
+        self.version: Optional[int] = 0
+
+    def push(self, version: int) -> None:
+        """The policy's weights, as version `version`, into every rollout rank (both sides wait for the whole sync)."""
+        sent = self.policy.call("send_weights", self.bucket_mb)
+        received = self.rollout.call("receive_weights", version, self.manifest, self.bucket_mb)
+        sent.result()
+        self.version = received.result()
+
+
 class Trainer(_Role):
     """The one trained group of `rlhf sft`, `rlhf rm` and `rlhf dpo`."""
 
@@ -145,6 +195,9 @@ class PPORoles:
     reward: Optional[Reward]
     critic: Optional[Critic]
     groups: dict[str, Group]
+    rollout: Optional[Rollout] = None
+    """A rollout group of its own (ppo.rollout_group); else the policy's ranks generate."""
+    sync: Optional[WeightSync] = None
 
     def trained(self) -> list[_Role]:
         return [r for r in (self.policy, self.critic) if r is not None]

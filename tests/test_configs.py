@@ -34,7 +34,7 @@ def gpus(cfg, command: str) -> int:
 
 
 def _command(path: Path) -> str:
-    return next(c for c in ("ppo", "sft", "rm", "dpo") if path.stem.endswith(c))
+    return next(c for c in ("ppo", "sft", "rm", "dpo") if path.stem.endswith(c) or path.stem.startswith(f"{c}_"))
 
 
 def configs_in(path: Path) -> list:

@@ -27,6 +27,7 @@ from rlhf.ppo_math import (
     reinforce_pp_advantages,
     rloo_advantages,
     shape_rewards,
+    truncated_is_weights,
     value_loss,
 )
 
@@ -377,3 +378,21 @@ def test_the_policy_log_ratio_is_bounded_and_the_bound_is_reported():
     bounded.backward()
     assert torch.isfinite(bounded) and torch.isfinite(logprobs.grad).all()
     assert float(stats["log_ratio_clipfrac"]) == approx(0.5) and float(free_stats["log_ratio_clipfrac"]) == 0.0
+
+
+def test_truncated_importance_weights_correct_for_the_sampler_and_are_capped():
+    """Decoupled PPO: a token the engine sampled at half the trainer's probability counts double; one it sampled
+    at a tenth counts at most `cap`; the weights carry no gradient and scale each token's clipped loss."""
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.9]]))
+    behaviour = torch.log(torch.tensor([[0.25, 0.05, 0.9]]))
+    weights = truncated_is_weights(old, behaviour, 2.0)
+    assert torch.allclose(weights, torch.tensor([[2.0, 2.0, 1.0]]))
+    assert torch.allclose(truncated_is_weights(old, behaviour, None), torch.tensor([[2.0, 10.0, 1.0]]))
+    logp = old.clone().requires_grad_(True)
+    adv, mask = torch.tensor([[1.0, -1.0, 0.5]]), torch.ones(1, 3)
+    plain, _ = policy_loss(logp, old, adv, mask, 0.2)
+    weighted, _ = policy_loss(logp, old, adv, mask, 0.2, is_weights=weights)
+    assert float(weighted) == pytest.approx(-(2.0 * 1.0 - 2.0 * 1.0 + 0.5) / 3)  # ratio 1: loss = -mean(w * A)
+    assert float(plain) == pytest.approx(-(1.0 - 1.0 + 0.5) / 3)
+    weighted.backward()
+    assert torch.allclose(logp.grad, -(weights * adv) / 3)

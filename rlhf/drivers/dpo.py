@@ -119,7 +119,7 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
         out = {f"eval/{k}": v for k, v in summarize_eval(trainer.evaluate(held_out, cfg.dpo.beta).result()).items()}
         if kl_prompts is None:
             return out
-        from rlhf.drivers.ppo import experience
+        from rlhf.batching import experience
         exp = experience(kl_prompts, roles["policy"].generate(kl_prompts, cfg.generation).result())
         policy, reference = roles["policy"].logprobs(exp), roles["reference"].logprobs(exp)
         mask = exp["action_mask"].float()

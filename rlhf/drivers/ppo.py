@@ -21,6 +21,7 @@ from rlhf.batching import Batch, collate_prompts, collate_sft
 from rlhf.checkpoint import read_meta
 from rlhf.config import PPOConfig
 from rlhf.data import load_prompts
+from rlhf.drivers.rollouts import rollout_source
 from rlhf.drivers.runs import (RunDir, Stage, backend_for, checkpoint_at, load_checkpoint, open_run, permutation,
                                recover, resumed, save_checkpoint)
 from rlhf.metrics import Progress
@@ -47,6 +48,8 @@ class PPOTrainer:
             self.moments.load_state_dict({"mean": reward_stats["mean"], "var": reward_stats["std"] ** 2,
                                           "count": p.prompts_per_iteration})
         self.iteration_done = 0
+        self.phases: list[dict] = []  # what each role did when (timeline.jsonl)
+        self.source = None if roles is None else rollout_source(cfg, roles, self.prompts_of, self.phases)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -64,14 +67,16 @@ class PPOTrainer:
     def iteration(self, it: int) -> dict:
         p, timings, began = self.cfg.ppo, {}, time.time()
         rows = self.prompt_batch(it)
-        prompts = collate_prompts([self.prompt_ids[i] for i in rows], self.tokenizer.pad_token_id)
-        with timed(timings, "time/generate"):
-            rollout = self.roles.policy.generate(prompts, self.cfg.generation).result()
-        exp, on_policy = experience(prompts, rollout), self.on_policy(len(rows))
+        with timed(timings, "time/generate"):  # with a rollout group one iteration ahead, the wait for it
+            ready = self.source.take(it)
+        rollout, exp, on_policy = ready.rollout, ready.exp, self.on_policy(len(rows))
         with timed(timings, "time/score"):  # every role scores at once; nothing waits on what it does not need
-            pending = self.score(exp, on_policy)
+            score_began = time.time()
+            pending = ready.started | self.score(exp, on_policy, skip=ready.started)
             rollouts = self.rollouts([self.prompts[i] for i in rows], rollout)
             scored = {name: future.result() for name, future in pending.items()}
+            self.phases.append({"role": "scorers", "phase": "score", "batch": it, "start": score_began,
+                                "end": time.time()})
         reward, parts = self.rules.reward(scored.get("scores"), rollouts)
         if bad := nonfinite(reward=reward, **scored):
             return self.skipped(it, f"score: {bad}", timings)
@@ -82,7 +87,10 @@ class PPOTrainer:
                                                           self.kl_ctl.coef, p.kl_estimator, p.kl_clip or None)[0]
         advantages, returns = estimators.advantages(p, norm, rewards, scored.get("values"), mask)
         with timed(timings, "time/train"):
-            stats = self.update(it, self.train_batch(exp, scored, advantages, returns))
+            train_began = time.time()
+            stats = self.update(it, self.train_batch(exp, scored, advantages, returns, rollout))
+            self.phases.append({"role": "policy+critic", "phase": "train", "batch": it, "start": train_began,
+                                "end": time.time()})
         if stats.pop("nonfinite"):
             return self.skipped(it, "train: a non-finite loss", timings)
         logp = stats.pop("logprobs") if on_policy else scored["old_logprobs"]
@@ -91,15 +99,22 @@ class PPOTrainer:
         self.kl_ctl.update(float(kl.mean()), len(rows))
         self.iteration_done = it + 1
         return self.metrics(began, reward, scores, norm, kl, logp, mask, advantages, returns, rollout, scored,
-                            parts, rollouts, on_policy) | stats | timings
+                            parts, rollouts, on_policy, it) | stats | timings
 
-    def score(self, exp: Batch, on_policy: bool) -> dict:
+    def prompts_of(self, iteration: int) -> Batch:
+        """The left-padded prompts of an iteration's rows (`prompt_batch`)."""
+        return collate_prompts([self.prompt_ids[i] for i in self.prompt_batch(iteration)], self.tokenizer.pad_token_id)
+
+    def score(self, exp: Batch, on_policy: bool, skip: Optional[dict] = None) -> dict:
         """The scoring calls of one rollout, started at once: reference (and, unless on-policy, the policy's own)
-        log-probs, the preference model's scores and the critic's values, as each run has them."""
-        pending = {"ref_logprobs": self.roles.reference.logprobs(exp)}
+        log-probs, the preference model's scores and the critic's values, as each run has them (less those in
+        `skip`, started already)."""
+        pending = {}
+        if "ref_logprobs" not in (skip or {}):
+            pending["ref_logprobs"] = self.roles.reference.logprobs(exp)
         if not on_policy:  # else the update's own forward gives the rollout's log-probs
             pending["old_logprobs"] = self.roles.policy.logprobs(exp)
-        if self.roles.reward is not None:
+        if self.roles.reward is not None and "scores" not in (skip or {}):
             pending["scores"] = self.roles.reward.score(exp)
         if self.roles.critic is not None:
             pending["values"] = self.roles.critic.values(exp)
@@ -129,12 +144,16 @@ class PPOTrainer:
         return (not self.estimator.shaped_rewards and not self.estimator.needs_critic and p.ppo_epochs == 1
                 and p.train_batch_size >= rows)
 
-    def train_batch(self, exp: Batch, scored: dict, advantages: torch.Tensor, returns: torch.Tensor) -> Batch:
+    def train_batch(self, exp: Batch, scored: dict, advantages: torch.Tensor, returns: torch.Tensor,
+                    rollout: Batch) -> Batch:
         """What the update reads of each rollout: the experience, its advantages, and per estimator the rollout's
-        log-probs (the ratio's denominator), the reference's (a KL loss term) and the critic's values and returns."""
+        log-probs (the ratio's denominator), the reference's (a KL loss term) and the critic's values and returns;
+        replies of a rollout group also carry the engine's log-probs (the truncated importance weights)."""
         train = {**exp, "advantages": advantages}
         if "old_logprobs" in scored:
             train["old_logprobs"] = scored["old_logprobs"]
+        if "logprobs" in rollout and self.cfg.ppo.tis_cap:
+            train["behaviour_logprobs"] = rollout["logprobs"]
         if estimators.kl_in_loss(self.cfg.ppo):
             train["ref_logprobs"] = scored["ref_logprobs"]
         if "values" in scored:
@@ -150,7 +169,7 @@ class PPOTrainer:
         if not (roles.critic is not None and it < p.critic_warmup_iterations):
             loss = PolicyLoss(p.clip_eps, p.entropy_coef, self.kl_ctl.coef if estimators.kl_in_loss(p) else 0.0,
                               p.ptx_coef if plan.ptx is not None else 0.0, p.dual_clip or None,
-                              p.log_ratio_clip or None, p.kl_clip or None)
+                              p.log_ratio_clip or None, p.kl_clip or None, p.tis_cap or None)
             futures["policy"] = roles.policy.update(plan, loss)
         if roles.critic is not None:
             futures["critic"] = roles.critic.update(plan, ValueLoss(p.value_clip_eps, p.value_loss_coef))
@@ -194,7 +213,7 @@ class PPOTrainer:
     def metrics(self, began: float, reward: torch.Tensor, scores: torch.Tensor, norm: torch.Tensor,
                 kl: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
                 returns: torch.Tensor, rollout: Batch, scored: dict, parts: dict, rollouts: list,
-                on_policy: bool) -> dict:
+                on_policy: bool, it: int) -> dict:
         """The iteration's scalars, named as the README lists them."""
         tokens = float(mask.sum())
         out = {
@@ -210,6 +229,14 @@ class PPOTrainer:
         if "values" in scored:
             out["ppo/value_mean"] = float(pm.masked_mean(scored["values"], mask))
         p = self.cfg.ppo
+        if "logprobs" in rollout:  # a rollout group's replies: how far its weights and numbers are from the trainer's
+            behaviour = rollout["logprobs"]
+            weights = pm.truncated_is_weights(logp, behaviour, None)
+            out |= {"rollout/staleness": float(it - rollout["version"].float().mean()),
+                    "rollout/logprob_diff": float(pm.masked_mean((logp - behaviour).abs(), mask)),
+                    "rollout/is_weight_mean": float(pm.masked_mean(weights, mask))}
+            if p.tis_cap:
+                out["rollout/is_truncated_frac"] = float(pm.masked_mean((weights > p.tis_cap).float(), mask))
         if p.kl_clip and (p.kl_estimator == "k3" or estimators.kl_in_loss(p)):  # where the k3 bound bit
             far = (logp - scored["ref_logprobs"]).abs() > p.kl_clip
             out["ppo/kl_clipfrac"] = float(pm.masked_mean(far.float(), mask))
@@ -245,14 +272,6 @@ def timed(timings: dict, name: str) -> Iterator[None]:
     began = time.time()
     yield
     timings[name] = time.time() - began
-
-
-def experience(prompts: Batch, rollout: Batch) -> Batch:
-    """Prompt (left-padded) and reply (right-padded) side by side: what every scoring role reads. Attention
-    covers plugin Results too (the policy wrote its answer after reading them); actions cover only what it wrote."""
-    return {"sequences": torch.cat([prompts["input_ids"], rollout["response_ids"]], 1),
-            "attention_mask": torch.cat([prompts["attention_mask"], rollout["response_mask"]], 1),
-            "response_ids": rollout["response_ids"], "action_mask": rollout["action_mask"]}
 
 
 def nonfinite(**tensors: Optional[torch.Tensor]) -> str:
@@ -305,10 +324,12 @@ def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
     """Every role group the run needs, placed and built; the groups handle for stopping them."""
     from actors.lm import PolicyWorker, ReferenceWorker
     from actors.rank import RankSpec
+    from actors.rollout import RolloutWorker
     from actors.scalar import CriticWorker, RewardWorker
-    from rlhf.roles import Critic, Policy, Reference, Reward
+    from rlhf.roles import Critic, Policy, Reference, Reward, Rollout, WeightSync
     plan = cfg.derive()
-    workers = {"policy": PolicyWorker, "reference": ReferenceWorker, "reward": RewardWorker, "critic": CriticWorker}
+    workers = {"policy": PolicyWorker, "reference": ReferenceWorker, "reward": RewardWorker, "critic": CriticWorker,
+               "rollout": RolloutWorker}
     specs = {}
     for role in plan.roles:
         rc = getattr(cfg.roles, role)
@@ -316,13 +337,20 @@ def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
         specs[role] = (workers[role], RankSpec(
             role_model(cfg, role), rc, cfg.model, cfg.seed, trainable=trainable,
             grad_accum=plan.grad_accum.get(role, 1), total_steps=plan.optimizer_steps,
-            plugins=cfg.plugins if role == "policy" and cfg.data.plugin else None))
+            plugins=cfg.plugins if role in ("policy", "rollout") and cfg.data.plugin else None))
     groups = backend.start(specs)
     g = groups.groups
-    roles = PPORoles(policy=Policy(g["policy"]),
-                     reference=Reference(g["reference"]) if "reference" in g else Reference(g["policy"], True),
-                     reward=Reward(g["reward"]) if "reward" in g else None,
-                     critic=Critic(g["critic"]) if "critic" in g else None, groups=g)
+    try:
+        roles = PPORoles(policy=Policy(g["policy"]),
+                         reference=Reference(g["reference"]) if "reference" in g else Reference(g["policy"], True),
+                         reward=Reward(g["reward"]) if "reward" in g else None,
+                         critic=Critic(g["critic"]) if "critic" in g else None, groups=g,
+                         rollout=Rollout(g["rollout"]) if "rollout" in g else None,
+                         sync=WeightSync(g["policy"], g["rollout"], cfg.ppo.weight_sync_bucket_mb) if "rollout" in g
+                         else None)
+    except BaseException:
+        groups.stop()
+        raise
     return roles, groups
 
 
@@ -363,7 +391,10 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
         roles = session[0]
         trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules, eval_rules)
         _record_placement(output, roles)
-        return _train(cfg, run, roles, trainer, held_out, summary, stage, restarts)
+        try:
+            return _train(cfg, run, roles, trainer, held_out, summary, stage, restarts)
+        finally:
+            trainer.source.close()
 
     backend.open(sum(getattr(cfg.roles, r).layout.cpus_per_rank * _ranks(cfg, r) for r in plan.roles))
     try:
@@ -414,6 +445,7 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
                 raise SystemExit(f"iteration {done}: {skipped_in_row} iterations in a row were skipped for NaN/inf "
                                  f"in {phase}; lower the learning rate or check the reward model")
             run.metrics.log(done, metrics)
+            _record_phases(run.root, done, trainer.phases)
             continue
         skipped_in_row = 0
         cut_short = cut_short + 1 if metrics["ppo/ended_fraction"] < cfg.ppo.min_ended_fraction else 0
@@ -423,6 +455,7 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
                   "replies the reward model prefers; raise it (or set it to auto)", flush=True)
             metrics["ppo/cut_short"] = 1.0
         run.metrics.log(done, metrics)
+        _record_phases(run.root, done, trainer.phases)
         progress.update(1, reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < iterations:
             stage.now(f"the checkpoint of iteration {done}", done)
@@ -444,6 +477,15 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
 
 CUT_SHORT_ITERATIONS = 3
 """Iterations in a row below ppo.min_ended_fraction before the run says the generation cap may be too low."""
+
+
+def _record_phases(output: str, iteration: int, phases: list[dict]) -> None:
+    """What each role did when during the iteration (wall-clock spans, a batch generated ahead included), one line
+    per iteration in timeline.jsonl: docs/rollout.md and benchmarks/overlap.py draw it."""
+    import json
+    with open(f"{output}/timeline.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": iteration, "phases": list(phases)}) + "\n")
+    phases.clear()
 
 
 def _record_placement(output: str, roles: PPORoles) -> None:
