@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -138,11 +139,26 @@ class RankWorker:
     # --- what every role answers -------------------------------------------------------------------------------
     @dispatch(reduce="first")
     def save_checkpoint(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, self.role, self.rank)
+        """Write this rank's part of the checkpoint; to a URI (`rlhf.storage`), through a local directory of its own
+        that it uploads, so nodes need no shared filesystem and each rank sends only the files it wrote."""
+        from rlhf import storage
+        if not storage.is_uri(directory):
+            self.engine.save_checkpoint(directory, self.role, self.rank)
+            return
+        with tempfile.TemporaryDirectory(prefix=f"rlhf-save-{self.role}-{self.rank}-") as local:
+            self.engine.save_checkpoint(local, self.role, self.rank)
+            storage.upload(local, directory)
 
     @dispatch(reduce="first")
     def load_checkpoint(self, directory: str) -> None:
-        self.engine.load_checkpoint(directory, self.role, self.rank)
+        """Read this role's part of the checkpoint back; from a URI, after downloading it to a local directory."""
+        from rlhf import storage
+        if not storage.is_uri(directory) or not self.engine.trainable:
+            self.engine.load_checkpoint(directory, self.role, self.rank)
+            return
+        with tempfile.TemporaryDirectory(prefix=f"rlhf-load-{self.role}-{self.rank}-") as local:
+            storage.download(storage.join(directory, self.role), os.path.join(local, self.role))
+            self.engine.load_checkpoint(local, self.role, self.rank)
 
     @dispatch(reduce="concat")
     def weights_digest(self) -> list[float]:

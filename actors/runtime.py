@@ -1,10 +1,12 @@
 """Starting or joining Ray for a run, and what a run's layout needs from it."""
 from __future__ import annotations
 
+import json
 import os
 
 import ray
 
+from rlhf import storage
 from rlhf.config import RayConfig
 
 
@@ -15,6 +17,9 @@ def ensure_ray(cfg: RayConfig, cpus_needed: float) -> bool:
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")  # set by `ray job submit` and cluster launchers
     if address:
+        # Ranks on other nodes do not inherit this process's environment: give them the object-store settings of
+        # an --output URI (a local Ray's workers inherit them). Those a submitted job already sets are its own.
+        env["env_vars"] |= {k: v for k, v in storage.environment().items() if k not in _job_env_vars()}
         ray.init(address=address, namespace=cfg.namespace, runtime_env=env, log_to_driver=True)
         return True
     # Logical CPUs, not cores: roles that mostly wait (reference, reward) may share a core on a small machine.
@@ -23,3 +28,13 @@ def ensure_ray(cfg: RayConfig, cpus_needed: float) -> bool:
     ray.init(address="local", num_cpus=num_cpus, namespace=cfg.namespace, include_dashboard=cfg.include_dashboard,
              dashboard_host=cfg.dashboard_host, runtime_env=env, log_to_driver=True)
     return True
+
+
+def _job_env_vars() -> set[str]:
+    """The variables the submitted job's own runtime_env sets (`ray job submit --runtime-env-json`): Ray refuses a
+    ray.init that sets one of them again."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") or "{}")
+        return set(((config.get("runtime_env") or {}).get("env_vars") or {}))
+    except (ValueError, AttributeError):
+        return set()

@@ -1,5 +1,7 @@
 """Checkpoints that are never half-written: each is built in a temp directory, marked complete, then renamed into
-place, so `latest()` only ever sees whole ones. Also atomic JSON/tensor writes and RNG state for exact resume.
+place, so `latest()` only ever sees whole ones. On an object store (`rlhf.storage`: no renames there) each rank uploads
+its own part into step_N/ and the marker, written last, makes it complete; `latest()` takes only marked ones there too.
+Also atomic JSON/tensor writes and RNG state for exact resume.
 
 RNG files are written with torch.save and read with torch.load(weights_only=True): they hold only tensors,
 lists, ints and floats, so loading one can never run code.
@@ -17,6 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from rlhf import storage
 
 META_FILE = "meta.json"
 COMPLETE_FILE = "COMPLETE"
@@ -53,7 +57,11 @@ def _tmp_path(path: str) -> str:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    """Write JSON so a reader sees the old file or the whole new one: temp file, fsync, os.replace."""
+    """Write JSON so a reader sees the old file or the whole new one: temp file, fsync, os.replace (on an object
+    store: one put)."""
+    if storage.is_uri(path):
+        storage.write_text(path, json.dumps(obj, indent=2) + "\n")
+        return
     tmp = _tmp_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
@@ -74,11 +82,10 @@ def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def read_meta(ckpt_dir: str) -> dict:
-    """The meta.json of a checkpoint directory."""
-    path = os.path.join(ckpt_dir, META_FILE)
+    """The meta.json of a checkpoint directory (or URI)."""
+    path = storage.join(ckpt_dir, META_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(path))
     except FileNotFoundError as error:
         raise CheckpointError(f"{ckpt_dir} has no {META_FILE}; it is not a checkpoint, "
                               f"pass a step_N directory") from error
@@ -92,20 +99,29 @@ def read_meta(ckpt_dir: str) -> dict:
 
 class CheckpointManager:
     """Checkpoints under root/step_{N:08d}/; each is written into a temp dir and renamed into place, then marked
-    complete, so a crash never leaves a half checkpoint as the latest."""
+    complete, so a crash never leaves a half checkpoint as the latest. With a URI root (`rlhf.storage`) there are no
+    renames: `begin` clears root/step_N/ (its marker first), every rank uploads its part there, `commit` writes
+    meta.json and then the marker; an unmarked step_N/ is never taken and is cleared when that step is written again."""
 
     def __init__(self, root: str, keep: int = 2) -> None:
         if keep < 0:
             raise ValueError(f"keep={keep} must be >= 0 (0 keeps every checkpoint)")
-        self.root = os.path.abspath(root)
+        self.remote = storage.is_uri(root)
+        self.root = root if self.remote else os.path.abspath(root)
         self.keep = keep
-        os.makedirs(self.root, exist_ok=True)
+        if not self.remote:
+            os.makedirs(self.root, exist_ok=True)
 
     def path(self, step: int) -> str:
-        return os.path.join(self.root, f"step_{step:08d}")
+        return storage.join(self.root, f"step_{step:08d}")
 
     def begin(self, step: int) -> str:
         """A fresh, empty temp directory to write checkpoint `step` into; pass it to `commit`."""
+        if self.remote:
+            target = self.path(step)
+            storage.remove(storage.join(target, COMPLETE_FILE))  # unmarked before anything in it changes
+            storage.remove(target)
+            return target
         tmp = os.path.join(self.root, f".tmp-step_{step:08d}-{os.getpid()}")
         if os.path.exists(tmp):
             shutil.rmtree(tmp)  # left by an earlier, failed attempt of this process
@@ -114,6 +130,8 @@ class CheckpointManager:
 
     def commit(self, step: int, tmp_dir: str, meta: dict) -> str:
         """Seal tmp_dir (meta.json + COMPLETE, all fsynced), rename it to root/step_N, prune; return the final path."""
+        if self.remote:
+            return self._commit_remote(step, tmp_dir, meta)
         if not os.path.isdir(tmp_dir):
             raise CheckpointError(f"{tmp_dir} does not exist; call begin({step}) and write into "
                                   f"the directory it returns")
@@ -146,13 +164,24 @@ class CheckpointManager:
             _on_commit(int(step), final)
         return final
 
+    def _commit_remote(self, step: int, target: str, meta: dict) -> str:
+        """Every rank's upload has returned (the caller waited on them); the marker goes last."""
+        if target != self.path(step):
+            raise CheckpointError(f"{storage.display(target)} is not where begin({step}) put checkpoint {step}")
+        atomic_write_json(storage.join(target, META_FILE), {**meta, "step": int(step)})
+        storage.write_text(storage.join(target, COMPLETE_FILE), f"{step}\n")
+        self._prune()
+        if _on_commit is not None:
+            _on_commit(int(step), target)
+        return target
+
     def _complete(self) -> list[tuple[int, str]]:
         """(step, path) of every complete checkpoint, oldest first."""
         found: list[tuple[int, str]] = []
-        for name in os.listdir(self.root):
+        for name in storage.listdir(self.root):
             match = _STEP_DIR.match(name)
-            path = os.path.join(self.root, name)
-            if not match or not os.path.exists(os.path.join(path, COMPLETE_FILE)):
+            path = storage.join(self.root, name)
+            if not match or not storage.exists(storage.join(path, COMPLETE_FILE)):
                 continue
             try:
                 meta = read_meta(path)
@@ -166,7 +195,9 @@ class CheckpointManager:
         if self.keep == 0:
             return
         for _, path in self._complete()[:-self.keep]:
-            shutil.rmtree(path)
+            if self.remote:  # unmarked first, so a prune cut short leaves no "complete" half
+                storage.remove(storage.join(path, COMPLETE_FILE))
+            storage.remove(path)
 
     def _remove_stale(self, committed_step: int) -> None:
         """Remove temp dirs left by crashed runs; this process's own in-progress later steps are kept."""

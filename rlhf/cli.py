@@ -91,9 +91,20 @@ def _check_models(**paths: str) -> None:
             check_model_dir(path, flag)
 
 
+def _check_output(output: str, uri_ok: bool = True) -> None:
+    """An --output URI that cannot be used (unknown scheme, a store that does not answer, no such bucket) fails here,
+    in one line, before a model loads."""
+    from rlhf import storage
+    if not uri_ok and storage.is_uri(output):
+        raise SystemExit(f"--output {storage.display(output)}: this command writes a local directory; give a path "
+                         "(sft, rm, dpo, ppo and sweep take object-store URIs)")
+    storage.check(output)
+
+
 def cmd_train(args) -> int:
     """`rlhf sft`, `rlhf rm`, `rlhf dpo`, `rlhf ppo`: the flags fill the config's paths, then the command's driver
     runs."""
+    _check_output(args.output)
     cfg = _config(args, args.command)
     cfg.data.format = args.data_format or cfg.data.format
     if args.command == "ppo":
@@ -126,6 +137,7 @@ def cmd_rm_eval(args) -> int:
 
 def cmd_rm_strength(args) -> int:
     """An ensemble of preference models on Ray; each pair's preference strength into OUTPUT/strength.jsonl."""
+    _check_output(args.output, uri_ok=False)
     cfg = _config(args, "rm")
     cfg.data.format = args.data_format or cfg.data.format
     cfg.model.path, cfg.data.train = args.model, args.data
@@ -146,11 +158,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    _check_output(args.output)
     from rlhf.drivers.sweep import run_sweep
     return run_sweep(args.config, args.set or [], args.resume, args.output)
 
 
 def cmd_pipeline(args) -> int:
+    _check_output(args.output, uri_ok=False)
     from rlhf.drivers.pipeline import run_pipeline
     return run_pipeline(args.config, args.output, args.set or [], args.resume)
 
@@ -311,7 +325,8 @@ def _user_errors() -> tuple[type, ...]:
     """Error classes of modules already imported: one that raised had to be, and importing rlhf.modeling
     (torch, transformers) just to name its error would cost `rlhf validate` seconds."""
     found = []
-    for module, name in (("rlhf.modeling", "ModelLoadError"), ("rlhf.checkpoint", "CheckpointError")):
+    for module, name in (("rlhf.modeling", "ModelLoadError"), ("rlhf.checkpoint", "CheckpointError"),
+                         ("rlhf.storage", "StorageError")):
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type):
             found.append(cls)

@@ -137,6 +137,8 @@ class MetricsLogger:
         self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
         self._tensorboard = tensorboard
         self._writer: Any = None
+        self.on_close: Optional[Callable[[], Any]] = None
+        """Called once the file and TensorBoard are closed (a run on an object store uploads them then)."""
         if tensorboard:
             self._writer = self._open_writer(purge_step=None)
 
@@ -196,6 +198,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.on_close is not None:
+            done, self.on_close = self.on_close, None
+            done()
 
     def __enter__(self) -> "MetricsLogger":
         return self

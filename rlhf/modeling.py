@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from typing import TYPE_CHECKING, Any, Iterator
 
 from rlhf.moss import EOH, EOM, PAD
@@ -397,7 +398,16 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
 @contextlib.contextmanager
 def atomic_directory(out_dir: str) -> Iterator[str]:
     """A temp directory to write a model into; on success it replaces out_dir, so readers see the old directory or
-    the complete new one, never half (two renames keep the window without a complete directory short)."""
+    the complete new one, never half (two renames keep the window without a complete directory short). To an
+    object-store URI (`rlhf.storage`) the directory is written locally, then uploaded in place of the old one (a run
+    writes its final/ once, at its end)."""
+    from rlhf import storage
+    if storage.is_uri(out_dir):
+        with tempfile.TemporaryDirectory(prefix="rlhf-final-") as local:
+            yield local
+            storage.remove(out_dir)
+            storage.upload(local, out_dir)
+        return
     out_dir = os.path.abspath(out_dir)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
@@ -435,4 +445,5 @@ def save_pretrained_atomic(model: Any, tokenizer: PreTrainedTokenizerBase | None
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
-    return os.path.abspath(out_dir)
+    from rlhf import storage
+    return out_dir if storage.is_uri(out_dir) else os.path.abspath(out_dir)

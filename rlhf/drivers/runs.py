@@ -1,6 +1,9 @@
 """What every training command shares: its output directory, checkpoints and resume, and recovery from a dead rank.
 
 A run's output holds final/, metrics.jsonl, tensorboard/, checkpoints/ and the resolved config.yaml (DESIGN.md).
+The output may be an object-store URI (`rlhf.storage`): then the ranks upload their checkpoint parts and final/ there
+themselves, and what the driver writes (metrics, TensorBoard, config) goes to a local staging directory that is
+uploaded before each checkpoint is sealed and when the run ends.
 `recover` runs a command's training from its last complete checkpoint; when a rank dies anywhere (start-up, a
 step, an evaluation, a checkpoint save) it stops the groups, starts new ones and goes again from the last complete
 checkpoint, at most `ray.max_restarts` times. A checkpoint being written when the rank died was never marked
@@ -9,9 +12,12 @@ complete, so it is never taken.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from rlhf import storage
 from rlhf.checkpoint import CheckpointManager, read_meta
 from rlhf.config import command_of, save_config
 from rlhf.metrics import MetricsLogger, Progress, run_tags
@@ -19,32 +25,56 @@ from rlhf.preemption import Preempted, on_sigterm, preempted
 from rlhf.roles import RankDied, Trainer
 
 
+STAGED_AWAY = ("checkpoints", "final")
+"""What the ranks write to an object-store output themselves; the rest of the run's files are staged by the driver."""
+
+
 @dataclass
 class RunDir:
     root: str
+    """The local directory the driver writes metrics, TensorBoard and the config into (the output, or its staging
+    directory when the output is a URI)."""
     metrics: MetricsLogger
     checkpoints: CheckpointManager
     resume_from: Optional[str]
+    location: str = ""
+    """Where the run lives: the output as given (a path or a URI); empty means `root`."""
 
     @property
     def final(self) -> str:
-        return os.path.join(self.root, "final")
+        return storage.join(self.location or self.root, "final")
+
+    def sync(self) -> None:
+        """Upload the staged files to the output URI (nothing to do for a local output)."""
+        if self.location and storage.is_uri(self.location):
+            storage.upload(self.root, self.location)
+            storage.mirror(self.root, self.location, "tensorboard")
 
 
 def open_run(output: str, cfg: Any, resume: bool) -> RunDir:
     """Create (or reopen, with --resume) an output directory and write the resolved config into it."""
-    os.makedirs(output, exist_ok=True)
-    checkpoints = CheckpointManager(os.path.join(output, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    storage.check(output)
+    checkpoints = CheckpointManager(storage.join(output, "checkpoints"), keep=cfg.train.keep_checkpoints)
     latest = checkpoints.latest() if resume else None
     if not resume and checkpoints.latest():
-        raise SystemExit(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
-                         "or choose another --output")
-    save_config(cfg, os.path.join(output, "config.yaml"))
-    metrics = MetricsLogger(output, tensorboard=cfg.logging.tensorboard, resume=latest is not None,
-                            tags=run_tags(command_of(cfg), output))
+        raise SystemExit(f"{storage.display(output)}: holds checkpoints of an earlier run; pass --resume to continue "
+                         "it or choose another --output")
+    root = output
+    if storage.is_uri(output):
+        root = tempfile.mkdtemp(prefix="rlhf-run-")
+        if latest:  # the metrics and TensorBoard so far, to be cut back to the checkpoint and continued
+            storage.download(output, root, skip=STAGED_AWAY)
+    os.makedirs(root, exist_ok=True)
+    save_config(cfg, os.path.join(root, "config.yaml"))
+    metrics = MetricsLogger(root, tensorboard=cfg.logging.tensorboard, resume=latest is not None,
+                            tags=run_tags(command_of(cfg), output.partition("?")[0].rstrip("/")))
     if latest:
         metrics.truncate_after(int(read_meta(latest)["step"]))
-    return RunDir(output, metrics, checkpoints, latest)
+    run = RunDir(root, metrics, checkpoints, latest, output)
+    if root != output:
+        run.sync()  # the config is there from the start
+        metrics.on_close = lambda: (run.sync(), shutil.rmtree(root, ignore_errors=True))
+    return run
 
 
 def save_checkpoint(run: RunDir, trained: Sequence[Any], step: int, meta: dict) -> str:
@@ -53,6 +83,7 @@ def save_checkpoint(run: RunDir, trained: Sequence[Any], step: int, meta: dict) 
     tmp = run.checkpoints.begin(step)
     for future in [role.save_checkpoint(tmp) for role in trained]:
         future.result()
+    run.sync()  # on an object store, the metrics up to this step are there before the checkpoint is sealed
     fault_point("driver", 0, "commit")  # the fault tests' "driver killed with every part written, unsealed"
     return run.checkpoints.commit(step, tmp, {**meta, "step": step})
 

@@ -4,7 +4,8 @@ Every trial is a whole run in its own directory, on role groups placed inside th
 trials queue for the cluster instead of oversubscribing it; a trial the cluster can never hold stops the sweep
 before Tune starts. Each logged step reaches Tune through the metrics logger's reporter hook, each committed
 checkpoint through the checkpoint manager's commit hook (PBT restores them); the trial's controller and ranks say
-in Ray's dashboard which trial they are, and its metrics reach Ray's tagged with the trial id.
+in Ray's dashboard which trial they are, and its metrics reach Ray's tagged with the trial id. With an object-store
+--output (`rlhf.storage`) Tune keeps its experiment there (`storage_filesystem`) and every trial's run writes there too.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import numbers
 import os
 import shlex
 import shutil
+import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rlhf import storage
 from rlhf.config import ConfigError, load_config, save_config, to_yaml
 
 COMMANDS = ("sft", "rm", "dpo", "ppo")
@@ -305,7 +308,11 @@ class TuneReporter:
         if self.step is None or self.metric not in self.values:
             return
         from ray import tune
-        checkpoint = tune.Checkpoint.from_directory(self.checkpoint) if self.checkpoint else None
+        checkpoint = None
+        if self.checkpoint and storage.is_uri(self.checkpoint):  # Tune copies it within the store
+            checkpoint = tune.Checkpoint(*reversed(storage.filesystem(self.checkpoint)))
+        elif self.checkpoint:
+            checkpoint = tune.Checkpoint.from_directory(self.checkpoint)
         tune.report({**self.values, "step": self.step}, checkpoint=checkpoint)
         self.step, self.checkpoint = None, None
 
@@ -315,13 +322,16 @@ def _prepare_run_dir(run_dir: str, checkpoint: Any) -> bool:
 
     Tune's checkpoint is the truth: it may come from another trial (PBT exploit), so the run's own are dropped."""
     from rlhf.checkpoint import CheckpointManager, read_meta
-    ckpts = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(ckpts):
-        shutil.rmtree(ckpts)
+    ckpts = storage.join(run_dir, "checkpoints")
+    storage.remove(ckpts)
     if checkpoint is None:
         return False
     with checkpoint.as_directory() as src:
-        shutil.copytree(src, CheckpointManager(ckpts).path(int(read_meta(src)["step"])))
+        target = CheckpointManager(ckpts).path(int(read_meta(src)["step"]))
+        if storage.is_uri(target):
+            storage.upload(src, target)
+        else:
+            shutil.copytree(src, target)
     return True
 
 
@@ -334,9 +344,16 @@ def run_trial(config: dict, job: dict) -> None:
     from rlhf.metrics import Trial, set_trial
 
     ctx = tune.get_context()
-    run_dir = os.path.join(job["experiment_dir"], ctx.get_trial_id(), "run")
-    trial = Trial(os.path.basename(os.path.dirname(job["experiment_dir"])), ctx.get_trial_id(), searched(config))
-    cfg = load_config(job["command"], job["base_config"], trial_overrides(config) + ["logging.progress=false"])
+    run_dir = storage.join(job["experiment_dir"], ctx.get_trial_id(), "run")
+    sweep = os.path.basename(os.path.dirname(job["experiment_dir"].partition("?")[0].rstrip("/")))
+    trial = Trial(sweep, ctx.get_trial_id(), searched(config))
+    base_config = job["base_config"]
+    if not os.path.exists(base_config):  # a node without the driver's filesystem (an object-store --output)
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
+            f.write(job["base_config_yaml"])
+        base_config = f.name
+    cfg = load_config(job["command"], base_config, trial_overrides(config) + ["logging.progress=false"])
     resume = _prepare_run_dir(run_dir, tune.get_checkpoint())
     every, last = cfg.train.save_every, cfg.ppo.iterations if job["command"] == "ppo" else cfg.train.max_steps
     reporter = TuneReporter(job["metric"], lambda step: step > 0 and (bool(every and step % every == 0)
@@ -437,17 +454,23 @@ def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str)
 
     spec = load_spec(config_path, overrides)
     where = _where(config_path)
-    output = os.path.abspath(output)
-    experiment_dir = os.path.join(output, EXPERIMENT)
-    restorable = tune.Tuner.can_restore(experiment_dir) if os.path.isdir(experiment_dir) else False
+    remote = storage.is_uri(output)
+    output = output if remote else os.path.abspath(output)
+    experiment_dir = storage.join(output, EXPERIMENT)
+    # On an object store Tune gets the filesystem and paths inside it (its own URI parsing drops pyarrow's options).
+    fs, fs_output = storage.filesystem(output) if remote else (None, output)
+    tune_dir = f"{fs_output}/{EXPERIMENT}" if remote else experiment_dir
+    restorable = tune.Tuner.can_restore(tune_dir, storage_filesystem=fs) if storage.exists(experiment_dir) else False
     if resume and not restorable:
-        raise ConfigError(f"--resume: {experiment_dir} holds no Tune experiment to continue; run without --resume")
+        raise ConfigError(f"--resume: {storage.display(experiment_dir)} holds no Tune experiment to continue; "
+                          "run without --resume")
     if not resume and restorable:
-        raise ConfigError(f"--output {output}: holds an earlier sweep; pass --resume to continue it or choose "
-                          "another --output")
-    os.makedirs(output, exist_ok=True)
+        raise ConfigError(f"--output {storage.display(output)}: holds an earlier sweep; pass --resume to continue it "
+                          "or choose another --output")
+    local = tempfile.mkdtemp(prefix="rlhf-sweep-") if remote else output  # what the driver writes, uploaded
+    os.makedirs(local, exist_ok=True)
     base = _base_config(spec)
-    base_path = os.path.join(output, "base_config.yaml")
+    base_path = os.path.join(local, "base_config.yaml")
     save_config(base, base_path)
     _check_search(spec, base_path, where)
 
@@ -458,11 +481,13 @@ def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str)
     strategy = {"STRICT_SPREAD": "SPREAD"}.get(strategy, strategy)  # bundle 0 (the controller) needs no node of its own
     check_trial_fits(spec, plan, strategy, base.ray.wait_for_nodes_s, started_ray, where)
     bundles = plan.trial_bundles(spec.driver_cpus)
-    job = {"command": spec.command, "base_config": base_path, "args": vars(spec.args), "metric": spec.metric,
-           "experiment_dir": experiment_dir}
+    with open(base_path, encoding="utf-8") as f:
+        job = {"command": spec.command, "base_config": base_path, "base_config_yaml": f.read(), "args": vars(spec.args),
+               "metric": spec.metric, "experiment_dir": experiment_dir}
     trial_trainable = trainable(job, tune.PlacementGroupFactory(bundles, strategy=strategy))
     if resume:
-        tuner = tune.Tuner.restore(experiment_dir, trial_trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_dir, trial_trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
     else:
         scheduler = _scheduler(spec, base, where)
         tuner = tune.Tuner(
@@ -470,16 +495,21 @@ def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str)
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                         scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials or None,
                                         trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=output,
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=fs_output, storage_filesystem=fs,
                                       # PBT may clone any trial's older checkpoint, so it keeps them all.
                                       checkpoint_config=tune.CheckpointConfig(
                                           num_to_keep=None if spec.scheduler.type == "pbt" else 2)))
     results = tuner.fit()
-    return _report(spec, results, output, base_path)
+    code = _report(spec, results, output, local)
+    if remote:
+        storage.upload(local, output)
+        shutil.rmtree(local, ignore_errors=True)
+    return code
 
 
-def _report(spec: SweepSpec, results: Any, output: str, base_path: str) -> int:
-    """Print the summary table and write summary.tsv and best_config.yaml; 0 when some trial measured the metric."""
+def _report(spec: SweepSpec, results: Any, output: str, local: str) -> int:
+    """Print the summary table and write summary.tsv and best_config.yaml (into `local`, the output or its staging
+    directory); 0 when some trial measured the metric."""
     keys = list(spec.search)
     rows = []
     for result in results:
@@ -489,7 +519,7 @@ def _report(spec: SweepSpec, results: Any, output: str, base_path: str) -> int:
         rows.append({"trial": trial_id, "status": "error" if result.error else "ok",
                      **{k: config.get(k) for k in keys}, "step": metrics.get("step"),
                      spec.metric: metrics.get(spec.metric), "_config": config, "_error": result.error,
-                     "_run": os.path.join(result.path, "run")})
+                     "_run": storage.join(output, EXPERIMENT, os.path.basename(result.path), "run")})
     measured = [r for r in rows if isinstance(r[spec.metric], (int, float))]
     measured.sort(key=lambda r: r[spec.metric], reverse=spec.mode == "max")
     ordered = measured + [r for r in rows if r not in measured]
@@ -499,28 +529,28 @@ def _report(spec: SweepSpec, results: Any, output: str, base_path: str) -> int:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for s in shown:
         print("  ".join(v.ljust(w) for v, w in zip(s, widths)))
-    with open(os.path.join(output, "summary.tsv"), "w", encoding="utf-8", newline="") as f:
+    with open(os.path.join(local, "summary.tsv"), "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, delimiter="\t")
         writer.writerow(columns + ["run_dir"])
-        writer.writerows([_cell(r[c]) for c in columns] + [r["_run"]] for r in ordered)
+        writer.writerows([_cell(r[c]) for c in columns] + [storage.display(r["_run"])] for r in ordered)
     for r in rows:
         if r["_error"] is not None:
             last = [line.strip() for line in str(r["_error"]).splitlines() if line.strip()][-1:] or ["?"]
-            print(f"trial {r['trial']} failed: {last[0][:300]} (its run: {r['_run']})")
+            print(f"trial {r['trial']} failed: {last[0][:300]} (its run: {storage.display(r['_run'])})")
     if not measured:
         print(f"rlhf sweep: no trial reported {spec.metric!r}; the names a run logs are in its metrics.jsonl "
-              f"under {os.path.join(output, EXPERIMENT)}/*/run/")
+              f"under {storage.display(storage.join(output, EXPERIMENT))}/*/run/")
         return 1
     best = measured[0]
-    cfg = load_config(spec.command, base_path, trial_overrides(best["_config"]))
-    path = os.path.join(output, "best_config.yaml")
-    command = _command_line(spec, path, os.path.join(output, "best"))
+    cfg = load_config(spec.command, os.path.join(local, "base_config.yaml"), trial_overrides(best["_config"]))
+    path = storage.join(output, "best_config.yaml")
+    command = _command_line(spec, path, storage.join(output, "best"))
     values = ", ".join(f"{k}={_cell(best[k])}" for k in keys)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# Best trial {best['trial']} of the sweep in {output}: {spec.metric}={_cell(best[spec.metric])} "
-                f"({spec.mode}) with {values}\n# Run it: {command}\n{to_yaml(cfg)}")
+    with open(os.path.join(local, "best_config.yaml"), "w", encoding="utf-8") as f:
+        f.write(f"# Best trial {best['trial']} of the sweep in {storage.display(output)}: "
+                f"{spec.metric}={_cell(best[spec.metric])} ({spec.mode}) with {values}\n# Run it: {command}\n{to_yaml(cfg)}")
     print(f"best: trial {best['trial']}, {spec.metric}={_cell(best[spec.metric])} with {values}")
-    print(f"best config: {path}\nrun it: {command}")
+    print(f"best config: {storage.display(path)}\nrun it: {command}")
     return 0
 
 
