@@ -358,6 +358,10 @@ class RayConfig:
     run stops without one; keep it below the scheduler's kill delay and above a step plus a checkpoint."""
     wait_for_nodes_s: float = 0.0
     """Seconds a run or sweep waits for a cluster too small for it to grow (nodes joining, an autoscaler); 0: stop."""
+    node_wait_s: float = 600.0
+    """After a rank died, seconds the rebuilt role groups wait for the cluster to hold them again (a lost node coming
+    back or replaced) before the run stops, naming what is missing and the command that resumes. wait_for_nodes_s is
+    the wait before the first start (0, fail fast: nothing is running yet); this one is for a run that has progress."""
     in_process: bool = False
     """Run every role as one rank in the command's own process, without Ray (debugging, quick checks on a laptop):
     the same workers, engines and controller; the layouts' rank counts become 1."""
