@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from rlhf import storage
 from rlhf.checkpoint import CheckpointManager, read_meta
-from rlhf.config import command_of, save_config
+from rlhf.config import ConfigError, command_of, save_config
 from rlhf.metrics import MetricsLogger, Progress, run_tags
 from rlhf.preemption import Preempted, on_sigterm, preempted
 from rlhf.roles import RankDied, Trainer
@@ -39,6 +39,8 @@ class RunDir:
     resume_from: Optional[str]
     location: str = ""
     """Where the run lives: the output as given (a path or a URI); empty means `root`."""
+    cfg: Any = None
+    """The run's resolved config (what recovery reads of `ray`)."""
 
     @property
     def final(self) -> str:
@@ -70,7 +72,7 @@ def open_run(output: str, cfg: Any, resume: bool) -> RunDir:
                             tags=run_tags(command_of(cfg), output.partition("?")[0].rstrip("/")))
     if latest:
         metrics.truncate_after(int(read_meta(latest)["step"]))
-    run = RunDir(root, metrics, checkpoints, latest, output)
+    run = RunDir(root, metrics, checkpoints, latest, output, cfg)
     if root != output:
         run.sync()  # the config is there from the start
         metrics.on_close = lambda: (run.sync(), shutil.rmtree(root, ignore_errors=True))
@@ -156,14 +158,23 @@ class Stage:
 
 def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], Any], stop: Callable[[Any], None],
             train: Callable[[Any, int, Stage], dict]) -> dict:
-    """`train(session, restarts, stage)` on a `start()`ed session, again on a fresh one after each dead rank."""
+    """`train(session, restarts, stage)` on a `start()`ed session, again on a fresh one after each dead rank. When the
+    rank went with its node, the new groups are placed on what is left if they fit there, after waiting up to
+    `ray.node_wait_s` for the cluster to hold them again; otherwise the run stops in one line naming what is missing
+    and the command that resumes (every committed checkpoint stays)."""
     stage = Stage()
     restarts = 0
+    held: list = []  # the bundles the groups held when their rank died
+    died = ""
     while True:
         session = None
+        starting = True
         try:
             stage.now("start-up")
+            if held:
+                _room_again(command, run, held, died)
             session = start()
+            starting = False
             return train(session, restarts, stage)
         except RankDied as err:
             restarts += 1
@@ -171,12 +182,53 @@ def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], An
             if restarts > max_restarts:
                 raise SystemExit(f"{stage.where}: {err}; gave up after {restarts - 1} restart(s) "
                                  f"(ray.max_restarts={max_restarts}); see the Ray logs of that rank, then rerun "
-                                 f"with --resume to continue from {latest or 'the start'}") from None
+                                 f"with --resume to continue from {_shown(latest)}") from None
             print(f"{command}: {err.who} died during {stage.where}; rebuilding the role groups from "
-                  f"{latest or 'the start'} (restart {restarts}/{max_restarts})", flush=True)
+                  f"{_shown(latest)} (restart {restarts}/{max_restarts})", flush=True)
+            died = f"{stage.where}: {err.who} died"
+            if session is not None:
+                from actors.runtime import held_bundles
+                held = held_bundles(session) or held
+        except ConfigError as err:
+            if not (restarts and starting):
+                raise
+            # The rebuilt groups could not be placed (the room check passed before the lost node was declared dead).
+            raise SystemExit(_lost_line(command, run, died, str(err))) from None
         finally:
             if session is not None:
                 stop(session)
+
+
+def _shown(checkpoint: Optional[str]) -> str:
+    return storage.display(checkpoint) if checkpoint else "the start"
+
+
+def _room_again(command: str, run: RunDir, held: list, died: str) -> None:
+    """Wait (ray.node_wait_s, saying for what) until the cluster could hold the groups again, or stop the run."""
+    from actors.placement import room_for
+    from actors.runtime import short_of
+    wait_s = run.cfg.ray.node_wait_s if run.cfg is not None else 0.0
+    why = room_for(held, wait_s)
+    if why is None:
+        return
+    short = short_of(held)
+    raise SystemExit(_lost_line(command, run, died, f"{why}{f', {short} short' if short else ''} after "
+                                                    f"ray.node_wait_s={wait_s:g} s"))
+
+
+def _lost_line(command: str, run: RunDir, died: str, why: str) -> str:
+    return (f"{died} and the cluster no longer holds the role groups ({why}); nothing committed is lost: once the "
+            f"cluster has room again, continue from {_shown(run.checkpoints.latest())} with {resume_command(command)}")
+
+
+def resume_command(command: str) -> str:
+    """The command line that continues this run: this process's own with --resume when it is `rlhf COMMAND ...`."""
+    import shlex
+    import sys
+    argv = sys.argv[1:]
+    if os.path.basename(sys.argv[0]) in ("rlhf", "__main__.py") and argv[:1] == [command]:
+        return "rlhf " + shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
+    return f"`rlhf {command} ... --resume` (the same arguments)"
 
 
 def resumed(run: RunDir, restarts: int, stage: Stage, step: int, prefix: str, unit: str = "steps") -> None:
