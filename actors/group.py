@@ -225,7 +225,7 @@ class RayBackend:
                 raise PlacementError(self.no_room(plan, why))
         use_gpu = cluster_has_gpus()
         start_id, trial = secrets.token_hex(3), current_trial()
-        groups = Groups({}, reserve(plan))
+        groups = Groups({}, reserve(plan, start_id=start_id))
         try:
             for name, (worker_cls, spec) in roles.items():
                 slot = plan.slots[name]

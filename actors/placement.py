@@ -186,8 +186,9 @@ def room_for(groups: list[tuple[list[dict], str]], wait_s: float = 0.0) -> Optio
 
 # --- making the plan real on Ray --------------------------------------------------------------------------------
 
-def reserve(plan: PlacementPlan, timeout_s: float = READY_TIMEOUT_S) -> dict[str, PlacementGroup]:
-    """Placement group name -> a Ray placement group, ready; inside a Tune trial, slices of the trial's own."""
+def reserve(plan: PlacementPlan, timeout_s: float = READY_TIMEOUT_S, start_id: str = "") -> dict[str, PlacementGroup]:
+    """Placement group name -> a Ray placement group, ready; inside a Tune trial, slices of the trial's own. In
+    Ray a group is named `policy [START_ID]`: unique to this start, so runs sharing a namespace never clash."""
     enclosing = get_current_placement_group()
     offsets = plan.trial_offsets()
     made: dict[str, PlacementGroup] = {}
@@ -196,7 +197,8 @@ def reserve(plan: PlacementPlan, timeout_s: float = READY_TIMEOUT_S) -> dict[str
             if enclosing is not None:
                 made[name] = _slice(enclosing, name, offsets[name], bundles)
                 continue
-            pg = placement_group([dict(b) for b in bundles], strategy=plan.strategies[name], name=name)
+            pg = placement_group([dict(b) for b in bundles], strategy=plan.strategies[name],
+                                 name=f"{name} [{start_id}]" if start_id else name)
             made[name] = pg
             ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
             if not ready:

@@ -89,7 +89,7 @@ class PPOTrainer:
         with timed(timings, "time/train"):
             train_began = time.time()
             stats = self.update(it, self.train_batch(exp, scored, advantages, returns, rollout))
-            self.phases.append({"role": "policy+critic", "phase": "train", "batch": it, "start": train_began,
+            self.phases.append({"role": "policy+critic" if self.roles.critic else "policy", "phase": "train", "batch": it, "start": train_began,
                                 "end": time.time()})
         if stats.pop("nonfinite"):
             return self.skipped(it, "train: a non-finite loss", timings)
