@@ -99,22 +99,45 @@ def fs_selector(path: str):
     return fs.FileSelector(path, recursive=True)
 
 
-def test_a_sweep_keeps_tune_experiment_and_trial_runs_on_s3(tiny, s3, tmp_path):
+def test_a_pbt_sweep_on_s3_restores_the_weaker_trial_with_the_mutated_learning_rate(tiny, s3, tmp_path):
+    """Two SFT trials of 3 steps, one synchronous perturbation after step 2: the weaker trial continues from the
+    stronger one's checkpoint of step 2 with a mutated optim.lr, and its optimizer uses that rate in step 3 (not the
+    rate the copied checkpoint was trained with). Tune's experiment and every trial's run live on the store."""
     env, store = s3
     spec = tmp_path / "sweep.yaml"
     spec.write_text(json.dumps({
-        "command": "sft", "base_config": "configs/tiny/sft.yaml", "args": {"model": tiny["base"], "data": tiny["sft_train"]},
-        "overrides": ["train.max_steps=1", "train.save_every=1", "deepspeed.zero_stage=0", "layout.gpus_per_node=1",
-                      "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_every=1"],
-        "search": {"optim.lr": {"type": "grid", "values": [1.0e-3]}}, "metric": "train/loss", "mode": "min"}))
+        "command": "sft", "base_config": "configs/tiny/sft.yaml",
+        "args": {"model": tiny["base"], "data": tiny["sft_train"]},
+        "overrides": ["train.max_steps=3", "train.save_every=2", "train.log_every=1", "train.global_batch_size=8",
+                      "train.micro_batch_size=8", "layout.gpus_per_node=1", "optim.warmup_steps=0",
+                      "optim.schedule=constant"],
+        "search": {"optim.lr": {"type": "loguniform", "low": 1.0e-5, "high": 1.0e-2}}, "num_samples": 2,
+        "metric": "train/loss", "mode": "min",
+        "scheduler": {"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True}}))
     code, out = finished(rlhf(env, "sweep", "--config", spec, "--output", "s3://runs/sweep"))
     assert code == 0, out
+    rows = [line.split("\t") for line in read(store, "runs/sweep/summary.tsv").splitlines()]
+    final_lr = {row[0]: float(row[2]) for row in rows[1:]}  # trial -> its config at the end (6 digits)
+    assert len(final_lr) == 2, (rows, out[-4000:])
+    rates = {}  # trial -> the optimizer's rate at each step it logged
+    for trial in final_lr:
+        metrics = [json.loads(line) for line in read(store, f"runs/sweep/tune/{trial}/run/metrics.jsonl").splitlines()]
+        rates[trial] = {m["step"]: m["train/lr"] for m in metrics if "train/lr" in m}
+        assert sorted(rates[trial]) == [1, 2, 3], (rates, out[-4000:])
+    same = lambda a, b: a == pytest.approx(b, rel=1e-5)  # noqa: E731
+    perturbed = [t for t in rates if not same(rates[t][1], final_lr[t])]
+    assert len(perturbed) == 1, (rates, final_lr)
+    (weaker,), (stronger,) = perturbed, set(rates) - set(perturbed)
+    assert all(same(lr, final_lr[stronger]) for lr in rates[stronger].values())
+    # The weaker trial trained step 3 from the stronger one's checkpoint of step 2, whose optimizer ran at the
+    # stronger trial's rate, with its own mutated rate.
+    assert same(rates[weaker][3], final_lr[weaker]) and not same(rates[weaker][3], final_lr[stronger])
+    assert not same(rates[weaker][3], rates[weaker][2])  # nor its own rate before
     names = {info.path for info in store.get_file_info(fs_selector("runs/sweep"))}
-    trial = next(p.split("/")[3] for p in names if p.endswith("/run/metrics.jsonl"))
-    assert f"runs/sweep/tune/{trial}/run/final/model.safetensors" in names  # the trial's run, written there
-    assert any(p.startswith(f"runs/sweep/tune/{trial}/checkpoint_") and p.endswith("/COMPLETE") for p in names)  # Tune's
+    assert any(p.startswith(f"runs/sweep/tune/{stronger}/checkpoint_") and p.endswith("/COMPLETE") for p in names)
     assert any(p.startswith("runs/sweep/tune/experiment_state") for p in names)
-    assert {"runs/sweep/summary.tsv", "runs/sweep/best_config.yaml", "runs/sweep/base_config.yaml"} <= names
+    assert f"runs/sweep/tune/{weaker}/run/final/model.safetensors" in names
+    assert {"runs/sweep/best_config.yaml", "runs/sweep/base_config.yaml"} <= names
 
 
 @pytest.mark.parametrize("output, endpoint, says", [

@@ -32,7 +32,8 @@ EXPERIMENT = "tune"
 _SCHEDULER_PARAMS = {
     "none": (),
     "asha": ("time_attr", "max_t", "grace_period", "reduction_factor", "brackets"),
-    "pbt": ("time_attr", "perturbation_interval", "burn_in_period", "quantile_fraction", "resample_probability"),
+    "pbt": ("time_attr", "perturbation_interval", "burn_in_period", "quantile_fraction", "resample_probability",
+            "synch"),
 }
 
 
@@ -85,6 +86,9 @@ class SchedulerSpec:
     """pbt: the share of trials that copy from the best share; default 0.25."""
     resample_probability: Optional[float] = None
     """pbt: chance a value is resampled from the search space instead of perturbed; default 0.25."""
+    synch: Optional[bool] = None
+    """pbt: every trial waits for the others at each perturbation, so the weakest always copies the best's checkpoint
+    of that step (otherwise a trial may find no checkpoint yet to copy); default false."""
 
 
 @dataclass
@@ -442,7 +446,8 @@ def _scheduler(spec: SweepSpec, cfg: Any, where: str) -> Any:
         return PopulationBasedTraining(
             time_attr=time_attr, perturbation_interval=interval, burn_in_period=s.burn_in_period or 0,
             hyperparam_mutations=mutations, quantile_fraction=s.quantile_fraction or 0.25,
-            resample_probability=s.resample_probability if s.resample_probability is not None else 0.25)
+            resample_probability=s.resample_probability if s.resample_probability is not None else 0.25,
+            synch=bool(s.synch))
     return None
 
 
@@ -514,7 +519,7 @@ def _report(spec: SweepSpec, results: Any, output: str, local: str) -> int:
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or os.path.basename(result.path)
+        trial_id = os.path.basename(result.path)  # its own directory (after a PBT exploit, metrics may be the clone's)
         config = result.config or {}
         rows.append({"trial": trial_id, "status": "error" if result.error else "ok",
                      **{k: config.get(k) for k in keys}, "step": metrics.get("step"),
