@@ -215,17 +215,17 @@ class RayBackend:
         A plan the cluster can never hold stops here with what it needs, what the cluster has and the keys to change
         (a sweep trial's bundles were checked and placed with the trial)."""
         plan = self.plan(roles)
+        # Rebuilding after a dead rank, the node it died with may be on its way back: wait for it ray.node_wait_s.
+        rebuild = any(self.starts.get(name) for name in roles)
         if get_current_placement_group() is None:
-            # Rebuilding after a dead rank, the node it died with may be on its way back: wait for it as long as for
-            # busy resources.
-            rebuild = any(self.starts.get(name) for name in roles)
-            wait_s = max(self.cfg.wait_for_nodes_s, READY_TIMEOUT_S if rebuild else 0.0)
+            wait_s = max(self.cfg.wait_for_nodes_s, self.cfg.node_wait_s if rebuild else 0.0)
             why = room_for(plan.groups(), wait_s)
             if why:
                 raise PlacementError(self.no_room(plan, why))
         use_gpu = cluster_has_gpus()
         start_id, trial = secrets.token_hex(3), current_trial()
-        groups = Groups({}, reserve(plan, start_id=start_id))
+        groups = Groups({}, reserve(plan, timeout_s=self.cfg.node_wait_s if rebuild else READY_TIMEOUT_S,
+                                    start_id=start_id))
         try:
             for name, (worker_cls, spec) in roles.items():
                 slot = plan.slots[name]

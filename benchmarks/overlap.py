@@ -10,7 +10,7 @@ block's generation ahead is waited for before the other side starts. With `--grp
 GRPOTrainer as a third side. The phase timeline of one overlapped iteration (which role is busy when) is printed from
 the run's own records.
 
-    python benchmarks/overlap.py [--reps 3] [--iterations 3] [--prompts 32] [--max-new-tokens 48] [--quick]
+    python benchmarks/overlap.py [--reps 3] [--iterations 3] [--prompts 32] [--max-new-tokens 48] [--ppo-epochs 2]
     python benchmarks/overlap.py --grpo [--prompts 8] [--samples 4] [--max-new-tokens 24]
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], kind: str, pha
     rows += [[f"  {k}" + (" (overlapped: the wait)" if k == "time/generate" else ""), seq[k], ovl[k], ""]
              for k in PHASES]
     header = [f"{kind.upper()}, {args.prompts} prompts x {args.samples if kind == 'grpo' else 1}, "
-              f"{args.max_new_tokens} new tokens", "off_policy_steps 0 (policy generates)",
+              f"{args.max_new_tokens} new tokens" + ("" if kind == "grpo" else f", {args.ppo_epochs} epochs"), "off_policy_steps 0 (policy generates)",
               "off_policy_steps 1 (rollout group)", "ratio (1/0)"]
     record = {"runs": runs, "medians": {"sequential": seq, "overlapped": ovl}, "ratio": ratio}
     value, name = ratio, "seconds per iteration, overlapped/sequential"
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=0, help="prompts per iteration (PPO 32, GRPO 8)")
     p.add_argument("--samples", type=int, default=4, help="GRPO: samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=0, help="reply length (PPO 48, GRPO 24)")
+    p.add_argument("--ppo-epochs", type=int, default=2, help="PPO: passes over each iteration's rollouts")
     p.add_argument("--grpo", action="store_true", help="GRPO (against TRL's GRPOTrainer too) instead of PPO")
     p.add_argument("--kl-coef", type=float, default=0.02, help="GRPO: KL coefficient (TRL's beta)")
     args = p.parse_args(argv)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         base = grpo_config(args)
     else:
         base = ppo_config([f"seed={args.seed}", f"ppo.prompts_per_iteration={args.prompts}",
-                           f"generation.max_new_tokens={args.max_new_tokens}"])
+                           f"generation.max_new_tokens={args.max_new_tokens}", f"ppo.ppo_epochs={args.ppo_epochs}"])
     import copy
     from rlhf.config import check
     overlapped = copy.deepcopy(base)  # the same settings, with a rollout group one iteration ahead

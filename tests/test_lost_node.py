@@ -48,8 +48,7 @@ def test_a_lost_node_stops_the_run_in_one_line_and_resume_finishes_once_the_node
             "--set", "ppo.estimator=grpo", "--set", "ppo.samples_per_prompt=2", "--set", "ppo.reward_model_weight=0",
             "--set", "ppo.reward_rules.sample=1.0", "--set", "roles.policy.lora.enabled=true",
             "--set", "ppo.prompts_per_iteration=8", "--set", "ppo.train_batch_size=8", "--set", "data.eval=",
-            "--set", "generation.max_new_tokens=8", "--set", "logging.progress=false",
-            "--set", "train.keep_checkpoints=0"]  # (ppo.py reads the resumed-from checkpoint again at the end)
+            "--set", "generation.max_new_tokens=8", "--set", "logging.progress=false"]
     proc = subprocess.Popen([sys.executable, "-m", "rlhf", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:

@@ -18,7 +18,6 @@ import torch
 
 from rlhf import estimators, ppo_math as pm
 from rlhf.batching import Batch, collate_prompts, collate_sft
-from rlhf.checkpoint import read_meta
 from rlhf.config import PPOConfig
 from rlhf.data import load_prompts
 from rlhf.drivers.rollouts import rollout_source
@@ -390,7 +389,7 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     def train(session: tuple, restarts: int, stage: Stage) -> dict:
         roles = session[0]
         trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules, eval_rules)
-        _record_placement(output, roles)
+        _record_placement(run.root, roles)
         try:
             return _train(cfg, run, roles, trainer, held_out, summary, stage, restarts)
         finally:
@@ -419,7 +418,8 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
     if latest:
         stage.now(f"the restore of {latest}")
         trainer.load_state_dict(load_checkpoint(roles.trained(), latest)["controller"])
-    resumed(run, restarts, stage, trainer.iteration_done, "ppo", "iterations")
+    start = trainer.iteration_done
+    resumed(run, restarts, stage, start, "ppo", "iterations")
     if held_out and not latest and "started" not in summary:
         stage.now("the held-out evaluation before training")
         start = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
@@ -461,7 +461,7 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
             stage.now(f"the checkpoint of iteration {done}", done)
             save_checkpoint(run, roles.trained(), done, {"controller": trainer.state_dict()})
     progress.close()
-    if not (latest and read_meta(latest)["step"] == iterations):
+    if start < iterations or not latest:  # (the checkpoint resumed from may be pruned by now: never re-read it)
         stage.now("the final checkpoint", iterations)
         save_checkpoint(run, roles.trained(), iterations, {"controller": trainer.state_dict()})
     if held_out:
