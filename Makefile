@@ -24,9 +24,9 @@ demo: install
 	$(PY) -m rlhf pipeline --config configs/tiny/pipeline.yaml --output runs/demo
 
 test: install
-	@# Two workers, a test file each at a time: much of a Ray test is one process starting or waiting, so the
-	@# other core runs the next file meanwhile.
-	@began=$$(date +%s); $(PY) -m pytest -q -rs -n 2 --dist loadfile --durations=15; code=$$?; \
+	@# Two workers, a test file each at a time, the longest files first (tests/conftest.py: HEAVIEST_FIRST): much of
+	@# a Ray test is one process starting or waiting, so the other core runs the next file meanwhile.
+	@began=$$(date +%s); $(PY) -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder --durations=15; code=$$?; \
 	echo "make test: $$(( $$(date +%s) - began )) s in all"; exit $$code
 
 bench: install

@@ -1,5 +1,6 @@
-"""`rlhf pipeline` (what `make demo` runs), cut short: every stage runs (DPO beside PPO), the report is written with
-its plots and compares the policies, and a second run skips the finished stages."""
+"""`rlhf pipeline` (what `make demo` runs), cut short and each stage in one process (the stages' Ray role groups are
+tested by their own commands' tests): every stage runs (DPO beside PPO), the report is written with its plots and
+compares the policies, and a second run skips the finished stages."""
 from __future__ import annotations
 
 import os
@@ -16,11 +17,11 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny, tmp_path, capsys)
     config.write_text(
         f"data: {os.path.dirname(tiny['sft_train'])}\nmodel: {tiny['base']}\neval_prompts: 8\nreport_examples: 3\n"
         "overrides:\n"
-        "  sft: [train.max_steps=4, layout.gpus_per_node=1, logging.progress=false]\n"
-        "  rm: [train.max_steps=4, layout.gpus_per_node=1, logging.progress=false]\n"
+        "  sft: [train.max_steps=4, layout.gpus_per_node=1, logging.progress=false, ray.in_process=true]\n"
+        "  rm: [train.max_steps=4, layout.gpus_per_node=1, logging.progress=false, ray.in_process=true]\n"
         "  ppo: [ppo.iterations=2, ppo.prompts_per_iteration=8, ppo.train_batch_size=8, generation.max_new_tokens=8,"
-        " ppo.eval_prompts=8, logging.progress=false]\n"
-        "  dpo: [train.max_steps=4, layout.gpus_per_node=1, logging.progress=false]\n"
+        " ppo.eval_prompts=8, logging.progress=false, ray.in_process=true]\n"
+        "  dpo: [train.max_steps=4, layout.gpus_per_node=1, logging.progress=false, ray.in_process=true]\n"
         "stages:\n  dpo: configs/tiny/dpo.yaml\n")
     out = tmp_path / "run"
     assert run_cli("pipeline", "--config", config, "--output", out) == 0

@@ -23,11 +23,15 @@ def _ppo(tiny, sft_run, rm_run, out, *extra):
                    "--output", out, *extra)
 
 
+LEARN = ["--set", "logging.progress=false", "--set", "ppo.iterations=14", "--set", "ppo.eval_prompts=120"]
+"""The learning runs: 14 iterations (the held-out rule score rises about 0.4 in 20), 120 held-out prompts."""
+
+
 @pytest.fixture(scope="module")
 def sequential(tiny, sft_run, rm_run, tmp_path_factory):
     """configs/tiny/ppo.yaml on the sample: the policy's ranks generate each iteration's replies."""
     out = tmp_path_factory.mktemp("ppo")
-    assert _ppo(tiny, sft_run, rm_run, out, "--set", "logging.progress=false", "--set", "ppo.eval_prompts=200") == 0
+    assert _ppo(tiny, sft_run, rm_run, out, *LEARN) == 0
     return out, read_metrics(f"{out}/metrics.jsonl")
 
 
@@ -62,7 +66,7 @@ def test_ppo_one_step_off_policy_with_a_rollout_group_learns_as_much(tiny, sft_r
     out = tmp_path / "ppo"
     assert run_cli("ppo", "--config", "configs/tiny/ppo_overlap.yaml", "--policy", f"{sft_run}/final", "--reward",
                    f"{rm_run}/final", "--prompts", tiny["prompts_train"], "--set", f"data.eval={tiny['prompts_eval']}",
-                   "--output", out, "--set", "logging.progress=false", "--set", "ppo.eval_prompts=200") == 0
+                   "--output", out, *LEARN) == 0
     rise, iters = _learned(read_metrics(f"{out}/metrics.jsonl"))
     seq_rise, _ = _learned(sequential[1])
     assert rise >= seq_rise - 0.1, (rise, seq_rise)

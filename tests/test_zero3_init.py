@@ -1,6 +1,7 @@
 """ZeRO-3 ranks that never hold the whole model: built under `deepspeed.zero.Init`, each reading only its partition of
 every weight from the safetensors files, they train to the weights ZeRO-0 reaches (here also with token-budget
-micro-batches, whose counts differ between the ranks) and score and generate as ZeRO-0 does."""
+micro-batches, whose counts differ between the ranks) and score as ZeRO-0 does (generation under ZeRO-3:
+tests/test_ppo_layouts.py)."""
 from __future__ import annotations
 
 import pytest
@@ -85,25 +86,6 @@ def test_a_zero3_preference_model_with_its_lm_loss_trains_as_zero0_does(tiny, lo
 
 
 @pytest.mark.slow
-def test_a_zero3_policy_loaded_by_partition_generates_what_zero0_does(tiny, local_ray):
-    from actors.lm import PolicyWorker
-    from rlhf.config import GenerationConfig
-    tok = load_tokenizer(tiny["tokenizer"])
-    prompts = collate_prompts([tokenize_prompt(d, tok, 64) for d in load_prompts(tiny["prompts_train"])[:4]],
-                              tok.pad_token_id)
-    greedy = GenerationConfig(max_new_tokens=8, do_sample=False)
-    replies = {}
-    for zero in (0, 3):
-        spec = _spec(tiny["base"], 2, zero)
-        spec.role.deepspeed.gather_for_generation = False  # the ranks decode in lockstep, layer by layer
-        groups, group = _start(PolicyWorker, spec, "policy")
-        try:
-            replies[zero] = group.call("generate", prompts, greedy).result()
-        finally:
-            groups.stop()
-    assert torch.equal(replies[0]["response_ids"], replies[3]["response_ids"])
-
-
 def test_scalar_roles_load_by_partition_and_score_as_before(tiny, tmp_path):
     """A preference model's partitioned load (one rank here: every weight whole, read as one slice) takes its head
     and leaves the classifier view's copy of it unused, as transformers' load does."""

@@ -418,8 +418,8 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
     if latest:
         stage.now(f"the restore of {latest}")
         trainer.load_state_dict(load_checkpoint(roles.trained(), latest)["controller"])
-    start = trainer.iteration_done
-    resumed(run, restarts, stage, start, "ppo", "iterations")
+    first = trainer.iteration_done
+    resumed(run, restarts, stage, first, "ppo", "iterations")
     if held_out and not latest and "started" not in summary:
         stage.now("the held-out evaluation before training")
         start = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
@@ -461,7 +461,7 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
             stage.now(f"the checkpoint of iteration {done}", done)
             save_checkpoint(run, roles.trained(), done, {"controller": trainer.state_dict()})
     progress.close()
-    if start < iterations or not latest:  # (the checkpoint resumed from may be pruned by now: never re-read it)
+    if first < iterations or not latest:  # (the checkpoint resumed from may be pruned by now: never re-read it)
         stage.now("the final checkpoint", iterations)
         save_checkpoint(run, roles.trained(), iterations, {"controller": trainer.state_dict()})
     if held_out:
