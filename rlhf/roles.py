@@ -170,8 +170,8 @@ class WeightSync:
         """The policy's weights, as version `version`, into every rollout rank (both sides wait for the whole sync)."""
         sent = self.policy.call("send_weights", self.bucket_mb)
         received = self.rollout.call("receive_weights", version, self.manifest, self.bucket_mb)
+        self.version = received.result()  # first: a dead rollout rank is RankDied (the sender then fails on its socket)
         sent.result()
-        self.version = received.result()
 
 
 class Trainer(_Role):

@@ -38,14 +38,15 @@ def _iterations(out) -> list[dict]:
 
 def test_ranks_killed_during_a_checkpoint_save_and_inside_an_iteration_are_rebuilt_and_the_run_finishes(
         tiny, sft_run, rm_run, tmp_path, monkeypatch, capsys):
-    """Rank 0 of the policy dies while the checkpoint of iteration 2 is written (nothing complete yet: back to the
-    start, losing 2 iterations); then, on the rebuilt groups, rank 0 of the critic dies inside iteration 3 (back to
-    the checkpoint of iteration 2, losing 1). The run finishes every iteration with both restarts counted."""
+    """Rank 0 of the two-rank policy dies while the checkpoint of iteration 2 is written (nothing complete yet: back
+    to the start, losing 2 iterations); then, on the rebuilt groups, rank 0 of the critic dies inside iteration 3
+    (back to the checkpoint of iteration 2, losing 1). The run finishes every iteration with both restarts counted."""
     out = tmp_path / "ppo"
     during_save, inside = tmp_path / "killed-during-save", tmp_path / "killed-inside-iteration"
     # Calls are counted per process: the policy's first save, and the third value pass of the rebuilt critic.
     monkeypatch.setenv("RLHF_FAULT", f"policy:save_checkpoint:1:{during_save},critic:values:3:{inside}")
-    assert run_cli(*_args(tiny, sft_run, rm_run, out), "--set", "ppo.iterations=4", *NO_REWARD_GROUP) == 0
+    assert run_cli(*_args(tiny, sft_run, rm_run, out), "--set", "ppo.iterations=4", *NO_REWARD_GROUP,
+                   "--set", "roles.policy.layout.gpus_per_node=2") == 0
     assert during_save.exists() and inside.exists()  # the ranks really died
     printed = capsys.readouterr().out
     assert "policy rank 0 died during the checkpoint of iteration 2" in printed
@@ -58,7 +59,7 @@ def test_ranks_killed_during_a_checkpoint_save_and_inside_an_iteration_are_rebui
     assert (out / "final" / "model.safetensors").exists()
     with open(out / "placement.json") as f:
         placed = json.load(f)
-    assert placed["critic"][0]["pid"] != int(inside.read_text().split("pid ")[1])
+    assert len(placed["policy"]) == 2 and placed["critic"][0]["pid"] != int(inside.read_text().split("pid ")[1])
     assert placed["policy"][0]["pid"] != int(during_save.read_text().split("pid ")[1])
 
 
