@@ -42,9 +42,9 @@ class Side(PPOSide):
 
 
 def timeline(phases: list[dict], it: int) -> list[str]:
-    """Rows `role phase batch  start-end  bar` of everything that ran between the start of iteration `it`'s scoring
-    and the end of its training (the next batch's generation included), in seconds from that start."""
-    t0 = min(p["start"] for p in phases if p["batch"] == it and p["phase"] == "score")
+    """Rows `role phase batch  start-end  bar` of everything that ran between the start of iteration `it` (its weight
+    sync, or its scoring) and the end of its training (the next batch's generation included), in seconds from then."""
+    t0 = min(p["start"] for p in phases if p["batch"] == it and p["phase"] in ("score", "sync"))
     end = max(p["end"] for p in phases if p["batch"] == it and p["phase"] == "train")
     shown = sorted((p for p in phases if p["end"] > t0 and p["start"] < end), key=lambda p: p["start"])
     t1 = max(p["end"] for p in shown)
@@ -82,7 +82,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], kind: str, pha
     if "trl" in runs:
         text += f" (sequential/TRL {record['ratio_trl_sequential']:.2f}x)"
     lines = timeline(phases, max(p["batch"] for p in phases if p["phase"] == "train") - 1)
-    text += "\n\none overlapped iteration (its scoring starts at 0 s):\n" + "\n".join(lines)
+    text += "\n\none overlapped iteration (from its weight sync):\n" + "\n".join(lines)
     record["timeline"] = lines
     write_record(f"overlap_{kind}", args, record | {"target": target(name, value, f"<= {GOAL[kind]}", met)}, text)
 

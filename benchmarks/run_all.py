@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("rm_vs_trl", "grpo_vs_trl", "ppo_overhead", "scaling")
+BENCHMARKS = ("rm_vs_trl", "grpo_vs_trl", "ppo_overhead", "scaling", "overlap")
 
 
 def run(script: str, extra: list[str]) -> int:
