@@ -52,8 +52,9 @@ def timeline(phases: list[dict], it: int) -> list[str]:
     rows = []
     for p in shown:
         a, b = max(0, int((p["start"] - t0) * scale)), min(60, int((p["end"] - t0) * scale))
-        rows.append(f"{p['role']:<15} {p['phase']:<9} batch {p['batch']:<3} {p['start'] - t0:6.2f}-{p['end'] - t0:5.2f} s "
-                    f"|{' ' * a}{'#' * max(1, b - a)}{' ' * (60 - max(a + 1, b))}|")
+        bar = " " * a + "#" * max(1, b - a) + " " * (60 - max(a + 1, b))
+        rows.append(f"{p['role']:<15} {p['phase']:<9} batch {p['batch']:<3} "
+                    f"{p['start'] - t0:6.2f}-{p['end'] - t0:5.2f} s |{bar}|")
     return rows
 
 
@@ -66,7 +67,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], kind: str, pha
     rows += [[f"  {k}" + (" (overlapped: the wait)" if k == "time/generate" else ""), seq[k], ovl[k], ""]
              for k in PHASES]
     header = [f"{kind.upper()}, {args.prompts} prompts x {args.samples if kind == 'grpo' else 1}, "
-              f"{args.max_new_tokens} new tokens" + ("" if kind == "grpo" else f", {args.ppo_epochs} epochs"), "off_policy_steps 0 (policy generates)",
+              f"{args.max_new_tokens} new tokens" + ("" if kind == "grpo" else f", {args.ppo_epochs} epochs"),
+              "off_policy_steps 0 (policy generates)",
               "off_policy_steps 1 (rollout group)", "ratio (1/0)"]
     record = {"runs": runs, "medians": {"sequential": seq, "overlapped": ovl}, "ratio": ratio}
     value, name = ratio, "seconds per iteration, overlapped/sequential"

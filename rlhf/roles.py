@@ -161,7 +161,7 @@ class WeightSync:
         nodes = {info["node_id"] for info in policy.node_info()[:1] + rollout.node_info()}
         addr, port = policy.call("weight_sync_endpoint", len(nodes) == 1).result()
         world = 1 + rollout.world_size
-        joined = [policy.call("join_weight_sync", addr, port, world), rollout.call("join_weight_sync", addr, port, world)]
+        joined = [group.call("join_weight_sync", addr, port, world) for group in (policy, rollout)]
         for future in joined:
             future.result()
         self.version: Optional[int] = 0

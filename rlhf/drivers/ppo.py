@@ -88,7 +88,8 @@ class PPOTrainer:
         with timed(timings, "time/train"):
             train_began = time.time()
             stats = self.update(it, self.train_batch(exp, scored, advantages, returns, rollout))
-            self.phases.append({"role": "policy+critic" if self.roles.critic else "policy", "phase": "train", "batch": it, "start": train_began,
+            trained = "policy+critic" if self.roles.critic else "policy"
+            self.phases.append({"role": trained, "phase": "train", "batch": it, "start": train_began,
                                 "end": time.time()})
         if stats.pop("nonfinite"):
             return self.skipped(it, "train: a non-finite loss", timings)
