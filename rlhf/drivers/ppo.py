@@ -69,13 +69,10 @@ class PPOTrainer:
         with timed(timings, "time/generate"):  # with a rollout group one iteration ahead, the wait for it
             ready = self.source.take(it)
         rollout, exp, on_policy = ready.rollout, ready.exp, self.on_policy(len(rows))
-        with timed(timings, "time/score"):  # every role scores at once; nothing waits on what it does not need
-            score_began = time.time()
+        with timed(timings, "time/score", self.phases, "scorers", it):  # every role at once, none waits for another
             pending = ready.started | self.score(exp, on_policy, skip=ready.started)
             rollouts = self.rollouts([self.prompts[i] for i in rows], rollout)
             scored = {name: future.result() for name, future in pending.items()}
-            self.phases.append({"role": "scorers", "phase": "score", "batch": it, "start": score_began,
-                                "end": time.time()})
         reward, parts = self.rules.reward(scored.get("scores"), rollouts)
         if bad := nonfinite(reward=reward, **scored):
             return self.skipped(it, f"score: {bad}", timings)
@@ -85,12 +82,8 @@ class PPOTrainer:
         rewards = None if on_policy else pm.shape_rewards(norm, scored["old_logprobs"], scored["ref_logprobs"], mask,
                                                           self.kl_ctl.coef, p.kl_estimator, p.kl_clip or None)[0]
         advantages, returns = estimators.advantages(p, norm, rewards, scored.get("values"), mask)
-        with timed(timings, "time/train"):
-            train_began = time.time()
+        with timed(timings, "time/train", self.phases, "policy+critic" if self.roles.critic else "policy", it):
             stats = self.update(it, self.train_batch(exp, scored, advantages, returns, rollout))
-            trained = "policy+critic" if self.roles.critic else "policy"
-            self.phases.append({"role": trained, "phase": "train", "batch": it, "start": train_began,
-                                "end": time.time()})
         if stats.pop("nonfinite"):
             return self.skipped(it, "train: a non-finite loss", timings)
         logp = stats.pop("logprobs") if on_policy else scored["old_logprobs"]
@@ -268,10 +261,15 @@ class PPOTrainer:
 
 
 @contextlib.contextmanager
-def timed(timings: dict, name: str) -> Iterator[None]:
+def timed(timings: dict, name: str, phases: Optional[list] = None, role: str = "", batch: int = 0) -> Iterator[None]:
+    """The block's seconds as `timings[name]`; with `phases`, also its wall-clock span as `role`'s phase on `batch`
+    (`time/train` -> phase `train`) for timeline.jsonl."""
     began = time.time()
     yield
     timings[name] = time.time() - began
+    if phases is not None:
+        phases.append({"role": role, "phase": name.split("/")[-1], "batch": batch, "start": began,
+                       "end": began + timings[name]})
 
 
 def nonfinite(**tensors: Optional[torch.Tensor]) -> str:
