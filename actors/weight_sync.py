@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -62,20 +63,13 @@ def buckets(manifest: Manifest, bucket_mb: float) -> list[list[int]]:
     out: list[list[int]] = []
     size, dtype = 0.0, None
     for i, (_, shape, name) in enumerate(manifest):
-        nbytes = _numel(shape) * torch.empty(0, dtype=getattr(torch, name)).element_size()
+        nbytes = math.prod(shape) * getattr(torch, name).itemsize
         if not out or name != dtype or size + nbytes > limit:
             out.append([])
             size, dtype = 0.0, name
         out[-1].append(i)
         size += nbytes
     return out
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 # --- the policy's side ------------------------------------------------------------------------------------------
@@ -143,11 +137,11 @@ def receive(group: Any, manifest: Manifest, bucket_mb: float, device: Any) -> It
     """The named tensors of one sync, bucket by bucket as they arrive (views of each bucket's flat buffer)."""
     for index in buckets(manifest, bucket_mb):
         entries = [manifest[i] for i in index]
-        flat = torch.empty(sum(_numel(shape) for _, shape, _ in entries), dtype=getattr(torch, entries[0][2]),
+        flat = torch.empty(sum(math.prod(shape) for _, shape, _ in entries), dtype=getattr(torch, entries[0][2]),
                            device=device)
         broadcast(group, flat)
         at = 0
         for name, shape, _ in entries:
-            n = _numel(shape)
+            n = math.prod(shape)
             yield name, flat[at:at + n].view(shape)
             at += n
