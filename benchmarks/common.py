@@ -139,7 +139,7 @@ def workspace(args: argparse.Namespace, archs: Sequence[str], **sizes: Any) -> I
 def local_ray(num_cpus: int) -> Iterator[None]:
     """A local Ray for this script alone, shut down at the end (other drivers' clusters are left alone)."""
     import ray
-    ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="benchmarks", log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="benchmarks", log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}})
     try:
         yield

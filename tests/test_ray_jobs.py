@@ -54,7 +54,9 @@ def jobs_client():
     port = _free_port()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(parameter, "RayParams", AnyAgentPort)
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+        # address="local": with no address, ray.init joins the newest cluster recorded in /tmp/ray (a simulated
+        # cluster of a test on the other worker writes one there) and refuses num_cpus.
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  _node_ip_address="127.0.0.1", num_cpus=2, namespace="jobs-test")
     try:
         yield _wait("Ray dashboard", 90, lambda: JobSubmissionClient(f"http://127.0.0.1:{port}"))

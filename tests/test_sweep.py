@@ -21,8 +21,8 @@ def sweep_ray():
     if ray.is_initialized():
         ray.shutdown()
     # The state API (test 3) is served by the dashboard: on loopback, on a free port.
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=0, namespace="tests", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=0, namespace="tests", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
