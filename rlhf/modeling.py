@@ -398,7 +398,8 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
 @contextlib.contextmanager
 def atomic_directory(out_dir: str) -> Iterator[str]:
     """A temp directory to write a model into; on success it replaces out_dir, so readers see the old directory or
-    the complete new one, never half (two renames keep the window without a complete directory short). To an
+    the complete new one, never half (two renames keep the window without a complete directory short); when the
+    body raises, the temp directory goes and out_dir stays as it was. To an
     object-store URI (`rlhf.storage`) the directory is written locally, then uploaded in place of the old one (a run
     writes its final/ once, at its end)."""
     from rlhf import storage
@@ -413,7 +414,11 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves out_dir as it was, and nothing beside it
+        raise
     if os.path.exists(out_dir):
         aside = f"{out_dir}.old-{os.getpid()}"
         os.rename(out_dir, aside)

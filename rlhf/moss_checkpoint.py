@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import sys
 import zipfile
 from typing import TYPE_CHECKING, Any, Callable
@@ -57,14 +56,10 @@ def convert_moss_checkpoint(src: str, out: str) -> str:
     if tokenizer is None:
         print(f"convert: {src} has no tokenizer (vocab.json, merges.txt); writing the model only", file=sys.stderr)
     with atomic_directory(out) as tmp:
-        try:
-            # transformers 5 writes safetensors only; shards keep a 16B model in files of a manageable size.
-            model.save_pretrained(tmp, max_shard_size="5GB")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # atomic_directory leaves its temp directory on failure
-            raise
+        # transformers 5 writes safetensors only; shards keep a 16B model in files of a manageable size.
+        model.save_pretrained(tmp, max_shard_size="5GB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out
 
 

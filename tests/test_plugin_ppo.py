@@ -49,6 +49,27 @@ def test_the_sft_plugin_model_writes_well_formed_turns_around_a_scripted_tool(ti
     assert calls >= 12  # it learnt to call the calculator on arithmetic questions
 
 
+def test_grpo_with_the_answer_reward_raises_held_out_accuracy_over_the_sft_policy(tiny, plugin_sft, tmp_path):
+    """The SFT policy calls the calculator but answers with its result only part of the time; GRPO with the
+    verifiable answer reward alone (no preference model, no critic) must learn to trust the Results: the
+    fraction of correct final answers on the 142 held-out expressions rises, with the KL to the SFT policy bounded.
+    In one process: the same workers and numbers as on Ray, without four rank processes to start."""
+    out = tmp_path / "answer-ppo"
+    assert run_cli("ppo", "--config", "configs/tiny/plugin_ppo.yaml", "--policy", plugin_sft, "--prompts",
+                   tiny["plugin_prompts"], "--set", f"data.eval={tiny['plugin_prompts_eval']}",
+                   "--set", "logging.progress=false", "--set", "ray.in_process=true", "--output", out) == 0
+    metrics = read_metrics(f"{out}/metrics.jsonl")
+    evals = {m["step"]: m["eval/answer_accuracy"] for m in metrics if "eval/answer_accuracy" in m}
+    assert sorted(evals) == [0, 16]
+    assert evals[16] >= evals[0] + 0.1, evals
+    rewards = [m["reward/answer"] for m in metrics if "reward/answer" in m]
+    assert sum(rewards[-4:]) / 4 >= sum(rewards[:4]) / 4 + 0.1, rewards
+    kls = [m["ppo/kl"] for m in metrics if "ppo/kl" in m]
+    assert max(kls) < 4.0, kls
+    with open(out / "placement.json") as f:
+        assert sorted(json.load(f)) == ["policy", "reference"]
+
+
 def test_plugin_rollouts_with_verifiable_rewards_and_the_preference_model(tiny, plugin_sft, rm_run, tmp_path):
     """The plugin policy rolls out through the tools on its own ranks; the reward is the preference model's score
     plus the answer and command rules, each logged apart; held-out answers are checked before and after. The
@@ -71,24 +92,3 @@ def test_plugin_rollouts_with_verifiable_rewards_and_the_preference_model(tiny, 
     assert [m["step"] for m in evals] == [0, 2]
     with open(out / "placement.json") as f:
         assert sorted(json.load(f)) == ["policy", "reference", "reward"]  # GRPO: no critic
-
-
-def test_grpo_with_the_answer_reward_raises_held_out_accuracy_over_the_sft_policy(tiny, plugin_sft, tmp_path):
-    """The SFT policy calls the calculator but answers with its result only part of the time; GRPO with the
-    verifiable answer reward alone (no preference model, no critic) must learn to trust the Results: the
-    fraction of correct final answers on the 142 held-out expressions rises, with the KL to the SFT policy bounded.
-    In one process: the same workers and numbers as on Ray, without four rank processes to start."""
-    out = tmp_path / "answer-ppo"
-    assert run_cli("ppo", "--config", "configs/tiny/plugin_ppo.yaml", "--policy", plugin_sft, "--prompts",
-                   tiny["plugin_prompts"], "--set", f"data.eval={tiny['plugin_prompts_eval']}",
-                   "--set", "logging.progress=false", "--set", "ray.in_process=true", "--output", out) == 0
-    metrics = read_metrics(f"{out}/metrics.jsonl")
-    evals = {m["step"]: m["eval/answer_accuracy"] for m in metrics if "eval/answer_accuracy" in m}
-    assert sorted(evals) == [0, 16]
-    assert evals[16] >= evals[0] + 0.1, evals
-    rewards = [m["reward/answer"] for m in metrics if "reward/answer" in m]
-    assert sum(rewards[-4:]) / 4 >= sum(rewards[:4]) / 4 + 0.1, rewards
-    kls = [m["ppo/kl"] for m in metrics if "ppo/kl" in m]
-    assert max(kls) < 4.0, kls
-    with open(out / "placement.json") as f:
-        assert sorted(json.load(f)) == ["policy", "reference"]

@@ -299,8 +299,9 @@ def test_lora_members_on_two_ranks_score_as_one_process_does_and_feed_the_margin
     assert [table[k].mean for k in keys] == pytest.approx(mean.tolist(), abs=1e-4)
     assert [table[k].std for k in keys] == pytest.approx(std.tolist(), abs=1e-4)
 
-    # The adaptive margin through LoRA ranks: every pair kept, each with its strength as margin, logged at step 0.
-    assert run_cli("rm", "--config", CONFIG, "--model", model, "--data", data, *quick,
+    # The adaptive margin on a LoRA model: every pair kept, each with its strength as margin, logged at step 0 (in
+    # this process: the rule is the driver's; test_rules_reach_the_loss_as_pairs_and_per_pair_margins has the loss).
+    assert run_cli("rm", "--config", CONFIG, "--model", model, "--data", data, *quick, "--set", "ray.in_process=true",
                    "--set", f"rm.preference_strength={out}/strength.jsonl", "--set", "rm.weak_pairs=margin",
                    "--output", tmp_path / "margin") == 0
     logged = read_metrics(f"{tmp_path}/margin/metrics.jsonl")

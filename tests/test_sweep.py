@@ -1,10 +1,9 @@
-"""`rlhf sweep` on a local Ray: tiny RM, PPO and SFT runs as Tune trials, each in its own placement group."""
+"""`rlhf sweep` on the tests' shared local Ray: tiny RM and PPO runs as Tune trials, each in its own placement group
+(a trial's ranks seen inside its placement group through the state API: tests/test_dashboard.py)."""
 from __future__ import annotations
 
 import csv
 import os
-import threading
-import time
 
 import pytest
 import yaml
@@ -13,18 +12,6 @@ from conftest import run_cli
 from rlhf.config import load_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sweep_ray():
-    import ray
-    if ray.is_initialized():
-        ray.shutdown()
-    # The state API (test 3) is served by the dashboard: on loopback, on a free port.
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=0, namespace="tests", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def write_spec(tmp_path, **spec) -> str:
@@ -41,7 +28,7 @@ def summary(output: str) -> list[dict]:
 ONE_RANK = ["layout.gpus_per_node=1", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_every=1"]
 
 
-def test_rm_grid_sweep_writes_a_best_config_that_loads(tiny, sweep_ray, tmp_path, capsys):
+def test_rm_grid_sweep_writes_a_best_config_that_loads(tiny, tmp_path, capsys):
     spec = write_spec(tmp_path, command="rm", base_config="configs/tiny/rm.yaml",
                       args={"model": tiny["base"], "data": tiny["prefs_train"]},
                       overrides=[f"data.eval={tiny['prefs_eval']}", "train.max_steps=2", "train.eval_every=2",
@@ -71,7 +58,7 @@ def test_rm_grid_sweep_writes_a_best_config_that_loads(tiny, sweep_ray, tmp_path
     assert run_cli("sweep", "--config", spec, "--output", out) == 2  # refuses to overwrite without --resume
 
 
-def test_asha_stops_the_weaker_ppo_trial_early(tiny, sweep_ray, tmp_path):
+def test_asha_stops_the_weaker_ppo_trial_early(tiny, tmp_path):
     # The metric is the KL coefficient itself, so which trial is weaker is known and the test does not rest on luck;
     # one trial at a time so the strong one sets the rung first. Each trial is a LoRA policy that is its own
     # reference, rewarded by a rule: one role group, so the trials are quick to start.
@@ -91,31 +78,3 @@ def test_asha_stops_the_weaker_ppo_trial_early(tiny, sweep_ray, tmp_path):
     assert steps[0.1] == 3  # ran every iteration
     assert steps[0.01] < 3  # stopped at the first rung
     assert load_config("ppo", f"{out}/best_config.yaml").ppo.kl_coef == pytest.approx(0.1)
-
-
-def test_trials_and_their_role_groups_show_in_the_ray_state_api(tiny, sweep_ray, tmp_path):
-    from ray.util.state import list_actors
-    from rlhf.drivers.sweep import run_sweep
-    spec = write_spec(tmp_path, command="sft", base_config="configs/tiny/sft.yaml",
-                      args={"model": tiny["base"], "data": tiny["sft_train"]},
-                      overrides=["train.max_steps=3", "deepspeed.zero_stage=0", *ONE_RANK],
-                      search={"optim.lr": {"type": "choice", "values": [1.0e-3]}},
-                      metric="train/loss", mode="min")
-    out = str(tmp_path / "sweep")
-    result: dict = {}
-    sweep = threading.Thread(target=lambda: result.update(rc=run_sweep(spec, [], False, out)))
-    sweep.start()
-    # Actors of the earlier tests may still be on their way out: look for a trial and a rank sharing one group.
-    pairs: list = []
-    while sweep.is_alive() and not pairs:
-        alive = list_actors(address=sweep_ray, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-        trials = [a for a in alive if a.class_name.endswith("ImplicitFunc")]  # Tune's function-trainable actor
-        workers = [a for a in alive if a.class_name == "SFTWorker"]
-        pairs = [(t, w) for t in trials for w in workers if w.placement_group_id == t.placement_group_id]
-        time.sleep(0.5)
-    sweep.join(timeout=300)
-    assert result.get("rc") == 0
-    # The SFT rank ran inside the trial's placement group, not in one of its own.
-    assert pairs, "no trial actor with its SFT rank in its placement group was seen while the sweep ran"
-    assert pairs[0][0].placement_group_id is not None
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from rlhf.data import DataFileError
-from rlhf.modeling import (LORA_TARGETS, PRESETS, ModelLoadError, apply_lora, init_model, load_causal_lm,
-                           load_tokenizer, run_init_model, save_pretrained_atomic)
+from rlhf.modeling import (LORA_TARGETS, PRESETS, ModelLoadError, apply_lora, atomic_directory, init_model,
+                           load_causal_lm, load_tokenizer, run_init_model, save_pretrained_atomic)
 from rlhf.moss import PAD, SPECIAL_TOKENS
 from rlhf.sample import write_sample
 from rlhf.tokenizer import run_tokenizer, texts_from_files, train_tokenizer
@@ -177,3 +178,15 @@ def test_lora_saves_adapter_and_merged_model(arch, model_dirs, tmp_path):
     # Only the attention projections carry adapters (GPT-NeoX's `dense` must not catch the MLP's dense_h_to_4h).
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in policy.named_parameters() if "lora_A" in name}
     assert adapted == set(LORA_TARGETS[arch])
+
+
+def test_a_write_that_fails_leaves_the_old_directory_and_no_temp_beside_it(tmp_path):
+    out = tmp_path / "final"
+    with atomic_directory(str(out)) as tmp:
+        (Path(tmp) / "model.txt").write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_directory(str(out)) as tmp:
+            (Path(tmp) / "model.txt").write_text("half")
+            raise OSError("disk full")
+    assert (out / "model.txt").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["final"]
