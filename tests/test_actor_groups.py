@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actors.group import RayBackend
+from actors.local import LocalBackend
 from actors.lm import SFTWorker
 from actors.rank import RankSpec
 from rlhf.batching import collate_sft
@@ -44,7 +45,8 @@ def _group(tiny, ranks: int, zero: int, micro: int, global_batch: int = 16, lr: 
                                     f"train.global_batch_size={global_batch}", f"optim.lr={lr}"])
     spec = RankSpec(tiny["base"], cfg.role(), cfg.model, cfg.seed, trainable=True,
                     grad_accum=global_batch // (micro * ranks), total_steps=100)
-    return _Started(RayBackend(cfg.ray).start({"sft": (SFTWorker, spec)}))
+    backend = RayBackend(cfg.ray) if ranks > 1 else LocalBackend()  # one rank: in this process, no rank to start
+    return _Started(backend.start({"sft": (SFTWorker, spec)}))
 
 
 def _train(group, batch, steps: int) -> list[float]:
@@ -71,7 +73,8 @@ def test_two_ranks_learn_and_stay_identical(tiny, local_ray):
 
 
 def test_gradient_is_the_global_batch_mean_whatever_the_split(tiny, local_ray):
-    """The same 16 dialogues give the same gradient on 1 rank x 4 micro-batches and 2 ranks x 1 micro-batch."""
+    """The same 16 dialogues give the same gradient on 1 rank x 4 micro-batches (in this process) and 2 ranks x 1
+    micro-batch (on Ray)."""
     batch = _batch(tiny)
     norms = []
     for ranks, micro in ((1, 4), (2, 8)):

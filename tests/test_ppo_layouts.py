@@ -41,9 +41,12 @@ def test_roles_are_placed_as_configured_on_a_simulated_cluster(tiny, sft_run, rm
 
 
 def test_zero3_policy_on_two_ranks_generates_in_lockstep_and_trains(tiny, sft_run, rm_run, tmp_path):
-    """ZeRO-3 partitions the policy over two ranks; generation without gathering steps both ranks together."""
+    """ZeRO-3 partitions the policy over two ranks; generation without gathering steps both ranks together. A rule
+    reward, so no preference-model group starts (the critic starts from the policy)."""
     out = tmp_path / "ppo"
     assert _ppo(tiny, sft_run, rm_run, out, *SMALL, "--set", "data.eval=", "--set", "ppo.iterations=2",
+                "--set", "ppo.reward_model_weight=0", "--set", "ppo.reward_rules.sample=1.0",
+                "--set", "ppo.critic_init=policy",
                 "--set", "roles.policy.layout.gpus_per_node=2", "--set", "roles.policy.deepspeed.zero_stage=3",
                 "--set", "roles.policy.deepspeed.gather_for_generation=false",
                 "--set", "roles.critic.deepspeed.zero_stage=3") == 0
