@@ -65,6 +65,10 @@ def tiny(tmp_path_factory) -> dict:
     return {"root": str(root), "tokenizer": str(root / "tok"), "base": str(root / "base"), **paths}
 
 
+NO_DASHBOARD = {"include_dashboard": False}
+"""For a simulated node: no dashboard and no dashboard agent, a third of a node's start-up, which no test here reads."""
+
+
 @contextlib.contextmanager
 def simulated_cluster(nodes: int, cpus: int, gpus: int):
     """`nodes` Ray nodes on this machine, each declaring GPUs that have no CUDA behind them."""
@@ -72,9 +76,9 @@ def simulated_cluster(nodes: int, cpus: int, gpus: int):
     from ray.cluster_utils import Cluster
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "num_gpus": gpus})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "num_gpus": gpus, **NO_DASHBOARD})
     for _ in range(nodes - 1):
-        cluster.add_node(num_cpus=cpus, num_gpus=gpus)
+        cluster.add_node(num_cpus=cpus, num_gpus=gpus, **NO_DASHBOARD)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import run_cli
+from conftest import NO_DASHBOARD, run_cli
 from rlhf.checkpoint import CheckpointManager, read_meta
 from rlhf.metrics import read_metrics
 
@@ -24,8 +24,8 @@ def cluster():
     from ray.cluster_utils import Cluster
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **NO_DASHBOARD})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1, **NO_DASHBOARD) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
@@ -71,7 +71,7 @@ def test_a_lost_node_stops_the_run_in_one_line_and_resume_finishes_once_the_node
         last.endswith(" --resume"), last
     assert "waiting up to 2 s for the cluster to grow: the Ray cluster has 1 GPU in all" in stdout
 
-    cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.add_node(num_cpus=2, num_gpus=1, **NO_DASHBOARD)
     cluster.wait_for_nodes()
     assert run_cli(*args, "--resume") == 0
     assert [m["step"] for m in read_metrics(str(out / "metrics.jsonl")) if "ppo/reward_raw" in m] == [1, 2, 3, 4]
