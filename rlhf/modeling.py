@@ -399,9 +399,8 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor] | None:
 def atomic_directory(out_dir: str) -> Iterator[str]:
     """A temp directory to write a model into; on success it replaces out_dir, so readers see the old directory or
     the complete new one, never half (two renames keep the window without a complete directory short); when the
-    body raises, the temp directory goes and out_dir stays as it was. To an
-    object-store URI (`rlhf.storage`) the directory is written locally, then uploaded in place of the old one (a run
-    writes its final/ once, at its end)."""
+    body raises, the temp directory goes and out_dir stays as it was. To an object-store URI (`rlhf.storage`) the
+    directory is written locally, then uploaded in place of the old one (a run writes its final/ once, at its end)."""
     from rlhf import storage
     if storage.is_uri(out_dir):
         with tempfile.TemporaryDirectory(prefix="rlhf-final-") as local:
