@@ -21,6 +21,16 @@ from actors.engine import Engine
 from rlhf.config import ModelConfig, PluginsConfig, RoleConfig
 
 
+def skip_shm_comm_build() -> None:
+    """Tell DeepSpeed its CPU shared-memory all-reduce op is unavailable, so its communication backend does not
+    compile it. That op serves only `inference_all_reduce` (DeepSpeed's tensor-parallel inference), which no role
+    here calls; every collective of ours goes through gloo. Built just in time, it costs a fresh machine (a new
+    virtual environment, CI) about 40 s of both cores at the first rank's start. DeepSpeed keeps its probe of
+    compatible ops as one module-level dict so that edits to it hold."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 @dataclass(frozen=True)
 class RankSpec:
     """Everything a rank needs to build itself, the same for every rank of the group."""
@@ -85,6 +95,8 @@ class RankWorker:
         """Join the group's torch.distributed group, then build the model and its engine (the only place state
         is made)."""
         import torch.distributed as dist
+        if not self.cuda:
+            skip_shm_comm_build()
         if not dist.is_initialized():
             os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(self.rank),
                               WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")

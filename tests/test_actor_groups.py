@@ -83,6 +83,9 @@ def test_gradient_is_the_global_batch_mean_whatever_the_split(tiny, local_ray):
             tokens = int(batch["loss_mask"][:, 1:].sum())
             out = group.call("train_step", batch, tokens)
             norms.append(out["grad_norm"])
+            if ranks == 1:  # this process's rank: its DeepSpeed backend compiled no shared-memory op (a CPU rank)
+                from deepspeed.comm import comm
+                assert comm.cdb is not None and comm.cdb.shm_comm_op is None
         finally:
             group.shutdown()
     assert norms[0] == pytest.approx(norms[1], rel=1e-4), norms
