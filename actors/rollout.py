@@ -20,7 +20,7 @@ import torch
 
 from actors.dispatch import dispatch, padded_rows
 from actors.lm import CausalLMWorker
-from rlhf.batching import Batch, experience
+from rlhf.batching import Batch
 
 
 class RolloutEngine(Protocol):
@@ -38,21 +38,19 @@ class EngineAsleep(RuntimeError):
 
 
 class HFRolloutEngine:
-    """A transformers model that samples (`sample`) and then scores what it sampled with one forward pass of the
-    same weights (`score`): the behaviour log-probs the policy's importance weights are taken against."""
+    """A transformers model that samples (`sample`) and returns, with what it sampled, each token's log-prob as the
+    passes that sampled it computed it (`rlhf.generation.SampledLogprobs`): the behaviour log-probs the policy's
+    importance weights are taken against, with no second pass over the replies."""
 
-    def __init__(self, model: torch.nn.Module, sample: Callable[[Batch, Any], Batch],
-                 score: Callable[[Batch], torch.Tensor]):
-        self.model, self.sample, self.score = model, sample, score
+    def __init__(self, model: torch.nn.Module, sample: Callable[[Batch, Any], Batch]):
+        self.model, self.sample = model, sample
         self.version: Optional[int] = 0  # built from the policy's starting checkpoint
         self.shapes: dict[str, torch.Size] = {}
 
     def generate(self, prompts: Batch, sampling: Any) -> Batch:
         if self.version is None:
             raise EngineAsleep("the rollout engine holds no weights (asleep, or woken and not synced yet)")
-        out = self.sample(prompts, sampling)
-        out["logprobs"] = self.score(experience(prompts, out))
-        return out
+        return self.sample(prompts, sampling)
 
     def update_weights(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.model.named_parameters())
@@ -86,7 +84,8 @@ class RolloutWorker(CausalLMWorker):
     def build(self) -> torch.nn.Module:
         model = super().build()
         self.sync: Any = None
-        self.rollout = HFRolloutEngine(model, self._sample, self._logprobs)
+        self.rollout = HFRolloutEngine(model, lambda prompts, sampling: self._sample(prompts, sampling,
+                                                                                    with_logprobs=True))
         return model
 
     @dispatch(split={"prompts": padded_rows}, reduce="concat")

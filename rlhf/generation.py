@@ -36,18 +36,50 @@ def _generate_kwargs(gen: dict, eos_ids: list[int], pad_id: int, synced: bool) -
     return kwargs
 
 
+class SampledLogprobs:
+    """The log-prob of every token `generate` samples, read off the forward passes that sampled it (no second pass).
+
+    A forward hook keeps the last step's log-softmax over the model's raw logits (before any penalty, temperature
+    or top-k/top-p: the distribution the trainer scores, `actors.lm`'s log-probs) until the next step's input, the
+    token sampled from it, picks one entry; `finish` picks the last token's. Only one step's [b, V] is held.
+    """
+
+    def __init__(self, model: Any):
+        self.steps: list[torch.Tensor] = []
+        self.last: torch.Tensor | None = None
+        self.handle = model.register_forward_hook(self._step, with_kwargs=True)
+
+    def _step(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.last is not None:  # every pass after the prompt's is fed the token sampled from the last one
+            fed = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+            self.steps.append(self.last.gather(1, fed[:, -1:].to(self.last.device)).squeeze(1))
+        self.last = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+
+    def finish(self, new: torch.Tensor) -> torch.Tensor:
+        """[b, n] log-probs of the n tokens `new` [b, n] that generate wrote (on the CPU)."""
+        self.handle.remove()
+        if self.last is not None and new.shape[1]:
+            self.steps.append(self.last.gather(1, new[:, -1:].to(self.last.device)).squeeze(1))
+        if len(self.steps) != new.shape[1]:
+            raise RuntimeError(f"generate ran {len(self.steps)} sampling passes for {new.shape[1]} new tokens; the "
+                               "log-probs of sampled tokens assume one forward pass per token after the prompt's")
+        return torch.stack(self.steps, 1).cpu() if self.steps else torch.zeros(new.shape)
+
+
 def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: dict, eos_ids: list[int],
-            pad_id: int, device: Any, synced: bool,
-            micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            pad_id: int, device: Any, synced: bool, micro_batch: int,
+            with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Generate after left-padded prompts in micro-batches.
 
     Returns the new tokens [b, max_new_tokens] right-padded with pad_id, the written length of each row
-    (up to and including the first stop token) [b], and the stop token of each row, -1 when none [b].
+    (up to and including the first stop token) [b], the stop token of each row, -1 when none [b], and with
+    `with_logprobs` the log-prob of each written token under the model that sampled it [b, max_new_tokens] (0 after
+    the written length; else None).
     """
     width = int(gen["max_new_tokens"])
     kwargs = _generate_kwargs(gen, eos_ids, pad_id, synced)
     stops = torch.tensor(eos_ids, dtype=torch.long)
-    tokens, lengths, stop_tokens = [], [], []
+    tokens, lengths, stop_tokens, logprobs = [], [], [], []
     was_training = getattr(model, "training", False)
     model.eval()  # no dropout while sampling, whatever mode the trainer left the model in
     try:
@@ -55,7 +87,12 @@ def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, g
             for start in range(0, input_ids.shape[0], micro_batch):
                 ids = input_ids[start:start + micro_batch]
                 mask = attention_mask[start:start + micro_batch]
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                recorder = SampledLogprobs(model) if with_logprobs else None
+                try:
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                finally:
+                    if recorder is not None:
+                        recorder.handle.remove()
                 new = out[:, ids.shape[1]:].cpu()  # [mb, <= max_new_tokens]
                 is_stop = torch.isin(new, stops)
                 stopped = is_stop.any(dim=1)
@@ -65,28 +102,34 @@ def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, g
                 # After a stop token HF pads, but with synced ranks it may keep writing; only the reply counts.
                 new = torch.where(written, new, torch.full_like(new, pad_id))
                 tokens.append(pad(new.tolist(), pad_id, length=width) if new.shape[1] < width else new)
+                if recorder is not None:
+                    logp = torch.zeros(new.shape[0], width)
+                    logp[:, :new.shape[1]] = torch.where(written, recorder.finish(out[:, ids.shape[1]:]), 0.0)
+                    logprobs.append(logp)
                 lengths.append(length)
                 stop_tokens.append(torch.where(stopped, new.gather(1, first.unsqueeze(1)).squeeze(1),
                                                torch.full_like(first, -1)))
     finally:
         model.train(was_training)
-    return torch.cat(tokens), torch.cat(lengths), torch.cat(stop_tokens)
+    return torch.cat(tokens), torch.cat(lengths), torch.cat(stop_tokens), torch.cat(logprobs) if logprobs else None
 
 
 def generate_replies(model: Any, prompts: dict, gen: dict, eom_id: int, pad_id: int, device: Any,
-                     synced: bool = False, micro_batch: int = 64) -> dict:
+                     synced: bool = False, micro_batch: int = 64, with_logprobs: bool = False) -> dict:
     """Sample one reply per left-padded prompt, stopping at `<eom>`.
 
     prompts: input_ids / attention_mask [b, P]. synced: ZeRO-3 ranks step together (HF synced_gpus).
     Returns CPU tensors response_ids [b, R] (R = max_new_tokens, right-padded), action_mask [b, R] (1 up to
     and including the first <eom>), response_mask [b, R] (what the scoring models attend to; here the same as
-    action_mask), ended [b] (1.0 when the reply reached <eom>).
+    action_mask), ended [b] (1.0 when the reply reached <eom>), and with `with_logprobs` logprobs [b, R] (each
+    written token's log-prob under the model that sampled it, 0 elsewhere).
     """
-    response, length, stop = _sample(model, prompts["input_ids"], prompts["attention_mask"], gen, [eom_id],
-                                      pad_id, device, synced, micro_batch)
+    response, length, stop, logprobs = _sample(model, prompts["input_ids"], prompts["attention_mask"], gen, [eom_id],
+                                                pad_id, device, synced, micro_batch, with_logprobs)
     action_mask = (torch.arange(response.shape[1]).unsqueeze(0) < length.unsqueeze(1)).long()
-    return {"response_ids": response, "action_mask": action_mask, "response_mask": action_mask.clone(),
-            "ended": (stop == eom_id).float()}
+    out = {"response_ids": response, "action_mask": action_mask, "response_mask": action_mask.clone(),
+           "ended": (stop == eom_id).float()}
+    return out | ({"logprobs": logprobs} if with_logprobs else {})
 
 
 # --- how long replies run ----------------------------------------------------------------------------------
@@ -167,14 +210,15 @@ def results_ids(tokenizer: Any, results: str, max_tokens: int) -> tuple[list[int
 
 def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict, tools: ToolRegistry,
                             device: Any, synced: bool = False, micro_batch: int = 64,
-                            max_results_tokens: int = 64) -> tuple[dict, list[dict]]:
+                            max_results_tokens: int = 64, with_logprobs: bool = False) -> tuple[dict, list[dict]]:
     """MOSS-003 plugin rollout in two passes.
 
     Pass 1 writes Inner Thoughts and Commands up to `<eoc>` (or a reply up to `<eom>`); the program runs the
     commands and appends the Results segment as context; pass 2 continues every such row to `<eom>`.
     Returns ({response_ids, action_mask, response_mask [b, W], ended [b]} with W = 2 * max_new_tokens +
     max_results_tokens; action_mask is 0 on Results and padding, response_mask 0 on padding only, since every
-    later forward pass must see the Results the second pass was written after) and one {"commands", "results"}
+    later forward pass must see the Results the second pass was written after; with `with_logprobs` also logprobs
+    [b, W], the model's log-prob of each token it wrote, 0 on Results and padding) and one {"commands", "results"}
     dict per row ("" without a call).
     """
     eoc_id, eom_id, pad_id = _single_id(tokenizer, EOC), _single_id(tokenizer, EOM), tokenizer.pad_token_id
@@ -182,17 +226,19 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
     if max_results_tokens < floor:
         raise ValueError(f"max_results_tokens {max_results_tokens} cannot hold even an empty Results segment "
                          f"({floor} tokens); raise it")
-    first, length, stop = _sample(model, prompts["input_ids"], prompts["attention_mask"], gen, [eoc_id, eom_id],
-                                  pad_id, device, synced, micro_batch)
+    first, length, stop, logp1 = _sample(model, prompts["input_ids"], prompts["attention_mask"], gen,
+                                         [eoc_id, eom_id], pad_id, device, synced, micro_batch, with_logprobs)
     rows = prompts["input_ids"].shape[0]
     responses: list[list[int]] = []
     masks: list[list[int]] = []
+    logps: list[list[float]] = []
     infos: list[dict] = []
     ended = (stop == eom_id).float()
     for i in range(rows):
         written = first[i, :length[i]].tolist()
         responses.append(written)
         masks.append([1] * len(written))
+        logps.append(logp1[i, :length[i]].tolist() if with_logprobs else [])
         if stop[i] != eoc_id:
             infos.append({"commands": "", "results": ""})
             continue
@@ -200,6 +246,7 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
         context, seen = results_ids(tokenizer, tools.run_commands(commands), max_results_tokens)
         responses[i] += context
         masks[i] += [0] * len(context)
+        logps[i] += [0.0] * len(context) if with_logprobs else []
         infos.append({"commands": commands, "results": seen})
 
     going_on = [i for i in range(rows) if stop[i] == eoc_id]
@@ -209,19 +256,22 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
     if second_rows:
         prompt_ids = [prompts["input_ids"][i][prompts["attention_mask"][i].bool()].tolist() for i in second_rows]
         batch = collate_prompts([p + responses[i] for p, i in zip(prompt_ids, second_rows)], pad_id)
-        second, length2, stop2 = _sample(model, batch["input_ids"], batch["attention_mask"], gen, [eom_id],
-                                         pad_id, device, synced, micro_batch)
+        second, length2, stop2, logp2 = _sample(model, batch["input_ids"], batch["attention_mask"], gen, [eom_id],
+                                                pad_id, device, synced, micro_batch, with_logprobs)
         continuing = set(going_on)
         for j, i in enumerate(second_rows):
             if i in continuing:
                 written = second[j, :length2[j]].tolist()
                 responses[i] += written
                 masks[i] += [1] * len(written)
+                logps[i] += logp2[j, :length2[j]].tolist() if with_logprobs else []
                 ended[i] = float(stop2[j] == eom_id)
 
     width = 2 * int(gen["max_new_tokens"]) + max_results_tokens
     batch_out = {"response_ids": pad(responses, pad_id, length=width), "action_mask": pad(masks, 0, length=width),
                  "response_mask": pad([[1] * len(r) for r in responses], 0, length=width), "ended": ended}
+    if with_logprobs:
+        batch_out["logprobs"] = torch.tensor([row + [0.0] * (width - len(row)) for row in logps])
     return batch_out, infos
 
 

@@ -243,3 +243,60 @@ def test_a_cap_below_the_datas_replies_is_named_and_auto_covers_them(tiny, capsy
     assert capsys.readouterr().out == ""
     with pytest.raises(SystemExit, match="auto needs generation.lengths_from"):
         fit_generation_cap(auto, tok, "", "generate")
+
+
+# --- the log-probs of what was sampled, from the passes that sampled it ---------------------------------------
+
+
+def _forward_logprobs(policy, prompts, out):
+    """The trainer's log-probs of each reply token: one forward pass over prompt + reply."""
+    from rlhf.batching import position_ids
+    from rlhf.ppo_math import logprobs_from_logits
+    seq = torch.cat([prompts["input_ids"], out["response_ids"]], 1)
+    mask = torch.cat([prompts["attention_mask"], out["response_mask"]], 1)
+    with torch.no_grad():
+        logits = policy["model"](input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+    width = out["response_ids"].shape[1]
+    return logprobs_from_logits(logits[:, -width - 1:-1], out["response_ids"])
+
+
+def test_the_log_probs_recorded_while_sampling_are_the_forward_passes(policy):
+    """With left-padded prompts in two micro-batches, a temperature, top-p and a repetition penalty (which change
+    what is sampled, not the raw distribution the trainer scores): each written token's recorded log-prob is the one
+    a forward pass over prompt + reply gives, 0 after the reply; and recording changes no token."""
+    batch = _batch(policy, policy["prompts"][:6])
+    gen = _gen(temperature=0.7, top_p=0.9, repetition_penalty=1.3)
+    torch.manual_seed(3)
+    out = generate_replies(policy["model"], batch, gen, policy["eom"], policy["pad"], "cpu", micro_batch=4,
+                           with_logprobs=True)
+    torch.manual_seed(3)
+    plain = generate_replies(policy["model"], batch, gen, policy["eom"], policy["pad"], "cpu", micro_batch=4)
+    assert torch.equal(out["response_ids"], plain["response_ids"]) and "logprobs" not in plain
+    seen = out["action_mask"].bool()
+    assert seen.sum() > 12 and (out["logprobs"][~seen] == 0).all()
+    torch.testing.assert_close(out["logprobs"][seen], _forward_logprobs(policy, batch, out)[seen], atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_plugin_rollout_log_probs_skip_the_results_and_match_the_forward_pass(policy):
+    """<eoc> made likely, so rows stop for a command and are continued after their Results: the recorded log-probs
+    of both passes are the forward pass's over the whole turn, Results included as context, and 0 on the Results."""
+    from rlhf.moss import EOC
+    tok, model = policy["tokenizer"], policy["model"]
+    batch = _batch(policy, policy["prompts"][:4])
+    bias = model.lm_head.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias[tok.convert_tokens_to_ids(EOC)] += 4.0
+    try:
+        torch.manual_seed(0)
+        out, _ = generate_plugin_replies(model, tok, batch, _gen(max_new_tokens=6), default_registry(), "cpu",
+                                         max_results_tokens=16, with_logprobs=True)
+        expected = _forward_logprobs(policy, batch, out)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    written, context = out["action_mask"].bool(), out["response_mask"].bool() & ~out["action_mask"].bool()
+    assert context.any() and written[:, 6:].any()  # some row was continued after its Results
+    assert (out["logprobs"][~written] == 0).all()
+    torch.testing.assert_close(out["logprobs"][written], expected[written], atol=1e-4, rtol=1e-4)
