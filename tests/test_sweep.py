@@ -1,5 +1,7 @@
-"""`rlhf sweep` on the tests' shared local Ray: tiny RM and PPO runs as Tune trials, each in its own placement group
-(a trial's ranks seen inside its placement group through the state API: tests/test_dashboard.py)."""
+"""`rlhf sweep` on the tests' shared local Ray: tiny RM and PPO runs as Tune trials, each in its own placement group,
+each trial's one rank in its controller's process (`ray.in_process`: what is tested here is Tune's side). Trials whose
+ranks are Ray actors, seen inside their placement group through the state API: tests/test_dashboard.py; PBT on an
+object store: tests/test_storage.py."""
 from __future__ import annotations
 
 import csv
@@ -25,7 +27,8 @@ def summary(output: str) -> list[dict]:
         return list(csv.DictReader(f, delimiter="\t"))
 
 
-ONE_RANK = ["layout.gpus_per_node=1", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_every=1"]
+ONE_RANK = ["layout.gpus_per_node=1", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_every=1",
+            "ray.in_process=true"]
 
 
 def test_rm_grid_sweep_writes_a_best_config_that_loads(tiny, tmp_path, capsys):
@@ -68,7 +71,7 @@ def test_asha_stops_the_weaker_ppo_trial_early(tiny, tmp_path):
                                  "ppo.ppo_epochs=1", "ppo.estimator=grpo", "ppo.samples_per_prompt=2",
                                  "ppo.reward_model_weight=0", "ppo.reward_rules.sample=1.0",
                                  "roles.policy.lora.enabled=true", "generation.max_new_tokens=8",
-                                 "roles.policy.micro_batch_size=8", "train.save_every=0"],
+                                 "roles.policy.micro_batch_size=8", "train.save_every=0", "ray.in_process=true"],
                       search={"ppo.kl_coef": {"type": "grid", "values": [0.1, 0.01]}},
                       metric="ppo/kl_coef", mode="max", max_concurrent_trials=1,
                       scheduler={"type": "asha", "max_t": 3, "grace_period": 1, "reduction_factor": 2})
