@@ -7,6 +7,7 @@ from typing import Any
 
 import ray
 
+from actors import faults
 from rlhf import storage
 from rlhf.config import RayConfig
 
@@ -20,7 +21,10 @@ def ensure_ray(cfg: RayConfig, cpus_needed: float) -> bool:
     if address:
         # Ranks on other nodes do not inherit this process's environment: give them the object-store settings of
         # an --output URI (a local Ray's workers inherit them). Those a submitted job already sets are its own.
-        env["env_vars"] |= {k: v for k, v in storage.environment().items() if k not in _job_env_vars()}
+        # The fault tests' hook too (actors/faults.py), so it reaches the job's actors, a sweep's trial controllers
+        # among them (unset outside tests).
+        env["env_vars"] |= {k: v for k, v in (storage.environment() | faults.runtime_env().get("env_vars", {})).items()
+                            if k not in _job_env_vars()}
         ray.init(address=address, namespace=cfg.namespace, runtime_env=env, log_to_driver=True)
         return True
     # Logical CPUs, not cores: roles that mostly wait (reference, reward) may share a core on a small machine.

@@ -72,3 +72,38 @@ def test_a_learning_rate_changed_for_the_resume_is_the_one_the_restored_optimize
     assert run_cli(*common, "--set", "train.max_steps=4", "--set", "optim.lr=5e-4", "--resume") == 0
     lrs = {m["step"]: m["train/lr"] for m in read_metrics(f"{tmp_path}/sft/metrics.jsonl") if "train/lr" in m}
     assert lrs[1] == pytest.approx(1e-3) and lrs[3] == pytest.approx(5e-4) and lrs[4] == pytest.approx(5e-4)
+
+
+def test_a_sweep_trial_whose_controller_dies_starts_again_from_its_last_checkpoint(tiny, tmp_path):
+    """The controller of a one-trial SFT sweep (its rank in the same process, so both go, as with a lost node) is
+    SIGKILLed while it seals the checkpoint of step 2: Tune starts the trial again from the checkpoint of step 1 it
+    was given (Tune's FailureConfig, `ray.max_restarts` attempts) and the trial finishes every step. The sweep runs as
+    a job of the tests' Ray, so the fault reaches its trial controller through the job's runtime_env only."""
+    import csv
+    import json
+    import os
+    import subprocess
+    import sys
+    import ray
+    marker = tmp_path / "controller-killed"
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(json.dumps({
+        "command": "sft", "base_config": "configs/tiny/sft.yaml",
+        "args": {"model": tiny["base"], "data": tiny["sft_train"]},
+        "overrides": ["train.max_steps=3", "train.save_every=1", "train.log_every=1", "train.global_batch_size=8",
+                      "train.micro_batch_size=8", "layout.gpus_per_node=1", "ray.in_process=true"],
+        "search": {"optim.lr": {"type": "grid", "values": [1.0e-3]}}, "metric": "train/loss", "mode": "min"}))
+    env = {**os.environ, "RLHF_FAULT": f"driver:commit:2:{marker}",
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-m", "rlhf", "sweep", "--config", str(spec), "--output",
+                           str(tmp_path / "sweep")], env=env, text=True, capture_output=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert marker.exists(), out[-4000:]  # the controller really died
+    with open(tmp_path / "sweep" / "summary.tsv", encoding="utf-8") as f:
+        (row,) = list(csv.DictReader(f, delimiter="\t"))
+    assert row["status"] == "ok" and row["step"] == "3", row
+    assert f"trial {row['trial']}: continues from the checkpoint of step 1" in out, out[-4000:]
+    steps = [m["step"] for m in read_metrics(f"{row['run_dir']}/metrics.jsonl") if "train/loss" in m]
+    assert steps == [1, 2, 3]  # step 2's first try was cut back with the checkpoint it never sealed
+    assert read_meta(CheckpointManager(f"{row['run_dir']}/checkpoints").latest())["step"] == 3

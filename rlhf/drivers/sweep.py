@@ -321,22 +321,24 @@ class TuneReporter:
         self.step, self.checkpoint = None, None
 
 
-def _prepare_run_dir(run_dir: str, checkpoint: Any) -> bool:
-    """Start the run from Tune's checkpoint (a restore: PBT, a paused or failed trial, `--resume`) or afresh.
+def _prepare_run_dir(run_dir: str, checkpoint: Any) -> Optional[int]:
+    """Start the run from Tune's checkpoint (a restore: PBT, a paused or failed trial, `--resume`) or afresh;
+    returns the restored step, None when afresh.
 
     Tune's checkpoint is the truth: it may come from another trial (PBT exploit), so the run's own are dropped."""
     from rlhf.checkpoint import CheckpointManager, read_meta
     ckpts = storage.join(run_dir, "checkpoints")
     storage.remove(ckpts)
     if checkpoint is None:
-        return False
+        return None
     with checkpoint.as_directory() as src:
-        target = CheckpointManager(ckpts).path(int(read_meta(src)["step"]))
+        step = int(read_meta(src)["step"])
+        target = CheckpointManager(ckpts).path(step)
         if storage.is_uri(target):
             storage.upload(src, target)
         else:
             shutil.copytree(src, target)
-    return True
+    return step
 
 
 def run_trial(config: dict, job: dict) -> None:
@@ -358,13 +360,16 @@ def run_trial(config: dict, job: dict) -> None:
             f.write(job["base_config_yaml"])
         base_config = f.name
     cfg = load_config(job["command"], base_config, trial_overrides(config) + ["logging.progress=false"])
-    resume = _prepare_run_dir(run_dir, tune.get_checkpoint())
+    restored = _prepare_run_dir(run_dir, tune.get_checkpoint())
+    if restored is not None:
+        print(f"trial {trial.id}: continues from the checkpoint of step {restored} (a restart after a failure, "
+              "--resume, or a PBT exploit)", flush=True)
     every, last = cfg.train.save_every, cfg.ppo.iterations if job["command"] == "ppo" else cfg.train.max_steps
     reporter = TuneReporter(job["metric"], lambda step: step > 0 and (bool(every and step % every == 0)
                                                                        or bool(last and step >= last)))
     previous = set_reporter(reporter.log), set_commit_hook(reporter.commit), set_trial(trial)
     try:
-        RUNNERS[job["command"]]()(cfg, run_dir, resume)
+        RUNNERS[job["command"]]()(cfg, run_dir, restored is not None)
     except SystemExit as err:  # a user error inside the run: Tune records it as the trial's error
         raise RuntimeError(str(err)) from None
     finally:
@@ -503,7 +508,11 @@ def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str)
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=fs_output, storage_filesystem=fs,
                                       # PBT may clone any trial's older checkpoint, so it keeps them all.
                                       checkpoint_config=tune.CheckpointConfig(
-                                          num_to_keep=None if spec.scheduler.type == "pbt" else 2)))
+                                          num_to_keep=None if spec.scheduler.type == "pbt" else 2),
+                                      # A trial whose controller dies (its node lost, its process killed) starts
+                                      # again from the last checkpoint it reported, as a run's dead ranks are
+                                      # rebuilt from theirs; the run's own restarts of its ranks come first.
+                                      failure_config=tune.FailureConfig(max_failures=base.ray.max_restarts)))
     results = tuner.fit()
     code = _report(spec, results, output, local)
     if remote:
