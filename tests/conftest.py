@@ -124,33 +124,38 @@ def run_cli(*argv: str) -> int:
     return main([str(a) for a in argv])
 
 
+IN_PROCESS = ["--set", "ray.in_process=true", "--set", "layout.cpus_per_rank=1"]
+"""A one-group run's rank in the test's own process, on one thread: the same global batches as the configs' two
+ranks (its micro-batches accumulated), so the same model (SFT: bit for bit; RM: to 1e-3), in under half the time and
+a third of the CPU of starting two rank processes. Runs on Ray ranks: tests/test_faults_trainers.py (SFT and RM, two
+ranks, a killed one rebuilt), tests/test_actor_groups.py, tests/test_strength.py, tests/test_dashboard.py."""
+
+
 @pytest.fixture(scope="session")
 def sft_run(tiny, tmp_path_factory) -> str:
-    """`rlhf sft` on the sample (two CPU ranks), run once for every test that needs an SFT policy."""
+    """`rlhf sft` on the sample (configs/tiny/sft.yaml, in this process), run once for every test that needs an SFT
+    policy."""
     def build(out: Path) -> None:
-        _shared_ray()
         assert run_cli("sft", "--config", "configs/tiny/sft.yaml", "--model", tiny["base"], "--data",
                        tiny["sft_train"], "--set", f"data.eval={tiny['sft_eval']}", "--set", "logging.progress=false",
-                       "--output", out) == 0
+                       *IN_PROCESS, "--output", out) == 0
     return str(built_once(tmp_path_factory, "sft", build))
 
 
 @pytest.fixture(scope="session")
 def rm_run(tiny, sft_run, tmp_path_factory) -> str:
-    """`rlhf rm` from the SFT model on the sample's ranked lists, run once."""
+    """`rlhf rm` from the SFT model on the sample's ranked lists (configs/tiny/rm.yaml, in this process), run once."""
     def build(out: Path) -> None:
-        _shared_ray()
         assert run_cli("rm", "--config", "configs/tiny/rm.yaml", "--model", f"{sft_run}/final", "--data",
                        tiny["prefs_train"], "--set", f"data.eval={tiny['prefs_eval']}", "--set",
-                       "logging.progress=false", "--output", out) == 0
+                       "logging.progress=false", *IN_PROCESS, "--output", out) == 0
     return str(built_once(tmp_path_factory, "rm", build))
 
 
 @pytest.fixture(scope="session")
 def plugin_sft(tiny, tmp_path_factory) -> str:
     """`rlhf sft` of the plugin model on the sample's arithmetic dialogues (configs/tiny/plugin_sft.yaml), once: in
-    this process, the quickest way to the model the plugin tests start from (SFT on Ray ranks is tested by sft_run
-    and tests/test_sft_rm.py). Packed micro-batches (the padded path's gradients, tests/test_packing.py) on one
+    this process, the quickest way to the model the plugin tests start from (see IN_PROCESS). Packed micro-batches (the padded path's gradients, tests/test_packing.py) on one
     thread: a second thread would save a fifth of its time alone and cost the other test worker half a core."""
     def build(out: Path) -> None:
         assert run_cli("sft", "--config", "configs/tiny/plugin_sft.yaml", "--model", tiny["base"], "--data",
