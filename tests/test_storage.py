@@ -109,7 +109,7 @@ def test_a_pbt_sweep_on_s3_restores_the_weaker_trial_with_the_mutated_learning_r
         "command": "sft", "base_config": "configs/tiny/sft.yaml",
         "args": {"model": tiny["base"], "data": tiny["sft_train"]},
         # Each trial's rank in its controller's process (ray.in_process): trials on Ray ranks are tested by
-        # tests/test_sweep.py and tests/test_dashboard.py; what this test needs is Tune's restore on the store.
+        # tests/test_dashboard.py; what this test needs is Tune's restore on the store.
         "overrides": ["train.max_steps=3", "train.save_every=2", "train.log_every=1", "train.global_batch_size=8",
                       "train.micro_batch_size=8", "layout.gpus_per_node=1", "ray.in_process=true",
                       "optim.warmup_steps=0", "optim.schedule=constant"],

@@ -370,7 +370,7 @@ def run_trial(config: dict, job: dict) -> None:
     previous = set_reporter(reporter.log), set_commit_hook(reporter.commit), set_trial(trial)
     try:
         RUNNERS[job["command"]]()(cfg, run_dir, restored is not None)
-    except SystemExit as err:  # a user error inside the run: Tune records it as the trial's error
+    except SystemExit as err:  # an error inside the run: the trial's error, once FailureConfig's retries are spent
         raise RuntimeError(str(err)) from None
     finally:
         set_reporter(previous[0])
