@@ -7,6 +7,7 @@ every iteration hands the controller batches of the same shape (see DESIGN.md, "
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -39,15 +40,23 @@ def _generate_kwargs(gen: dict, eos_ids: list[int], pad_id: int, synced: bool) -
 class SampledLogprobs:
     """The log-prob of every token `generate` samples, read off the forward passes that sampled it (no second pass).
 
-    A forward hook keeps the last step's log-softmax over the model's raw logits (before any penalty, temperature
-    or top-k/top-p: the distribution the trainer scores, `actors.lm`'s log-probs) until the next step's input, the
-    token sampled from it, picks one entry; `finish` picks the last token's. Only one step's [b, V] is held.
+    While the context is open a forward hook keeps the last step's log-softmax over the model's raw logits (before
+    any penalty, temperature or top-k/top-p: the distribution the trainer scores, `actors.lm`'s log-probs) until the
+    next step's input, the token sampled from it, picks one entry; `finish` picks the last token's. Only one step's
+    [b, V] is held.
     """
 
     def __init__(self, model: Any):
+        self.model = model
         self.steps: list[torch.Tensor] = []
         self.last: torch.Tensor | None = None
-        self.handle = model.register_forward_hook(self._step, with_kwargs=True)
+
+    def __enter__(self) -> SampledLogprobs:
+        self.handle = self.model.register_forward_hook(self._step, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
 
     def _step(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         if self.last is not None:  # every pass after the prompt's is fed the token sampled from the last one
@@ -57,7 +66,6 @@ class SampledLogprobs:
 
     def finish(self, new: torch.Tensor) -> torch.Tensor:
         """[b, n] log-probs of the n tokens `new` [b, n] that generate wrote (on the CPU)."""
-        self.handle.remove()
         if self.last is not None and new.shape[1]:
             self.steps.append(self.last.gather(1, new[:, -1:].to(self.last.device)).squeeze(1))
         if len(self.steps) != new.shape[1]:
@@ -88,11 +96,8 @@ def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, g
                 ids = input_ids[start:start + micro_batch]
                 mask = attention_mask[start:start + micro_batch]
                 recorder = SampledLogprobs(model) if with_logprobs else None
-                try:
+                with recorder or contextlib.nullcontext():
                     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-                finally:
-                    if recorder is not None:
-                        recorder.handle.remove()
                 new = out[:, ids.shape[1]:].cpu()  # [mb, <= max_new_tokens]
                 is_stop = torch.isin(new, stops)
                 stopped = is_stop.any(dim=1)

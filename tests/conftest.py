@@ -155,8 +155,9 @@ def rm_run(tiny, sft_run, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def plugin_sft(tiny, tmp_path_factory) -> str:
     """`rlhf sft` of the plugin model on the sample's arithmetic dialogues (configs/tiny/plugin_sft.yaml), once: in
-    this process, the quickest way to the model the plugin tests start from (see IN_PROCESS). Packed micro-batches (the padded path's gradients, tests/test_packing.py) on one
-    thread: a second thread would save a fifth of its time alone and cost the other test worker half a core."""
+    this process, the quickest way to the model the plugin tests start from (see IN_PROCESS). Packed micro-batches
+    (the padded path's gradients, tests/test_packing.py) on one thread: a second thread would save a fifth of its
+    time alone and cost the other test worker half a core."""
     def build(out: Path) -> None:
         assert run_cli("sft", "--config", "configs/tiny/plugin_sft.yaml", "--model", tiny["base"], "--data",
                        tiny["plugin_sft"], "--set", "logging.progress=false", "--set", "ray.in_process=true",
