@@ -98,12 +98,17 @@ def prompt_key(prompt: Dialogue) -> str | None:
     return str(topic) if topic is not None else None
 
 
+def rule_parts(prompt: Dialogue, response: str) -> dict[str, bool]:
+    """The rule's two parts: whether the reply names the prompt's topic (or answer), and whether it thanks the user."""
+    key = prompt_key(prompt)
+    return {"on_topic": key is not None and _mentions(response, key),
+            "thanks": any(marker in response.lower() for marker in POLITE_MARKERS)}
+
+
 def rule_score(prompt: Dialogue, response: str) -> float:
     """0.5 for naming the prompt's topic (or answer) plus 0.5 for thanking the user; in [0, 1]."""
-    key = prompt_key(prompt)
-    on_topic = key is not None and _mentions(response, key)
-    polite = any(marker in response.lower() for marker in POLITE_MARKERS)
-    return 0.5 * on_topic + 0.5 * polite
+    parts = rule_parts(prompt, response)
+    return 0.5 * parts["on_topic"] + 0.5 * parts["thanks"]
 
 
 def rule(rollout) -> float | None:
@@ -119,6 +124,15 @@ def score_of(prompts: list[Dialogue], replies: list[str]) -> float | None:
     if not prompts or any(prompt_key(d) is None for d in prompts):
         return None
     return score_responses(prompts, replies)
+
+
+def parts_of(prompts: list[Dialogue], replies: list[str]) -> dict[str, float] | None:
+    """The share of replies that name the topic and that thank the user (the report shows each part), or None as
+    `score_of`."""
+    if not prompts or any(prompt_key(d) is None for d in prompts):
+        return None
+    parts = [rule_parts(p, r) for p, r in zip(prompts, replies)]
+    return {name: sum(p[name] for p in parts) / len(parts) for name in ("on_topic", "thanks")}
 
 
 def score_responses(prompts: list[Dialogue], responses: list[str]) -> float:
