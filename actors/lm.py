@@ -123,7 +123,7 @@ class CausalLMWorker(RankWorker):
         before = torch.arange(end - width - 1, end - 1).expand(rows, -1)  # the columns that predict each reply token
         flat, ok = pk.locate(before)
         ok = ok & pk.locate(before + 1)[1]
-        logits = self._packed_logits(pk, mb["sequences"], flat[ok])
+        logits = self._packed_logits(pk, mb["sequences"], flat[ok]) / self.spec.temperature
         ok = ok.to(self.device)
         logp = torch.zeros(rows, width, device=self.device)
         logp[ok] = logprobs_from_logits(logits.unsqueeze(0), mb["response_ids"].to(self.device)[ok].unsqueeze(0))[0]
@@ -142,13 +142,14 @@ class CausalLMWorker(RankWorker):
         return out.logits[:, -keep:].float() if keep else out.logits.float()
 
     def _response_logprobs(self, mb: Batch, with_entropy: bool = False):
-        """Log-probs [b, R] of the reply tokens of an experience micro-batch (sequences = prompt + reply)."""
+        """Log-probs [b, R] of the reply tokens of an experience micro-batch (sequences = prompt + reply), and their
+        entropy: of the distribution the replies were sampled from, the logits over the run's temperature."""
         if self.budget:
             return self._packed_response_logprobs(mb, with_entropy)
         width = mb["response_ids"].shape[1]
         mb = trim_left_padding(mb)
         logits = self._logits({"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]}, keep=width + 1)
-        logits = logits[:, :-1]
+        logits = logits[:, :-1] / self.spec.temperature
         logp = logprobs_from_logits(logits, mb["response_ids"].to(self.device))
         return (logp, entropy_from_logits(logits)) if with_entropy else (logp, None)
 

@@ -45,6 +45,9 @@ class RankSpec:
     """Optimizer steps of the run (the learning-rate schedule's length)."""
     plugins: Optional[PluginsConfig] = None
     """A plugin policy: its rollouts run these tools between their two passes."""
+    temperature: float = 1.0
+    """The rollouts' sampling temperature: the log-probs of sampled replies are of softmax(logits / temperature),
+    the distribution they were drawn from (the policy, its reference and the rollout engine of an RL run)."""
 
 
 def seed_everything(seed: int) -> None:

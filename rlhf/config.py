@@ -214,6 +214,21 @@ class GenerationConfig:
 
 
 @dataclass
+class RLGenerationConfig(GenerationConfig):
+    """How RL samples its rollouts (`rlhf ppo`; DPO's held-out KL replies): from the distribution the loss scores.
+
+    The policy's and the reference's log-probs are taken at the same temperature, so the ratio and the KL describe
+    the distribution the replies were drawn from; top-p, top-k and a repetition penalty would sample from another
+    one, and RL refuses them (the chat defaults stay `rlhf generate`'s)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts; the policy's and the reference's log-probs divide the logits by it."""
+    top_p: float = 1.0
+    """1.0: RL samples the whole distribution (a nucleus would be a distribution the loss does not score)."""
+    repetition_penalty: float = 1.0
+    """1.0: RL samples the policy's own distribution (a penalty changes it outside the loss)."""
+
+
+@dataclass
 class PluginsConfig:
     """Tools a plugin policy (data.plugin) may call in its rollouts."""
     tools: list[str] = field(default_factory=list)
@@ -422,8 +437,9 @@ class RMConfig(SFTConfig):
 class DPOConfig(SFTConfig):
     """`rlhf dpo`: SFT's sections (the trained policy) and the DPO loss; the reference is the starting model."""
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """How the policy answers the held-out prompts whose KL to the reference is measured."""
+    generation: RLGenerationConfig = field(default_factory=RLGenerationConfig)
+    """How the policy answers the held-out prompts whose KL to the reference is measured (from its own
+    distribution, so the KL estimate is of that distribution)."""
 
     def groups(self) -> tuple[str, ...]:
         """The role groups the run starts: the policy, and the frozen reference unless the LoRA policy's base is it."""
@@ -432,10 +448,11 @@ class DPOConfig(SFTConfig):
 
 @dataclass
 class PPOConfig(RunConfig):
-    """`rlhf ppo` (and the sampling settings `rlhf generate` takes from it)."""
+    """`rlhf ppo`."""
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     train: CheckpointConfig = field(default_factory=CheckpointConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: RLGenerationConfig = field(default_factory=RLGenerationConfig)
+    """How the rollouts (and the held-out replies the run scores) are sampled."""
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     ppo: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
@@ -460,6 +477,14 @@ class PPOConfig(RunConfig):
                                                 ranks(getattr(self.roles, r).layout)) for r in ("policy", "critic")}
         return PPOPlan(roles=tuple(started), rollouts=rollouts, minibatches=minibatches,
                        optimizer_steps=p.iterations * p.ppo_epochs * minibatches, grad_accum=accum)
+
+
+@dataclass
+class GenerateConfig(RunConfig):
+    """`rlhf generate` (and the report's replies): a chat model's replies with the MOSS-003 sampling defaults."""
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
 
 @dataclass(frozen=True)
@@ -487,8 +512,9 @@ class PPOPlan:
     """Micro-batches a rank of the policy / critic runs per optimizer step."""
 
 
-COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
-"""The config class of each training command (`rlhf generate` reads a PPO config's sampling settings)."""
+COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+                             "generate": GenerateConfig}
+"""The config class of each command that takes --config."""
 
 
 _CHOICES = {
@@ -503,7 +529,7 @@ _CHOICES = {
     "rm.weak_pairs": ("keep", "flip", "drop", "margin"),
 }
 ROLE_NAMES = ("policy", "reference", "reward", "critic", "rollout")
-AnyConfig = Union[SFTConfig, RMConfig, DPOConfig, PPOConfig]
+AnyConfig = Union[SFTConfig, RMConfig, DPOConfig, PPOConfig, GenerateConfig]
 
 
 def _one_line(err: Exception) -> str:
@@ -515,6 +541,8 @@ def _sections(cfg: AnyConfig) -> dict[str, tuple[LayoutConfig, DeepSpeedConfig, 
     if isinstance(cfg, PPOConfig):
         return {f"roles.{r}": (getattr(cfg.roles, r).layout, getattr(cfg.roles, r).deepspeed,
                                getattr(cfg.roles, r).optim) for r in ROLE_NAMES}
+    if isinstance(cfg, GenerateConfig):
+        return {}
     return {"": (cfg.layout, cfg.deepspeed, cfg.optim)}
 
 
@@ -540,7 +568,8 @@ def check(cfg: AnyConfig) -> AnyConfig:
         if optim.schedule not in _CHOICES["optim.schedule"]:
             raise ConfigError(f"{dot}optim.schedule: {optim.schedule!r} is not one of constant, cosine")
     budgets = ({f"roles.{r}.": getattr(cfg.roles, r).max_tokens_per_micro_batch for r in ROLE_NAMES}
-               if isinstance(cfg, PPOConfig) else {"train.": cfg.train.max_tokens_per_micro_batch})
+               if isinstance(cfg, PPOConfig) else {} if isinstance(cfg, GenerateConfig)
+               else {"train.": cfg.train.max_tokens_per_micro_batch})
     for key, budget in budgets.items():
         if budget < 0:
             raise ConfigError(f"{key}max_tokens_per_micro_batch: must be a number of tokens, or 0 (off), got {budget}")
@@ -554,18 +583,41 @@ def check(cfg: AnyConfig) -> AnyConfig:
             raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
         if cfg.dpo.label_smoothing and cfg.dpo.loss == "ipo":
             raise ConfigError("dpo.label_smoothing: not defined for the ipo loss; set it to 0 or pick listwise/pairwise")
+    if isinstance(cfg, (PPOConfig, DPOConfig, GenerateConfig)):
+        _check_generation(cfg.generation)
     if isinstance(cfg, PPOConfig):
         _check_ppo(cfg)
-        cap = cfg.generation.max_new_tokens
-        if cap != "auto" and (isinstance(cap, str) or cap < 1):
-            raise ConfigError(f"generation.max_new_tokens: {cap!r} is neither a positive number of tokens nor auto")
-    else:
+    elif not isinstance(cfg, GenerateConfig):
         world = ranks(cfg.layout)
         if cfg.train.global_batch_size % (cfg.train.micro_batch_size * world):
             raise ConfigError(
                 f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size ({cfg.train.micro_batch_size}) x ranks ({world})")
     return cfg
+
+
+UNTRANSFORMED = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+"""The sampling knobs at the values that leave the (tempered) distribution as it is: RL samples with these."""
+
+
+def _check_generation(gen: GenerationConfig) -> None:
+    """The cap and the sampling knobs; RL sampling (RLGenerationConfig) only from the distribution its loss scores."""
+    cap = gen.max_new_tokens
+    if cap != "auto" and (isinstance(cap, str) or cap < 1):
+        raise ConfigError(f"generation.max_new_tokens: {cap!r} is neither a positive number of tokens nor auto")
+    if gen.temperature <= 0:
+        raise ConfigError(f"generation.temperature: must be above 0, got {gen.temperature} (do_sample=false decodes "
+                          "greedily)")
+    if not isinstance(gen, RLGenerationConfig):
+        return
+    # The policy's and reference's log-probs are of softmax(logits / temperature): a rollout drawn from anything
+    # else makes every "on-policy" update off-policy by the gap, and the KL an estimate of another distribution.
+    changed = [f"{key}={getattr(gen, key)}" for key, plain in UNTRANSFORMED.items() if getattr(gen, key) != plain]
+    if changed or not gen.do_sample:
+        what = ", ".join(f"generation.{c}" for c in changed) or "generation.do_sample=false"
+        raise ConfigError(f"{what}: RL samples from the distribution its loss scores (softmax of the logits over "
+                          "generation.temperature); use top_p=1.0, top_k=0, repetition_penalty=1.0, do_sample=true "
+                          "(the MOSS chat defaults are rlhf generate's)")
 
 
 def _check_ppo(cfg: PPOConfig) -> None:

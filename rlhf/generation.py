@@ -40,14 +40,14 @@ def _generate_kwargs(gen: dict, eos_ids: list[int], pad_id: int, synced: bool) -
 class SampledLogprobs:
     """The log-prob of every token `generate` samples, read off the forward passes that sampled it (no second pass).
 
-    While the context is open a forward hook keeps the last step's log-softmax over the model's raw logits (before
-    any penalty, temperature or top-k/top-p: the distribution the trainer scores, `actors.lm`'s log-probs) until the
-    next step's input, the token sampled from it, picks one entry; `finish` picks the last token's. Only one step's
-    [b, V] is held.
+    While the context is open a forward hook keeps the last step's log-softmax over the logits divided by the
+    sampling temperature (the distribution the token is drawn from when nothing else transforms the logits, and the
+    one the trainer scores, `actors.lm`'s log-probs) until the next step's input, the token sampled from it, picks
+    one entry; `finish` picks the last token's. Only one step's [b, V] is held.
     """
 
-    def __init__(self, model: Any):
-        self.model = model
+    def __init__(self, model: Any, temperature: float = 1.0):
+        self.model, self.temperature = model, temperature
         self.steps: list[torch.Tensor] = []
         self.last: torch.Tensor | None = None
 
@@ -62,7 +62,7 @@ class SampledLogprobs:
         if self.last is not None:  # every pass after the prompt's is fed the token sampled from the last one
             fed = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
             self.steps.append(self.last.gather(1, fed[:, -1:].to(self.last.device)).squeeze(1))
-        self.last = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+        self.last = torch.log_softmax(output.logits[:, -1].float() / self.temperature, dim=-1)
 
     def finish(self, new: torch.Tensor) -> torch.Tensor:
         """[b, n] log-probs of the n tokens `new` [b, n] that generate wrote (on the CPU)."""
@@ -72,6 +72,16 @@ class SampledLogprobs:
             raise RuntimeError(f"generate ran {len(self.steps)} sampling passes for {new.shape[1]} new tokens; the "
                                "log-probs of sampled tokens assume one forward pass per token after the prompt's")
         return torch.stack(self.steps, 1).cpu() if self.steps else torch.zeros(new.shape)
+
+
+def check_scorable(gen: dict) -> None:
+    """Refuses sampling whose tokens' log-probs would not be of the distribution they were drawn from: only a
+    temperature may transform the logits (RL's sampling settings, `rlhf.config.RLGenerationConfig`)."""
+    from rlhf.config import UNTRANSFORMED
+    changed = [f"{k}={gen.get(k, plain)}" for k, plain in UNTRANSFORMED.items() if gen.get(k, plain) != plain]
+    if changed or not gen.get("do_sample", True):
+        raise ValueError(f"log-probs of sampled tokens need plain sampling at a temperature; got "
+                         f"{', '.join(changed) or 'greedy decoding'}")
 
 
 def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: dict, eos_ids: list[int],
@@ -86,6 +96,8 @@ def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, g
     """
     width = int(gen["max_new_tokens"])
     kwargs = _generate_kwargs(gen, eos_ids, pad_id, synced)
+    if with_logprobs:
+        check_scorable(gen)
     stops = torch.tensor(eos_ids, dtype=torch.long)
     tokens, lengths, stop_tokens, logprobs = [], [], [], []
     was_training = getattr(model, "training", False)
@@ -95,7 +107,7 @@ def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, g
             for start in range(0, input_ids.shape[0], micro_batch):
                 ids = input_ids[start:start + micro_batch]
                 mask = attention_mask[start:start + micro_batch]
-                recorder = SampledLogprobs(model) if with_logprobs else None
+                recorder = SampledLogprobs(model, kwargs.get("temperature", 1.0)) if with_logprobs else None
                 with recorder or contextlib.nullcontext():
                     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
                 new = out[:, ids.shape[1]:].cpu()  # [mb, <= max_new_tokens]

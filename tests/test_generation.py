@@ -248,7 +248,7 @@ def test_a_cap_below_the_datas_replies_is_named_and_auto_covers_them(tiny, capsy
 # --- the log-probs of what was sampled, from the passes that sampled it ---------------------------------------
 
 
-def _forward_logprobs(policy, prompts, out):
+def _forward_logprobs(policy, prompts, out, temperature=1.0):
     """The trainer's log-probs of each reply token: one forward pass over prompt + reply."""
     from rlhf.batching import position_ids
     from rlhf.ppo_math import logprobs_from_logits
@@ -257,15 +257,15 @@ def _forward_logprobs(policy, prompts, out):
     with torch.no_grad():
         logits = policy["model"](input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
     width = out["response_ids"].shape[1]
-    return logprobs_from_logits(logits[:, -width - 1:-1], out["response_ids"])
+    return logprobs_from_logits(logits[:, -width - 1:-1] / temperature, out["response_ids"])
 
 
-def test_the_log_probs_recorded_while_sampling_are_the_forward_passes(policy):
-    """With left-padded prompts in two micro-batches, a temperature, top-p and a repetition penalty (which change
-    what is sampled, not the raw distribution the trainer scores): each written token's recorded log-prob is the one
-    a forward pass over prompt + reply gives, 0 after the reply; and recording changes no token."""
+def test_the_log_probs_recorded_while_sampling_are_the_forward_passes_at_the_temperature(policy):
+    """With left-padded prompts in two micro-batches at temperature 0.7: each written token's recorded log-prob is
+    the one a forward pass over prompt + reply gives with its logits over 0.7 (the distribution it was drawn from,
+    not the raw one), 0 after the reply; and recording changes no token."""
     batch = _batch(policy, policy["prompts"][:6])
-    gen = _gen(temperature=0.7, top_p=0.9, repetition_penalty=1.3)
+    gen = _gen(temperature=0.7, top_p=1.0, repetition_penalty=1.0)
     torch.manual_seed(3)
     out = generate_replies(policy["model"], batch, gen, policy["eom"], policy["pad"], "cpu", micro_batch=4,
                            with_logprobs=True)
@@ -274,8 +274,17 @@ def test_the_log_probs_recorded_while_sampling_are_the_forward_passes(policy):
     assert torch.equal(out["response_ids"], plain["response_ids"]) and "logprobs" not in plain
     seen = out["action_mask"].bool()
     assert seen.sum() > 12 and (out["logprobs"][~seen] == 0).all()
-    torch.testing.assert_close(out["logprobs"][seen], _forward_logprobs(policy, batch, out)[seen], atol=1e-4,
-                               rtol=1e-4)
+    tempered = _forward_logprobs(policy, batch, out, temperature=0.7)
+    torch.testing.assert_close(out["logprobs"][seen], tempered[seen], atol=1e-4, rtol=1e-4)
+    assert (out["logprobs"][seen] - _forward_logprobs(policy, batch, out)[seen]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("change", [{"top_p": 0.8}, {"top_k": 5}, {"repetition_penalty": 1.02}, {"do_sample": False}])
+def test_log_probs_are_refused_where_the_sampling_distribution_is_not_the_scored_one(policy, change):
+    batch = _batch(policy, policy["prompts"][:2])
+    gen = _gen(**{"top_p": 1.0, "repetition_penalty": 1.0, **change})
+    with pytest.raises(ValueError, match="plain sampling at a temperature"):
+        generate_replies(policy["model"], batch, gen, policy["eom"], policy["pad"], "cpu", with_logprobs=True)
 
 
 def test_plugin_rollout_log_probs_skip_the_results_and_match_the_forward_pass(policy):
@@ -290,9 +299,9 @@ def test_plugin_rollout_log_probs_skip_the_results_and_match_the_forward_pass(po
         bias[tok.convert_tokens_to_ids(EOC)] += 4.0
     try:
         torch.manual_seed(0)
-        out, _ = generate_plugin_replies(model, tok, batch, _gen(max_new_tokens=6), default_registry(), "cpu",
+        out, _ = generate_plugin_replies(model, tok, batch, _gen(max_new_tokens=6, top_p=1.0, repetition_penalty=1.0), default_registry(), "cpu",
                                          max_results_tokens=16, with_logprobs=True)
-        expected = _forward_logprobs(policy, batch, out)
+        expected = _forward_logprobs(policy, batch, out, temperature=0.7)  # _gen samples at 0.7
     finally:
         with torch.no_grad():
             bias.copy_(saved)

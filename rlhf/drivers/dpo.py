@@ -89,6 +89,7 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from or cfg.data.train, "dpo",
                                         cfg.data.format)
     plan, spec = one_group_plan(cfg, len(train), "ranked lists")
+    spec = dataclasses.replace(spec, temperature=cfg.generation.temperature)  # the held-out KL's replies' distribution
     # The reference is the starting model, frozen: no optimizer, no LoRA (a LoRA policy's base is that model).
     reference = dataclasses.replace(spec, role=dataclasses.replace(spec.role, lora=dataclasses.replace(
         spec.role.lora, enabled=False)), trainable=False, grad_accum=1, total_steps=1)

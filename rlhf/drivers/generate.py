@@ -1,4 +1,4 @@
-"""`rlhf generate`: one reply per prompt from a model, in one process, with a PPO config's sampling settings."""
+"""`rlhf generate`: one reply per prompt from a model, in one process, with the MOSS-003 chat sampling defaults."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,12 +9,12 @@ from typing import Optional
 import torch
 
 from rlhf.batching import collate_prompts
-from rlhf.config import PPOConfig
+from rlhf.config import GenerateConfig
 from rlhf.generation import fit_generation_cap, generate_plugin_replies, generate_replies, reply_text
 from rlhf.moss import EOM, Dialogue, tokenize_prompt
 
 
-def generate_texts(model_path: str, dialogues: Sequence[Dialogue], cfg: PPOConfig, batch_size: int = 16) -> list[str]:
+def generate_texts(model_path: str, dialogues: Sequence[Dialogue], cfg: GenerateConfig, batch_size: int = 16) -> list[str]:
     """Reply texts of the model at model_path to dialogues (prompts, or dialogues whose last reply is dropped), in
     order, sampled as `cfg.generation` says in `cfg.model.dtype`, a plugin model (`cfg.data.plugin`) calling the
     tools of `cfg.plugins`; seeded with `cfg.seed` without disturbing the caller's random state."""
@@ -62,7 +62,7 @@ def run_generate(model: str, prompts: str, out: str, config: Optional[str] = Non
     from rlhf.config import load_config
     from rlhf.data import DataFileError, load_prompts, write_jsonl
 
-    cfg = load_config("ppo", config, overrides or [])
+    cfg = load_config("generate", config, overrides or [])
     try:
         dialogues = load_prompts(prompts, cfg.data.format)
     except DataFileError as error:

@@ -141,8 +141,14 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
             ray.shutdown()
 
     say(f"generations before and after {' and '.join(n.upper() for n in aligned)} ...")
-    # The sampling settings of PPO's config (MOSS defaults) for every policy, so the replies compare.
-    sampling = cfgs["ppo"] if "ppo" in cfgs else load_config("ppo", None, [])
+    # Every policy answers with rlhf generate's chat defaults (PPO's model, data and tools settings, its reply cap),
+    # so the replies compare, and compare with what a user of the model sees.
+    sampling = load_config("generate", None, [])
+    if "ppo" in cfgs:
+        ppo = cfgs["ppo"]
+        sampling.seed, sampling.model, sampling.data, sampling.plugins = ppo.seed, ppo.model, ppo.data, ppo.plugins
+        sampling.generation.max_new_tokens = ppo.generation.max_new_tokens
+        sampling.generation.lengths_from = ppo.generation.lengths_from
     sampling.generation.lengths_from = sampling.generation.lengths_from or files["sft_train"]
     prompts = load_prompts(files["prompts_eval"])[: pc.eval_prompts]
     policies = {name.upper(): name for name in ["sft", *aligned]}

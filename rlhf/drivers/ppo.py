@@ -335,7 +335,8 @@ def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
         specs[role] = (workers[role], RankSpec(
             role_model(cfg, role), rc, cfg.model, cfg.seed, trainable=trainable,
             grad_accum=plan.grad_accum.get(role, 1), total_steps=plan.optimizer_steps,
-            plugins=cfg.plugins if role in ("policy", "rollout") and cfg.data.plugin else None))
+            plugins=cfg.plugins if role in ("policy", "rollout") and cfg.data.plugin else None,
+            temperature=cfg.generation.temperature if role in ("policy", "reference", "rollout") else 1.0))
     groups = backend.start(specs)
     g = groups.groups
     try:
