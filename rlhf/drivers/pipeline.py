@@ -85,7 +85,7 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
     from rlhf.drivers.sft import run_sft
     from rlhf.modeling import init_model
     from rlhf.report import write_report
-    from rlhf.sample import score_of, write_sample
+    from rlhf.sample import parts_of, score_of, write_sample
     from rlhf.tokenizer import texts_from_files, train_tokenizer
 
     pc = load_pipeline_config(config, overrides)
@@ -154,11 +154,12 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
     policies = {name.upper(): name for name in ["sft", *aligned]}
     replies = {label: generate_texts(f"{stage[name]}/final", prompts, sampling) for label, name in policies.items()}
     rules = {label: score_of(prompts, texts) for label, texts in replies.items()}
+    parts = {label: parts_of(prompts, texts) for label, texts in replies.items()}  # which half of the rule each learned
     rm_eval = evaluate(f"{stage['rm']}/final", files["prefs_eval"], cfgs["rm"]) if "rm" in cfgs else None
     examples = [(p.turns[-1].human, [replies[label][i] for label in policies])
                 for i, p in enumerate(prompts[: pc.report_examples])]
     metrics = {f"{name}_metrics": f"{stage[name]}/metrics.jsonl" for name in ("sft", *aligned)}
-    report = write_report(output, rm_eval=rm_eval, rules=rules, examples=examples, **metrics)
+    report = write_report(output, rm_eval=rm_eval, rules=rules, parts=parts, examples=examples, **metrics)
     say("rule score on held-out prompts: " + " -> ".join(f"{label} {score}" for label, score in rules.items()) +
         (f"; reward model accuracy {rm_eval['pairwise_accuracy']:.3f}" if rm_eval else ""))
     print(f"Report: {report}")
