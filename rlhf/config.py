@@ -292,11 +292,18 @@ class AlgorithmConfig:
     dual_clip: float = 0.0
     """Dual-clip PPO (Ye et al. 2020): cap a negative-advantage token's loss at dual_clip x |A|; > 1, or 0: off."""
     kl_controller: str = "fixed"
-    """fixed or adaptive (Ziegler et al.)."""
+    """fixed or adaptive (Ziegler et al.: the coefficient moves by up to 20% x rollouts / kl_horizon an iteration,
+    up while the KL is above kl_target, down while below)."""
     kl_target: float = 6.0
-    """Adaptive controller's target KL per reply."""
+    """Adaptive controller's target KL, in nats per kl_target_unit."""
+    kl_target_unit: str = "reply"
+    """What kl_target is measured over: reply (the KL summed over a reply's tokens, Ziegler et al.) or token (the mean
+    KL per reply token, `ppo/kl_per_token`: the same target whatever the replies' length)."""
     kl_horizon: int = 10000
-    """Adaptive controller's horizon in samples."""
+    """Adaptive controller's horizon in samples: smaller moves the coefficient faster."""
+    early_stop_kl: float = 0.0
+    """Stop the policy's remaining PPO epochs of an iteration once an epoch's mean approx_kl (per token, to the
+    policy that sampled the rollouts) passes this (the PPO literature's target_kl); 0: off."""
     reward_normalize: bool = True
     """Normalise scores with running statistics (PPO-max)."""
     reward_clip: float = 5.0
@@ -319,7 +326,9 @@ class AlgorithmConfig:
     reference_from_lora_base: bool = True
     """With LoRA on the policy, take reference log-probs from the policy with adapters off (no second copy)."""
     eval_prompts: int = 32
-    """Held-out prompts whose rule score is measured at the end (data.eval)."""
+    """Held-out prompts whose rule score is measured before and after training (data.eval)."""
+    eval_every: int = 0
+    """Also measure it every N iterations (`eval/...` at that step); 0: before and after training only."""
     max_skipped_in_row: int = 3
     """Iterations in a row whose scores or losses are NaN/inf (and so are skipped) before the run stops."""
     reward_model_weight: float = 1.0
@@ -524,6 +533,7 @@ _CHOICES = {
     "ppo.estimator": ("gae", "grpo", "rloo", "reinforce_pp"),
     "ppo.kl_estimator": ("k1", "k2", "k3"),
     "ppo.kl_controller": ("fixed", "adaptive"),
+    "ppo.kl_target_unit": ("reply", "token"),
     "ppo.critic_init": ("reward", "policy"),
     "dpo.loss": ("listwise", "pairwise", "ipo"),
     "rm.weak_pairs": ("keep", "flip", "drop", "margin"),
@@ -639,6 +649,8 @@ def _check_ppo(cfg: PPOConfig) -> None:
         if p.train_batch_size % world:
             raise ConfigError(f"ppo.train_batch_size: {p.train_batch_size} rollouts do not split evenly over the "
                               f"{world} ranks of roles.{r}")
+    if p.early_stop_kl < 0:
+        raise ConfigError(f"ppo.early_stop_kl: must be a KL per token above 0, or 0 (off), got {p.early_stop_kl}")
     if p.dual_clip and p.dual_clip <= 1:
         raise ConfigError(f"ppo.dual_clip: must be above 1 (it caps the loss at dual_clip x |A|) or 0, got {p.dual_clip}")
     _check_rollout(cfg)

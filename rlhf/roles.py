@@ -48,6 +48,13 @@ class UpdatePlan:
     ptx: Optional[list[Batch]] = None
     ptx_tokens: Optional[list[int]] = None
 
+    def epochs(self, n: int) -> list[UpdatePlan]:
+        """The plan as `n` plans of one PPO epoch each, in order (an early stop runs them one at a time)."""
+        per = len(self.steps) // n
+        cut = lambda xs, e: None if xs is None else xs[e * per:(e + 1) * per]  # noqa: E731
+        return [UpdatePlan(cut(self.steps, e), cut(self.tokens, e), cut(self.ptx, e), cut(self.ptx_tokens, e))
+                for e in range(n)]
+
 
 @dataclass(frozen=True)
 class PolicyLoss:

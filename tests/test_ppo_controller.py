@@ -87,3 +87,42 @@ def test_replies_cut_short_for_three_iterations_are_named_and_marked_for_the_rep
                           sft_metrics=f"{sft_run}/metrics.jsonl")
     text = open(report, encoding="utf-8").read()
     assert text.index("reward_raw.png") < text.index("Replies cut short") < text.index("kl.png")
+
+
+def test_an_update_stops_its_epochs_once_approx_kl_passes_the_bound(tiny):
+    """A real policy in this process takes large steps (two minibatches an epoch, so the first epoch already sees
+    its first step): with ppo.early_stop_kl below the first epoch's approx_kl
+    the later epochs are skipped (and the weights move less); with it off, every epoch runs."""
+    import torch
+    from actors.lm import PolicyWorker
+    from actors.local import LocalGroup
+    from actors.rank import RankSpec
+    from rlhf.batching import collate_prompts, experience
+    from rlhf.roles import Policy, PPORoles, Reference
+
+    def run(early_stop_kl: float) -> tuple[dict, torch.Tensor]:
+        trainer = _trainer(tiny, "ppo.ppo_epochs=4", "ppo.train_batch_size=4", "ppo.prompts_per_iteration=8",
+                           f"ppo.early_stop_kl={early_stop_kl}", "ppo.critic_warmup_iterations=0",
+                           "roles.policy.optim.lr=0.05", "roles.policy.micro_batch_size=4")
+        cfg = trainer.cfg
+        group = LocalGroup("policy", PolicyWorker, RankSpec(tiny["base"], cfg.roles.policy, cfg.model, cfg.seed,
+                                                            trainable=True, total_steps=8))
+        group.start()
+        try:
+            trainer.roles = PPORoles(Policy(group), Reference(group), None, None, {"policy": group})
+            prompts = collate_prompts([trainer.prompt_ids[i] for i in range(8)], trainer.tokenizer.pad_token_id)
+            torch.manual_seed(0)
+            exp = experience(prompts, trainer.roles.policy.generate(prompts, cfg.generation).result())
+            mask = exp["action_mask"].float()
+            train = {**exp, "old_logprobs": trainer.roles.policy.logprobs(exp).result(),
+                     "advantages": torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask}
+            stats = trainer.update(0, train)
+            return stats, trainer.roles.policy.logprobs(exp).result() - train["old_logprobs"]
+        finally:
+            group.shutdown()
+
+    stopped, moved_stopped = run(1e-4)
+    full, moved_full = run(0.0)
+    assert stopped["ppo/policy_epochs"] == 1 and full["ppo/policy_epochs"] == 4
+    assert stopped["ppo/approx_kl"] > 1e-4
+    assert moved_stopped.abs().sum() < moved_full.abs().sum()

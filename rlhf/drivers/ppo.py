@@ -88,8 +88,9 @@ class PPOTrainer:
             return self.skipped(it, "train: a non-finite loss", timings)
         logp = stats.pop("logprobs") if on_policy else scored["old_logprobs"]
         kl = pm.masked_sum(pm.kl_estimate(logp, scored["ref_logprobs"], p.kl_estimator, p.kl_clip or None) * mask,
-                           mask, dim=1)
-        self.kl_ctl.update(float(kl.mean()), len(rows))
+                           mask, dim=1)  # [b] per reply
+        per_token = float(kl.sum() / mask.sum().clamp(min=1))
+        self.kl_ctl.update(per_token if p.kl_target_unit == "token" else float(kl.mean()), len(rows))
         self.iteration_done = it + 1
         return self.metrics(began, reward, scores, norm, kl, logp, mask, advantages, returns, rollout, scored,
                             parts, rollouts, on_policy, it) | stats | timings
@@ -158,22 +159,39 @@ class PPOTrainer:
         waits while the critic warms up). Returns their mean stats as `ppo/...` (and `logprobs`, `nonfinite`)."""
         p, roles = self.cfg.ppo, self.roles
         plan = self.minibatches(it, train)
-        futures = {}
+        critic = None
+        if roles.critic is not None:
+            critic = roles.critic.update(plan, ValueLoss(p.value_clip_eps, p.value_loss_coef))
+        results, epochs = [], 0
         if not (roles.critic is not None and it < p.critic_warmup_iterations):
             loss = PolicyLoss(p.clip_eps, p.entropy_coef, self.kl_ctl.coef if estimators.kl_in_loss(p) else 0.0,
                               p.ptx_coef if plan.ptx is not None else 0.0, p.dual_clip or None,
                               p.log_ratio_clip or None, p.kl_clip or None, p.tis_cap or None)
-            futures["policy"] = roles.policy.update(plan, loss)
-        if roles.critic is not None:
-            futures["critic"] = roles.critic.update(plan, ValueLoss(p.value_clip_eps, p.value_loss_coef))
-        stats: dict = {"nonfinite": 0.0}
-        for future in futures.values():
-            for key, value in future.result().items():
-                if key == "nonfinite":
-                    stats["nonfinite"] += value
-                else:
-                    stats[key if key == "logprobs" else f"ppo/{key}"] = value
+            results, epochs = self.policy_epochs(plan, loss)
+        outs = results + ([critic.result()] if critic is not None else [])
+        stats: dict = {"nonfinite": sum(out["nonfinite"] for out in outs)}
+        if results:  # the policy's stats are the mean of the calls it ran
+            stats |= {f"ppo/{key}": sum(r[key] for r in results) / len(results)
+                      for key in results[0] if key not in ("nonfinite", "logprobs")}
+            stats["ppo/policy_epochs"] = float(epochs)
+            if "logprobs" in results[0]:  # on-policy: one epoch, whose forward pass gave the rollout's log-probs
+                stats["logprobs"] = results[0]["logprobs"]
+        if critic is not None:
+            stats |= {f"ppo/{key}": value for key, value in outs[-1].items() if key != "nonfinite"}
         return stats
+
+    def policy_epochs(self, plan: UpdatePlan, loss: PolicyLoss) -> tuple[list[dict], int]:
+        """The policy's update: the whole plan in one call, or with ppo.early_stop_kl an epoch a call until one's
+        mean approx_kl passes it (the later epochs are skipped). Returns each call's stats and the epochs run."""
+        p = self.cfg.ppo
+        if not p.early_stop_kl or p.ppo_epochs == 1:
+            return [self.roles.policy.update(plan, loss).result()], p.ppo_epochs
+        results = []
+        for epoch in plan.epochs(p.ppo_epochs):
+            results.append(self.roles.policy.update(epoch, loss).result())
+            if results[-1]["approx_kl"] > p.early_stop_kl:
+                break
+        return results, len(results)
 
     def minibatches(self, it: int, train: Batch) -> UpdatePlan:
         """The update's steps: each epoch a seeded shuffle cut into minibatches, each minibatch's rows in rollout
@@ -212,6 +230,7 @@ class PPOTrainer:
         out = {
             "ppo/reward_raw": float(reward.mean()), "ppo/reward": float(scores.mean()),
             "ppo/reward_norm": float(norm.mean()), "ppo/kl": float(kl.mean()),
+            "ppo/kl_per_token": float(kl.sum() / mask.sum().clamp(min=1)),
             "ppo/kl_coef": float(self.kl_ctl.coef), "ppo/on_policy": float(on_policy),
             "ppo/response_length": float(mask.sum(1).mean()), "ppo/ended_fraction": float(rollout["ended"].float().mean()),
             "ppo/perplexity": math.exp(-float(pm.masked_mean(logp, mask))),
@@ -420,12 +439,15 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
         trainer.load_state_dict(load_checkpoint(roles.trained(), latest)["controller"])
     first = trainer.iteration_done
     resumed(run, restarts, stage, first, "ppo", "iterations")
+    def evaluate(step: int, when: str) -> dict:
+        stage.now(f"the held-out evaluation {when}", step)
+        scores = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
+        if scores:
+            run.metrics.log(step, scores)
+        return scores
+
     if held_out and not latest and "started" not in summary:
-        stage.now("the held-out evaluation before training")
-        start = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
-        summary |= {f"{k}_start": v for k, v in start.items()} | {"started": True}
-        if start:
-            run.metrics.log(0, start)
+        summary |= {f"{k}_start": v for k, v in evaluate(0, "before training").items()} | {"started": True}
     iterations = cfg.ppo.iterations
     progress = Progress(iterations, desc="ppo", enabled=cfg.logging.progress, initial=trainer.iteration_done)
     skipped_in_row = cut_short = 0
@@ -457,6 +479,8 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
         run.metrics.log(done, metrics)
         _record_phases(run.root, done, trainer.phases)
         progress.update(1, reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
+        if held_out and cfg.ppo.eval_every and done % cfg.ppo.eval_every == 0 and done < iterations:
+            evaluate(done, f"at iteration {done}")
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < iterations:
             stage.now(f"the checkpoint of iteration {done}", done)
             save_checkpoint(run, roles.trained(), done, {"controller": trainer.state_dict()})
@@ -465,11 +489,7 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
         stage.now("the final checkpoint", iterations)
         save_checkpoint(run, roles.trained(), iterations, {"controller": trainer.state_dict()})
     if held_out:
-        stage.now("the held-out evaluation after training", iterations)
-        end = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
-        summary |= end
-        if end:
-            run.metrics.log(iterations, end)
+        summary |= evaluate(iterations, "after training")
     stage.now("the save of final/", iterations)
     roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save).result()
     return {k: v for k, v in summary.items() if k != "started"} | {"final": run.final}
