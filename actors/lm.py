@@ -204,11 +204,12 @@ class CausalLMWorker(RankWorker):
         return -(logp * mask).sum(), mask.sum()
 
     @dispatch(reduce="first")
-    def save_pretrained(self, out_dir: str, merge_lora: bool = True) -> None:
-        """All ranks call this (ZeRO-3 gathers); rank 0 writes an HF directory atomically."""
+    def save_pretrained(self, out_dir: str, merge_lora: bool = True, extra_files: dict | None = None) -> None:
+        """All ranks call this (ZeRO-3 gathers); rank 0 writes an HF directory atomically, with `extra_files`
+        (name -> text) beside the weights."""
         from rlhf.modeling import save_pretrained_atomic
         self.engine.write_on_rank0(self.rank, lambda: save_pretrained_atomic(
-            self.engine.module, self.tokenizer, out_dir, merge_lora=merge_lora))
+            self.engine.module, self.tokenizer, out_dir, merge_lora=merge_lora, extra_files=extra_files))
 
 
 class PolicyWorker(CausalLMWorker):

@@ -237,15 +237,18 @@ class RMWorker(ScalarWorker):
         return out
 
     @dispatch(reduce="first")
-    def save_pretrained(self, out_dir: str, stats: Optional[dict] = None, merge_lora: bool = True) -> None:
-        """All ranks call this; rank 0 writes the LM (merged when LoRA), the head, the stats and the tokenizer: a
-        directory that also loads as a sequence classifier (`reward.model`), whose pad token is the tokenizer's."""
-        from rlhf.modeling import atomic_directory
+    def save_pretrained(self, out_dir: str, stats: Optional[dict] = None, merge_lora: bool = True,
+                        extra_files: Optional[dict] = None) -> None:
+        """All ranks call this; rank 0 writes the LM (merged when LoRA), the head, the stats, the tokenizer and
+        `extra_files` (name -> text): a directory that also loads as a sequence classifier (`reward.model`), whose
+        pad token is the tokenizer's."""
+        from rlhf.modeling import atomic_directory, write_text_files
         def write() -> None:
             with atomic_directory(out_dir) as tmp:
                 self.engine.module.save_pretrained(tmp, stats=stats, merge_lora=merge_lora,
                                                    pad_token_id=self.tokenizer.pad_token_id)
                 self.tokenizer.save_pretrained(tmp)
+                write_text_files(tmp, extra_files)
         self.engine.write_on_rank0(self.rank, write)
 
 

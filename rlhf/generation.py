@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -178,26 +179,69 @@ def covering_length(lengths: Sequence[int], cover: float = REPLY_COVER) -> int:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(cover * len(ordered)) - 1))]
 
 
+LENGTHS_FILE = "reply_lengths.json"
+"""What a model's training data said about reply lengths, written into final/ by `rlhf sft`, `rm` and `dpo`, so a
+later run's `max_new_tokens: auto` finds it with the model."""
+
+
+def lengths_file(path: str, tokenizer: Any, data_format: str = "auto") -> dict[str, str]:
+    """{LENGTHS_FILE: its text} for a model trained on `path`: its replies' covering length (in the model's tokens)."""
+    import json
+    lengths = reply_lengths(path, tokenizer, data_format)
+    record = {"covering_length": covering_length(lengths) if lengths else 0, "cover": REPLY_COVER,
+              "longest": max(lengths, default=0), "replies": len(lengths), "data": path}
+    return {LENGTHS_FILE: json.dumps(record, indent=1) + "\n"}
+
+
+def carried_lengths(model: str) -> dict[str, str]:
+    """{LENGTHS_FILE: its text} of a model directory that has one (a policy passes it on to the model it trains)."""
+    path = os.path.join(model, LENGTHS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return {LENGTHS_FILE: f.read()}
+
+
+def recorded_length(models: Sequence[str]) -> tuple[int, str] | None:
+    """The covering reply length the first of `models` (local directories; hub ids have none) recorded, and where."""
+    import json
+    for model in models:
+        path = os.path.join(model, LENGTHS_FILE) if model else ""
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                length = int(json.load(f)["covering_length"])
+            if length > 0:
+                return length, path
+    return None
+
+
 def fit_generation_cap(generation: GenerationConfig, tokenizer: Any, source: str, command: str,
-                       data_format: str = "auto") -> GenerationConfig:
-    """`generation` with its cap resolved: `auto` becomes the length that covers 99% of the replies in `source`,
-    and a number below it is named in one line (the cap, the length, the key to change); a run whose best replies
-    cannot finish learns to prefer the ones that can."""
+                       data_format: str = "auto", models: Sequence[str] = (), fallback: str = "") -> GenerationConfig:
+    """`generation` with its cap resolved: `auto` becomes the length that covers 99% of the replies of, in this
+    order, the file `source` (generation.lengths_from), the training data of the first of `models` that recorded
+    it (LENGTHS_FILE), or the file `fallback`; and a number below that length is named in one line (the cap, the
+    length, the key to change): a run whose best replies cannot finish learns to prefer the ones that can."""
     cap = generation.max_new_tokens
-    if not source:
-        if cap == "auto":
-            raise SystemExit("generation.max_new_tokens: auto needs generation.lengths_from (an SFT or preference "
-                             "file whose replies show how long they run)")
+    recorded = None if source else recorded_length(models)
+    if recorded:
+        needed, where = recorded[0], f"the replies in the training data of {os.path.dirname(recorded[1])}"
+    elif source or fallback:
+        needed, where = covering_length(reply_lengths(source or fallback, tokenizer, data_format)), \
+            f"the replies in {source or fallback}"
+    elif cap == "auto":
+        raise SystemExit("generation.max_new_tokens: auto needs a model trained by rlhf sft, rm or dpo (its final/ "
+                         f"records its replies' lengths in {LENGTHS_FILE}) or generation.lengths_from (an SFT or "
+                         "preference file whose replies show how long they run)")
+    else:
         return generation
-    needed = covering_length(reply_lengths(source, tokenizer, data_format))
     if cap == "auto":
-        print(f"{command}: generation.max_new_tokens=auto: {needed} tokens, enough for "
-              f"{REPLY_COVER:.0%} of the replies in {source}", flush=True)
+        print(f"{command}: generation.max_new_tokens=auto: {needed} tokens, enough for {REPLY_COVER:.0%} of {where}",
+              flush=True)
         return dataclasses.replace(generation, max_new_tokens=needed)
     if cap < needed:
-        print(f"{command}: generation.max_new_tokens={cap} is below {needed}, the length of {REPLY_COVER:.0%} of the "
-              f"replies in {source}; replies cut there never reach <eom> (set generation.max_new_tokens={needed} "
-              "or auto)", flush=True)
+        print(f"{command}: generation.max_new_tokens={cap} is below {needed}, the length of {REPLY_COVER:.0%} of "
+              f"{where}; replies cut there never reach <eom> (set generation.max_new_tokens={needed} or auto)",
+              flush=True)
     return generation
 
 

@@ -427,6 +427,13 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
         os.rename(tmp, out_dir)
 
 
+def write_text_files(directory: str, files: dict[str, str] | None) -> None:
+    """Each name -> text of `files` as a file in `directory` (a model directory being written)."""
+    for name, text in (files or {}).items():
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def save_pretrained_atomic(model: Any, tokenizer: PreTrainedTokenizerBase | None, out_dir: str,
                            merge_lora: bool = True, extra_files: dict[str, str] | None = None) -> str:
     """Save an HF directory atomically (`atomic_directory`).
@@ -446,8 +453,6 @@ def save_pretrained_atomic(model: Any, tokenizer: PreTrainedTokenizerBase | None
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
+        write_text_files(tmp, extra_files)
     from rlhf import storage
     return out_dir if storage.is_uri(out_dir) else os.path.abspath(out_dir)

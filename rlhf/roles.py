@@ -100,8 +100,8 @@ class Policy(_Role):
         """PPO epochs over the plan's minibatches; mean stats (and `logprobs` [b, R] when on-policy)."""
         return self.group.call("update", plan, loss)
 
-    def save_pretrained(self, out_dir: str, merge_lora: bool) -> Future:
-        return self.group.call("save_pretrained", out_dir, merge_lora)
+    def save_pretrained(self, out_dir: str, merge_lora: bool, extra_files: Optional[dict] = None) -> Future:
+        return self.group.call("save_pretrained", out_dir, merge_lora, extra_files)
 
 
 class Reference:

@@ -30,11 +30,12 @@ def ppo_gpus(cfg) -> int:
 
 
 def gpus(cfg, command: str) -> int:
-    return ppo_gpus(cfg) if command == "ppo" else ranks(cfg.layout)
+    return ppo_gpus(cfg) if command == "ppo" else 0 if command == "generate" else ranks(cfg.layout)
 
 
 def _command(path: Path) -> str:
-    return next(c for c in ("ppo", "sft", "rm", "dpo") if path.stem.endswith(c) or path.stem.startswith(f"{c}_"))
+    return next(c for c in ("ppo", "sft", "rm", "dpo", "generate")
+                if path.stem.endswith(c) or path.stem.startswith(f"{c}_"))
 
 
 def configs_in(path: Path) -> list:
@@ -68,7 +69,8 @@ def test_config_loads_and_its_gpus_add_up(path: Path):
     assert len(stated) == 1, f"{_id(path)}: a real config states its GPUs on one '# gpus: N' line"
     assert totals == {int(stated[0])}, f"{_id(path)}: comments say {stated[0]} GPUs, the layout asks for {totals}"
     for command, cfg in found:
-        for layout in [getattr(cfg.roles, r).layout for r in ROLE_NAMES] if command == "ppo" else [cfg.layout]:
+        for layout in ([getattr(cfg.roles, r).layout for r in ROLE_NAMES] if command == "ppo" else
+                       [] if command == "generate" else [cfg.layout]):
             assert layout.gpus_per_node <= 8, f"{_id(path)}: a layout wants more than the 8 GPUs of a node"
 
 

@@ -237,12 +237,43 @@ def test_a_cap_below_the_datas_replies_is_named_and_auto_covers_them(tiny, capsy
     cap = fit_generation_cap(auto, tok, tiny["prefs_train"], "ppo").max_new_tokens
     covered = sum(n <= cap for n in reply_lengths(tiny["prefs_train"], tok)) / len(reply_lengths(tiny["prefs_train"], tok))
     assert covered >= REPLY_COVER and cap <= max(reply_lengths(tiny["prefs_train"], tok))
-    fits = load_config("ppo", "configs/tiny/ppo.yaml").generation  # the tiny config fits the bundled task
+    from rlhf.generation import covering_length
+    fits = load_config("ppo", "configs/tiny/ppo.yaml", [f"generation.max_new_tokens={covering_length(lengths)}"]
+                       ).generation  # a cap the replies fit under is not named
     capsys.readouterr()
     fit_generation_cap(fits, tok, tiny["sft_train"], "ppo")
     assert capsys.readouterr().out == ""
-    with pytest.raises(SystemExit, match="auto needs generation.lengths_from"):
-        fit_generation_cap(auto, tok, "", "generate")
+    with pytest.raises(SystemExit, match="auto needs a model trained by rlhf sft, rm or dpo"):
+        fit_generation_cap(auto, tok, "", "generate", models=(tiny["base"],))  # a random model records nothing
+
+
+def test_the_reply_lengths_travel_with_the_trained_models_and_auto_reads_them(tiny, sft_run, rm_run, capsys):
+    """SFT and the preference model write what their data says about reply lengths into final/; `auto` takes it from
+    the policy (else the reward model) it is given; an explicit generation.lengths_from still wins."""
+    import json
+    from rlhf.config import load_config
+    from rlhf.generation import LENGTHS_FILE, covering_length, fit_generation_cap, reply_lengths
+    from rlhf.modeling import load_tokenizer
+    tok = load_tokenizer(tiny["tokenizer"])
+    for model, data in ((f"{sft_run}/final", tiny["sft_train"]), (f"{rm_run}/final", tiny["prefs_train"])):
+        record = json.loads(open(f"{model}/{LENGTHS_FILE}", encoding="utf-8").read())
+        assert record["covering_length"] == covering_length(reply_lengths(data, tok)) > 8
+    auto = load_config("ppo", "configs/tiny/ppo.yaml").generation
+    assert auto.max_new_tokens == "auto"  # the shipped tiny configs take it from the models
+    sft_cap = json.loads(open(f"{sft_run}/final/{LENGTHS_FILE}").read())["covering_length"]
+    rm_cap = json.loads(open(f"{rm_run}/final/{LENGTHS_FILE}").read())["covering_length"]
+    capsys.readouterr()
+    assert fit_generation_cap(auto, tok, "", "ppo", models=(f"{sft_run}/final", f"{rm_run}/final")).max_new_tokens \
+        == sft_cap
+    assert f"training data of {sft_run}/final" in capsys.readouterr().out
+    assert fit_generation_cap(auto, tok, "", "ppo", models=(tiny["base"], f"{rm_run}/final")).max_new_tokens == rm_cap
+    short = tiny["sft_eval"]
+    assert fit_generation_cap(auto, tok, short, "ppo", models=(f"{sft_run}/final",)).max_new_tokens == \
+        covering_length(reply_lengths(short, tok))
+    low = load_config("ppo", "configs/tiny/ppo.yaml", ["generation.max_new_tokens=4"]).generation
+    capsys.readouterr()
+    assert fit_generation_cap(low, tok, "", "ppo", models=(f"{sft_run}/final",)).max_new_tokens == 4  # said, kept
+    assert f"max_new_tokens=4 is below {sft_cap}" in capsys.readouterr().out
 
 
 # --- the log-probs of what was sampled, from the passes that sampled it ---------------------------------------

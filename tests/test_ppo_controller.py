@@ -103,7 +103,8 @@ def test_an_update_stops_its_epochs_once_approx_kl_passes_the_bound(tiny):
     def run(early_stop_kl: float) -> tuple[dict, torch.Tensor]:
         trainer = _trainer(tiny, "ppo.ppo_epochs=4", "ppo.train_batch_size=4", "ppo.prompts_per_iteration=8",
                            f"ppo.early_stop_kl={early_stop_kl}", "ppo.critic_warmup_iterations=0",
-                           "roles.policy.optim.lr=0.05", "roles.policy.micro_batch_size=4")
+                           "roles.policy.optim.lr=0.05", "roles.policy.micro_batch_size=4",
+                           "generation.max_new_tokens=12")
         cfg = trainer.cfg
         group = LocalGroup("policy", PolicyWorker, RankSpec(tiny["base"], cfg.roles.policy, cfg.model, cfg.seed,
                                                             trainable=True, total_steps=8))

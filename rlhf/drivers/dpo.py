@@ -72,7 +72,7 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     from actors.lm import DPOWorker, ReferenceWorker
     from rlhf.batching import collate_prompts
     from rlhf.data import load_preferences
-    from rlhf.generation import fit_generation_cap
+    from rlhf.generation import fit_generation_cap, lengths_file
     from rlhf.modeling import check_model_dir, load_tokenizer
     from rlhf.moss import tokenize_prompt
 
@@ -86,10 +86,11 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     kl_prompts = collate_prompts([tokenize_prompt(p.prompt, tokenizer, cfg.data.max_length, cfg.data.plugin) for p in
                                   load_preferences(cfg.data.eval, cfg.data.format)[:cfg.dpo.kl_prompts]],
                                  tokenizer.pad_token_id) if cfg.data.eval and cfg.dpo.kl_prompts else None
-    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from or cfg.data.train, "dpo",
-                                        cfg.data.format)
+    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from, "dpo", cfg.data.format,
+                                        models=(cfg.model.path,), fallback=cfg.data.train)
     plan, spec = one_group_plan(cfg, len(train), "ranked lists")
     spec = dataclasses.replace(spec, temperature=cfg.generation.temperature)  # the held-out KL's replies' distribution
+    lengths = lengths_file(cfg.data.train, tokenizer, cfg.data.format)  # for a later run's max_new_tokens: auto
     # The reference is the starting model, frozen: no optimizer, no LoRA (a LoRA policy's base is that model).
     reference = dataclasses.replace(spec, role=dataclasses.replace(spec.role, lora=dataclasses.replace(
         spec.role.lora, enabled=False)), trainable=False, grad_accum=1, total_steps=1)
@@ -129,7 +130,7 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
 
     def finish(trainer: Trainer, before: dict, after: dict) -> dict:
         seconds = time.time() - seen["began"] if seen["began"] else 0.0
-        trainer.save_pretrained(run.final, cfg.lora.merge_on_save).result()
+        trainer.save_pretrained(run.final, cfg.lora.merge_on_save, lengths).result()
         start = {f"{k.removeprefix('eval/')}_start": v for k, v in before.items()}
         return start | {k.removeprefix("eval/"): v for k, v in after.items()} | {
             "train_pairs": seen["pairs"], "train_seconds": seconds, "reference_responses_scored": seen["scored"],

@@ -28,7 +28,7 @@ def generate_texts(model_path: str, dialogues: Sequence[Dialogue], cfg: Generate
         "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     model = load_causal_lm(model_path, dtype, cfg.model.trust_remote_code).to(device)
     gen = dataclasses.asdict(fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from, "generate",
-                                                cfg.data.format))
+                                                cfg.data.format, models=(model_path,)))
     eom_id = tokenizer.convert_tokens_to_ids(EOM)
     plugin = cfg.data.plugin
     tools = build_registry(cfg.plugins.tools, cfg.plugins.solver, cfg.plugins.timeout) if plugin else None

@@ -122,7 +122,6 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
         stage = {name: os.path.join(output, name) for name in wanted}
         if "ppo" in cfgs:
             cfgs["ppo"].roles.reward.model = f"{stage['rm']}/final"
-            cfgs["ppo"].generation.lengths_from = cfgs["ppo"].generation.lengths_from or files["sft_train"]
         # Each stage: what it starts from, what it trains on, what it holds out, the line it says, its driver.
         stages = [("sft", model, "sft", "SFT ...", run_sft),
                   ("rm", f"{stage['sft']}/final", "prefs", "preference model ...", run_rm),

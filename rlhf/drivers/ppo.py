@@ -387,8 +387,8 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     rules, eval_rules, reward_stats = load_reward_setup(cfg)
     plan = cfg.derive()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
-    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from or cfg.data.ptx, "ppo",
-                                        cfg.data.format)
+    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from, "ppo", cfg.data.format,
+                                        models=(cfg.model.path, cfg.roles.reward.model), fallback=cfg.data.ptx)
     reward = cfg.roles.reward.model
     if reward and ("reward" in plan.roles or role_model(cfg, "critic") == reward):
         reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)
@@ -491,7 +491,8 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
     if held_out:
         summary |= evaluate(iterations, "after training")
     stage.now("the save of final/", iterations)
-    roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save).result()
+    from rlhf.generation import carried_lengths
+    roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save, carried_lengths(cfg.model.path)).result()
     return {k: v for k, v in summary.items() if k != "started"} | {"final": run.final}
 
 

@@ -39,6 +39,7 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
     `score`, lists the trained group scores before it stops: the summary's `pair_margins` is `[P]` r_better - r_worse
     of their pairs, in order."""
     from actors.scalar import RMWorker
+    from rlhf.generation import lengths_file
     from rlhf.modeling import check_model_dir, load_tokenizer
 
     check_model_dir(cfg.model.path, "--model")
@@ -48,6 +49,7 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
     train, touched = weak_pairs(cfg, train)
     held_out = encode_file(cfg.data.eval, tokenizer, cfg.data, cfg.rm) if cfg.data.eval else []
     plan, spec = one_group_plan(cfg, len(train), "ranked lists")
+    lengths = lengths_file(cfg.data.train, tokenizer, cfg.data.format)  # for PPO's max_new_tokens: auto
     # The loop's own throughput (start-up and the final save left out) and the scores PPO normalises with.
     seen = {"pairs": 0, "began": 0.0, "rewards": []}
 
@@ -78,7 +80,7 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
                  "std": final.get("reward_std", float(recent.std())) or 1.0}
         if not math.isfinite(stats["std"]) or stats["std"] <= 0:
             stats["std"] = 1.0
-        trainer.save_pretrained(run.final, stats, cfg.lora.merge_on_save).result()
+        trainer.save_pretrained(run.final, stats, cfg.lora.merge_on_save, lengths).result()
         scored = {}
         if score is not None:  # while the group is up: an ensemble member's scores of every pair
             margins = trainer.evaluate(score).result()["margins"]

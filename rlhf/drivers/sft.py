@@ -19,6 +19,7 @@ def encode_dialogues(path: str, tokenizer, data: DataConfig) -> list[dict]:
 def run_sft(cfg: SFTConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
     """Train `cfg.model.path` on `cfg.data.train`; returns the summary the command line prints."""
     from actors.lm import SFTWorker
+    from rlhf.generation import lengths_file
     from rlhf.modeling import check_model_dir, load_tokenizer
 
     # Everything that can be wrong with the input is found before any rank starts.
@@ -28,6 +29,7 @@ def run_sft(cfg: SFTConfig, output: str, resume: bool = False, backend: Optional
     train = encode_dialogues(cfg.data.train, tokenizer, cfg.data)
     held_out = encode_dialogues(cfg.data.eval, tokenizer, cfg.data) if cfg.data.eval else []
     plan, spec = one_group_plan(cfg, len(train), "dialogues")
+    lengths = lengths_file(cfg.data.train, tokenizer, cfg.data.format)  # for a later run's max_new_tokens: auto
     pad_id = tokenizer.pad_token_id
 
     def step(trainer: Trainer, dialogues: list, epoch: int) -> dict:
@@ -43,7 +45,7 @@ def run_sft(cfg: SFTConfig, output: str, resume: bool = False, backend: Optional
         return {"eval/loss": float(out["loss_sum"].sum() / out["tokens"].sum())}
 
     def finish(trainer: Trainer, before: dict, after: dict) -> dict:
-        trainer.save_pretrained(run.final, cfg.lora.merge_on_save).result()
+        trainer.save_pretrained(run.final, cfg.lora.merge_on_save, lengths).result()
         start = {"eval/loss_start": before["eval/loss"]} if before else {}
         return start | after | {"final": run.final}
 
