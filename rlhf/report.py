@@ -41,6 +41,9 @@ RULE_IN_WORDS = ("The **rule score** is the bundled task's own check of a reply,
                  "topic (or the right answer) plus 0.5 for thanking the user, so 1.0 is a reply that does both. "
                  "Its two parts below show which of the two a policy learned.")
 
+PART_NAMES = {"on_topic": "naming the topic", "thanks": "thanking the user"}
+"""How the report names the parts of the bundled task's rule (`rlhf.sample.parts_of`)."""
+
 PLOTS = [("ppo/reward_raw", "reward (raw)", "reward-model score"),
          ("ppo/kl", "KL to reference", "KL (nats per reply)"),
          ("ppo/response_length", "response length", "tokens"),
@@ -120,9 +123,26 @@ def reward_hacking(ppo_rows: list[dict], held_out: Optional[HeldOut]) -> Verdict
     if end - start >= REWARD_RISE and after - before < RULE_GAIN:
         return WARN, (f"possible reward hacking: the reward rose {start:.3f} → {end:.3f} (first → last third of the "
                       f"iterations) while {name} did not follow, {before:.3f} → {after:.3f}. PPO learned what the "
-                      "reward model likes, not the task: read the replies below; a better reward model or a higher "
-                      "`ppo.kl_coef` helps")
+                      "reward model likes, not the task: read the replies below; a better reward model or a lower "
+                      "`ppo.kl_target` (a higher `ppo.kl_coef` with a fixed controller) helps")
     return PASS, f"no reward hacking: reward {start:.3f} → {end:.3f}, {name} {before:.3f} → {after:.3f}"
+
+
+def parts_followed(before: Optional[dict[str, float]], after: Optional[dict[str, float]]) -> Verdict:
+    """Whether a policy learned every part of the task's rule, not one part alone: a part that gained less than
+    RULE_GAIN over the SFT policy's while another rose by more is half a task learned (a reward model that rewards
+    the easy half; the demo once learned to thank while it still missed the topic)."""
+    if not before or not after:
+        return UNCHECKED, "the rule's parts: needs them for the SFT policy and this one"
+    gains = {name: after[name] - before[name] for name in before if name in after}
+    said = ", ".join(f"{PART_NAMES.get(n, n)} {before[n]:.0%} → {after[n]:.0%}" for n in gains)
+    flat = [n for n, gain in gains.items() if gain < RULE_GAIN]
+    if flat and len(flat) < len(gains):
+        return WARN, (f"only part of the task learned: {said}. The reward model may reward "
+                      f"{' and '.join(PART_NAMES.get(n, n) for n in gains if n not in flat)} but not "
+                      f"{' and '.join(PART_NAMES.get(n, n) for n in flat)} (check it on replies that differ in that "
+                      "part alone)")
+    return (PASS, f"every part of the rule rose: {said}") if not flat else (WARN, f"no part of the rule rose: {said}")
 
 
 def collapse_sign(ppo_rows: list[dict]) -> Verdict:
@@ -134,7 +154,8 @@ def collapse_sign(ppo_rows: list[dict]) -> Verdict:
             "(first → last third of the iterations)")
     if kl[1] - kl[0] >= COLLAPSE_KL_RISE and ppl[1] <= ppl[0] * (1 - COLLAPSE_PERPLEXITY_DROP):
         return WARN, (f"sign of collapse: {said}: the policy narrows onto a few replies the reward model likes. "
-                      "Raise `ppo.kl_coef` (or `ppo.kl_controller: adaptive`) or lower the policy's learning rate")
+                      "Lower `ppo.kl_target` (with `ppo.kl_controller: adaptive`; or raise a fixed `ppo.kl_coef`) "
+                      "or the policy's learning rate")
     return PASS, f"no sign of collapse: {said}"
 
 
@@ -210,6 +231,8 @@ def write_report(out_dir: str, *, rm_eval: Optional[dict], rules: dict[str, Opti
         verdicts.append(_verdict_line("PPO", policy_verdict(held_out, ppo_rows[-1]["ppo/kl"] if ppo_rows else None)))
         checks = [_verdict_line("PPO", reward_hacking(ppo_rows, held_out)),
                   _verdict_line("PPO", collapse_sign(ppo_rows))]
+        if parts.get("SFT") and parts.get("PPO"):
+            checks.append(_verdict_line("PPO", parts_followed(parts["SFT"], parts["PPO"])))
     if dpo_metrics:
         held_out = against_sft("DPO") or first_and_last(dpo_evals, "eval/pairwise_accuracy")
         kl = series(dpo_evals, "eval/kl")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from rlhf.report import (PASS, UNCHECKED, WARN, accuracy_verdict, collapse_sign, draw, policy_verdict, ppo_held_out,
-                         reward_hacking, sft_verdict, thirds, write_report)
+from rlhf.report import (PASS, UNCHECKED, WARN, accuracy_verdict, collapse_sign, draw, parts_followed, policy_verdict,
+                         ppo_held_out, reward_hacking, sft_verdict, thirds, write_report)
 
 
 def ppo_rows(reward: list[float], kl: list[float], perplexity: list[float]) -> list[dict]:
@@ -50,6 +50,16 @@ def test_kl_rising_with_steady_perplexity_or_perplexity_falling_near_the_referen
     assert collapse_sign(ppo_rows(FLAT, kl_up, ppl_steady))[0] == PASS
     assert collapse_sign(ppo_rows(FLAT, kl_flat, ppl_down))[0] == PASS
     assert collapse_sign(ppo_rows(FLAT[:1], kl_up[:1], ppl_down[:1]))[0] == UNCHECKED
+
+
+def test_a_policy_that_learned_one_part_of_the_rule_alone_is_called_out():
+    # The demo's old failure: thanking rose to every reply while naming the topic stayed where SFT left it.
+    verdict, said = parts_followed({"on_topic": 0.16, "thanks": 0.34}, {"on_topic": 0.14, "thanks": 1.0})
+    assert verdict == WARN and "only part of the task learned" in said
+    assert "reward thanking the user but not naming the topic" in said
+    assert parts_followed({"on_topic": 0.16, "thanks": 0.34}, {"on_topic": 0.9, "thanks": 0.95})[0] == PASS
+    assert parts_followed({"on_topic": 0.5, "thanks": 0.5}, {"on_topic": 0.5, "thanks": 0.52})[0] == WARN
+    assert parts_followed(None, {"on_topic": 0.9, "thanks": 0.9})[0] == UNCHECKED
 
 
 def test_a_verdict_per_stage():
@@ -116,6 +126,7 @@ def test_the_report_opens_with_a_verdict_per_stage_the_warnings_and_the_rules_pa
     assert "- **PASS** DPO: held-out rule score rose over SFT's, 0.400 → 0.700" in verdicts
     assert "- **WARN** PPO: possible reward hacking" in verdicts
     assert "- **WARN** PPO: sign of collapse" in verdicts
+    assert "- **WARN** PPO: no part of the rule rose" in verdicts
     assert "0.5 for naming the topic (or the right answer) plus 0.5 for thanking the user" in text
     assert "| policy | rule score | replies naming the topic (or answer) | replies thanking the user |" in text
     assert "| DPO | 0.700 | 60% | 80% |" in text and "| SFT | 0.400 | 60% | 20% |" in text
