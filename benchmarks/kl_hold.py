@@ -9,7 +9,11 @@ of the last 5 iterations), the KL coefficient at the end, and whether the score 
 after 0 to the last (|difference| <= 0.15). `--set` overrides go to PPO alone, so KL-control settings compare:
 
     python benchmarks/kl_hold.py [--iterations 60] [--seeds 0 1 2] [--tasks sample second] [--out DIR]
-        [--set ppo.kl_target_unit=token --name token]
+        [--set ppo.kl_controller=fixed --name fixed] [--dpo]
+
+With --dpo, DPO (configs/tiny/dpo.yaml) trains from the same SFT policy on the same ranked lists, and the SFT, DPO
+and every PPO policy answer the held-out prompts with `rlhf generate`'s chat sampling: one rule score each, the
+comparison of the two methods on the same data.
 
 Finished stages are reused when the script runs again with the same --out (SFT, the preference model, and a PPO
 run whose settings are the same); an interrupted one resumes from its last checkpoint.
@@ -45,6 +49,8 @@ class Task:
     """Writes the task's six files (sft/prefs/prompts, train and eval) into a directory, for a seed."""
     eval_rules: dict[str, str]
     """ppo.eval_rules for it: `rule_score` and, where the task has them as rules, its parts."""
+    score_of: Callable[[list, list], float | None]
+    """The task's rule over reply texts to held-out prompts (the --dpo comparison)."""
 
 
 def _write_sample(out: str, seed: int) -> dict:
@@ -57,9 +63,19 @@ def _write_second(out: str, seed: int) -> dict:
     return write_task(out, seed=seed)
 
 
-TASKS = {"sample": Task(_write_sample, {"rule_score": "sample"}),
+def _sample_score(prompts: list, replies: list) -> float | None:
+    from rlhf.sample import score_of
+    return score_of(prompts, replies)
+
+
+def _second_score(prompts: list, replies: list) -> float | None:
+    from second_task import score_of
+    return score_of(prompts, replies)
+
+
+TASKS = {"sample": Task(_write_sample, {"rule_score": "sample"}, _sample_score),
          "second": Task(_write_second, {"rule_score": "second_task:rule", "fact": "second_task:fact_rule",
-                                        "brief": "second_task:brief_rule"})}
+                                        "brief": "second_task:brief_rule"}, _second_score)}
 FILES = ("sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "prompts_eval")
 
 
@@ -105,6 +121,33 @@ def prepare(name: str, root: str, data_seed: int) -> tuple[dict, str, str]:
     return files, f"{sft}/final", f"{rm}/final"
 
 
+def run_dpo(name: str, root: str, files: dict, policy: str) -> str:
+    """DPO (configs/tiny/dpo.yaml) from the task's SFT policy on its ranked lists, once; its final/."""
+    from rlhf.config import load_config
+    from rlhf.drivers.dpo import run_dpo as dpo
+    out = os.path.join(root, "dpo")
+    if not os.path.isdir(os.path.join(out, "final")):
+        cfg = load_config("dpo", str(ROOT / "configs/tiny/dpo.yaml"), ["logging.progress=false"])
+        cfg.model.path, cfg.data.train, cfg.data.eval = policy, files["prefs_train"], files["prefs_eval"]
+        began = time.perf_counter()
+        dpo(cfg, out, resume=_interrupted(out))
+        say(f"{name}: dpo done in {time.perf_counter() - began:.0f} s -> {out}/final")
+    return f"{out}/final"
+
+
+def chat_scores(task: str, files: dict, policies: dict[str, str]) -> dict[str, float | None]:
+    """Each policy's held-out rule score with `rlhf generate`'s chat sampling (the report's), same prompts and seed:
+    the comparison of PPO with DPO that does not depend on how either run measured itself."""
+    from rlhf.config import load_config
+    from rlhf.data import load_prompts
+    from rlhf.drivers.generate import generate_texts
+    prompts = load_prompts(files["prompts_eval"])
+    sampling = load_config("generate", None, [f"generation.lengths_from={files['sft_train']}"])
+    sampling.generation.max_new_tokens = "auto"
+    return {label: TASKS[task].score_of(prompts, generate_texts(model, prompts, sampling))
+            for label, model in policies.items()}
+
+
 def ppo_overrides(args: argparse.Namespace, task: str, seed: int) -> list[str]:
     """The task's eval rules first, so a user's --set can replace them."""
     rules = [f"ppo.eval_rules.{metric}={rule}" for metric, rule in TASKS[task].eval_rules.items()]
@@ -118,10 +161,14 @@ def run_seed(args: argparse.Namespace, task: str, seed: int, files: dict, policy
     (a --set may have changed them)."""
     from rlhf.config import load_config, to_yaml
     from rlhf.drivers.ppo import run_ppo
+    from rlhf.generation import fit_generation_cap
+    from rlhf.modeling import load_tokenizer
     cfg = load_config("ppo", str(ROOT / "configs/tiny/ppo.yaml"), ppo_overrides(args, task, seed))
     cfg.model.path, cfg.roles.reward.model = policy, reward
     cfg.data.train, cfg.data.eval = files["prompts_train"], files["prompts_eval"]
-    cfg.generation.lengths_from = cfg.generation.lengths_from or files["sft_train"]
+    # The cap as run_ppo resolves it (`auto` from the policy's final/), so a finished run's config.yaml compares.
+    cfg.generation = fit_generation_cap(cfg.generation, load_tokenizer(policy), cfg.generation.lengths_from, "ppo",
+                                        models=(policy, reward), fallback=files["sft_train"])
     out = os.path.join(args.out, task, f"{args.name}-seed{seed}")
     saved = os.path.join(out, "config.yaml")
     if os.path.exists(saved) and Path(saved).read_text(encoding="utf-8") != to_yaml(cfg):
@@ -180,7 +227,7 @@ def rm_accuracy(root: str) -> float | None:
     return accuracy
 
 
-def report(args: argparse.Namespace, results: dict[str, dict[int, dict]], seconds: dict) -> None:
+def report(args: argparse.Namespace, results: dict[str, dict[int, dict]], compared: dict, seconds: dict) -> None:
     steps = sorted({s for by_seed in results.values() for r in by_seed.values() for s in r["score"]})
     header = ["task", "seed", *[f"score@{s}" for s in steps], f"ppo/kl (last {KL_WINDOW})",
               f"ppo/kl_per_token (last {KL_WINDOW})", "ppo/kl_coef (end)",
@@ -197,8 +244,14 @@ def report(args: argparse.Namespace, results: dict[str, dict[int, dict]], second
              f"--set {' '.join(args.set) or '(none)'}")
     accuracy = {task: rm_accuracy(os.path.join(args.out, task)) for task in results}
     text += "\npreference model, held-out pairwise accuracy: " + ", ".join(f"{t} {fmt(a)}" for t, a in accuracy.items())
+    for task, scores in compared.items():
+        sft = scores["SFT"]
+        text += (f"\n{task}: held-out rule score with rlhf generate's chat sampling (gain over SFT): " +
+                 ", ".join(f"{label} {fmt(v)}" + ("" if label == "SFT" or v is None or sft is None else
+                                                   f" ({v - sft:+.2f})") for label, v in scores.items()))
     text += "\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
-    write_record("kl_hold", args, {"results": results, "rm_accuracy": accuracy, "seconds": seconds}, text)
+    write_record("kl_hold", args, {"results": results, "dpo_comparison": compared, "rm_accuracy": accuracy,
+                                   "seconds": seconds}, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a PPO config override (repeatable), e.g. ppo.kl_target_unit=token")
     p.add_argument("--name", default="ppo", help="PPO runs go to OUT/TASK/NAME-seedS: one name per set of --set")
     p.add_argument("--data-seed", type=int, default=0, help="seed of each task's data")
+    p.add_argument("--dpo", action="store_true", help="also train DPO (configs/tiny/dpo.yaml) from each task's SFT "
+                   "policy and compare the held-out rule scores of SFT, DPO and every PPO run, sampled alike")
     p.add_argument("--out", default=str(ROOT / "runs" / "kl_hold"),
                    help="work directory: data, models, runs, and the record kl_hold.json")
     args = p.parse_args(argv)
@@ -223,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.config import load_config
     started = ensure_ray(load_config("ppo", str(ROOT / "configs/tiny/ppo.yaml")).ray, 4)
     results: dict[str, dict[int, dict]] = {}
+    compared: dict[str, dict[str, float | None]] = {}
     seconds: dict[str, float] = {}
     began = time.perf_counter()
     try:
@@ -239,11 +295,18 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"{task} seed {seed}: eval/rule_score " +
                     " -> ".join(f"{s}: {fmt(v)}" for s, v in r["score"].items()) +
                     f"; ppo/kl {fmt(r['kl'])}, per token {fmt(r['kl_per_token'])}, kl_coef {fmt(r['kl_coef'])}")
+                r["final"] = os.path.join(run, "final")
+            if args.dpo:
+                policies = {"SFT": policy, "DPO": run_dpo(task, os.path.join(args.out, task), files, policy),
+                            **{f"PPO seed {s}": r["final"] for s, r in results[task].items()}}
+                compared[task] = chat_scores(task, files, policies)
+                say(f"{task}: held-out rule score, chat sampling: " +
+                    ", ".join(f"{k} {fmt(v)}" for k, v in compared[task].items()))
     finally:
         if started:
             ray.shutdown()
     seconds["total"] = time.perf_counter() - began
-    report(args, results, seconds)
+    report(args, results, compared, seconds)
     return 0
 
 
