@@ -387,8 +387,6 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     rules, eval_rules, reward_stats = load_reward_setup(cfg)
     plan = cfg.derive()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
-    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from, "ppo", cfg.data.format,
-                                        models=(cfg.model.path, cfg.roles.reward.model), fallback=cfg.data.ptx)
     reward = cfg.roles.reward.model
     if reward and ("reward" in plan.roles or role_model(cfg, "critic") == reward):
         reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)
@@ -401,6 +399,8 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     if len(prompts) < cfg.ppo.prompts_per_iteration:
         raise SystemExit(f"{cfg.data.train}: {len(prompts)} prompts is fewer than ppo.prompts_per_iteration "
                          f"({cfg.ppo.prompts_per_iteration})")
+    cfg.generation = fit_generation_cap(cfg.generation, tokenizer, cfg.generation.lengths_from, "ppo", cfg.data.format,
+                                        models=(cfg.model.path, cfg.roles.reward.model), fallback=cfg.data.ptx)
     prompt_ids = [tokenize_prompt(d, tokenizer, cfg.data.max_prompt_length, cfg.data.plugin) for d in prompts]
     run = open_run(output, cfg, resume)
     summary: dict = {}
