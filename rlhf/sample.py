@@ -59,7 +59,8 @@ _THOUGHTS = {"en": ("I should use the calculator.", "No tool is needed for {t}."
 # style -> (polite, on topic); SFT replies mix them (SFT_STYLE_WEIGHTS) so the SFT policy is deliberately mixed.
 STYLES = {"best": (True, True), "topic": (False, True), "polite": (True, False), "bad": (False, False)}
 # Politeness is rare in the SFT replies (30%), so the SFT policy leaves PPO clear room to learn what the
-# preference data rewards; a tiny model learns it far more easily than copying the topic word.
+# preference data rewards. Copying the topic word is the harder half for a tiny model: it needs the steps and
+# learning rate of configs/tiny/sft.yaml, and then names the asked topic in most replies that name one.
 SFT_STYLE_WEIGHTS = {"best": 0.15, "topic": 0.45, "polite": 0.15, "bad": 0.25}
 # Arithmetic: operands small enough for a two-layer model to copy into a command and back out of its result;
 # enough of them that it must copy rather than memorise.
