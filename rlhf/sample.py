@@ -227,7 +227,10 @@ def _preference(rng: random.Random, pool: _Pool, shorthand: bool) -> dict:
         while len(responses) < k:
             style = rng.choice(list(STYLES))
             # Often a reply about the wrong topic, so the reward must compare it with the prompt (a reward model that
-            # only learns "names some topic" is what PPO exploits first).
+            # only learns "names some topic" is what PPO exploits first). The tiny reward model of configs/tiny/rm.yaml
+            # does not learn that comparison from these lists: on held-out prompts it scores another topic as high as
+            # the asked one (1600 lists, half of whose topic contrasts are with another topic, teach it in most runs,
+            # at 4x the training). PPO's replies stay on the asked topic because the SFT policy copies it.
             other = rng.choice(EN_TOPICS if lang == "en" else ZH_TOPICS)
             reply = _reply(rng, lang, style, other if rng.random() < 0.4 else topic)
             if reply not in responses:
