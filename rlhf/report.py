@@ -121,8 +121,8 @@ def reward_hacking(ppo_rows: list[dict], held_out: Optional[HeldOut]) -> Verdict
         return UNCHECKED, "reward hacking: needs two PPO iterations and a held-out measure"
     (start, end), (name, before, after) = trend, held_out
     if end - start >= REWARD_RISE and after - before < RULE_GAIN:
-        return WARN, (f"possible reward hacking: the reward rose {start:.3f} → {end:.3f} (first → last third of the "
-                      f"iterations) while {name} did not follow, {before:.3f} → {after:.3f}. PPO learned what the "
+        return WARN, (f"possible reward hacking: the reward rose {start:.3f} → {end:.3f} (first → last third of "
+                      f"the iterations) while {name} did not follow, {before:.3f} → {after:.3f}. PPO learned what the "
                       "reward model likes, not the task: read the replies below; a better reward model or a lower "
                       "`ppo.kl_target` (a higher `ppo.kl_coef` with a fixed controller) helps")
     return PASS, f"no reward hacking: reward {start:.3f} → {end:.3f}, {name} {before:.3f} → {after:.3f}"

@@ -330,7 +330,8 @@ def test_plugin_rollout_log_probs_skip_the_results_and_match_the_forward_pass(po
         bias[tok.convert_tokens_to_ids(EOC)] += 4.0
     try:
         torch.manual_seed(0)
-        out, _ = generate_plugin_replies(model, tok, batch, _gen(max_new_tokens=6, top_p=1.0, repetition_penalty=1.0), default_registry(), "cpu",
+        gen = _gen(max_new_tokens=6, top_p=1.0, repetition_penalty=1.0)
+        out, _ = generate_plugin_replies(model, tok, batch, gen, default_registry(), "cpu",
                                          max_results_tokens=16, with_logprobs=True)
         expected = _forward_logprobs(policy, batch, out, temperature=0.7)  # _gen samples at 0.7
     finally:

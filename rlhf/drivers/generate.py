@@ -14,7 +14,8 @@ from rlhf.generation import fit_generation_cap, generate_plugin_replies, generat
 from rlhf.moss import EOM, Dialogue, tokenize_prompt
 
 
-def generate_texts(model_path: str, dialogues: Sequence[Dialogue], cfg: GenerateConfig, batch_size: int = 16) -> list[str]:
+def generate_texts(model_path: str, dialogues: Sequence[Dialogue], cfg: GenerateConfig,
+                   batch_size: int = 16) -> list[str]:
     """Reply texts of the model at model_path to dialogues (prompts, or dialogues whose last reply is dropped), in
     order, sampled as `cfg.generation` says in `cfg.model.dtype`, a plugin model (`cfg.data.plugin`) calling the
     tools of `cfg.plugins`; seeded with `cfg.seed` without disturbing the caller's random state."""

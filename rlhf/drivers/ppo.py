@@ -439,7 +439,9 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
         trainer.load_state_dict(load_checkpoint(roles.trained(), latest)["controller"])
     first = trainer.iteration_done
     resumed(run, restarts, stage, first, "ppo", "iterations")
+
     def evaluate(step: int, when: str) -> dict:
+        """The held-out rule scores of the policy's replies now, logged at `step`."""
         stage.now(f"the held-out evaluation {when}", step)
         scores = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
         if scores:
@@ -491,8 +493,9 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
     if held_out:
         summary |= evaluate(iterations, "after training")
     stage.now("the save of final/", iterations)
-    from rlhf.generation import carried_lengths
-    roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save, carried_lengths(cfg.model.path)).result()
+    from rlhf.generation import carried_lengths  # the starting policy's reply lengths, for a later run's auto
+    roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save,
+                                 carried_lengths(cfg.model.path)).result()
     return {k: v for k, v in summary.items() if k != "started"} | {"final": run.final}
 
 
