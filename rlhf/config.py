@@ -301,6 +301,8 @@ class AlgorithmConfig:
     KL per reply token, `ppo/kl_per_token`: the same target whatever the replies' length)."""
     kl_horizon: int = 10000
     """Adaptive controller's horizon in samples: smaller moves the coefficient faster."""
+    kl_coef_min: float = 0.0
+    """Adaptive controller's floor: the coefficient never falls below it while the KL is under the target."""
     early_stop_kl: float = 0.0
     """Stop the policy's remaining PPO epochs of an iteration once an epoch's mean approx_kl (per token, to the
     policy that sampled the rollouts) passes this (the PPO literature's target_kl); 0: off."""
@@ -649,6 +651,8 @@ def _check_ppo(cfg: PPOConfig) -> None:
         if p.train_batch_size % world:
             raise ConfigError(f"ppo.train_batch_size: {p.train_batch_size} rollouts do not split evenly over the "
                               f"{world} ranks of roles.{r}")
+    if p.kl_coef_min < 0:
+        raise ConfigError(f"ppo.kl_coef_min: must be >= 0, got {p.kl_coef_min}")
     if p.early_stop_kl < 0:
         raise ConfigError(f"ppo.early_stop_kl: must be a KL per token above 0, or 0 (off), got {p.early_stop_kl}")
     if p.dual_clip and p.dual_clip <= 1:

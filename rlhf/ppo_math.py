@@ -129,19 +129,22 @@ class FixedKLController:
 class AdaptiveKLController:
     """Adaptive KL coefficient of Ziegler et al. (2019): pushes the measured KL towards `target`.
 
-    error = clip(kl / target - 1, -0.2, 0.2); coef *= 1 + error * n_steps / horizon.
+    error = clip(kl / target - 1, -0.2, 0.2); coef = max(min_coef, coef * (1 + error * n_steps / horizon)).
+    The floor keeps a run that starts below its target from wearing the coefficient down to ~0, from where it
+    would climb back too slowly to stop the KL once it passes the target.
     """
 
-    def __init__(self, init_coef: float, target: float, horizon: float):
+    def __init__(self, init_coef: float, target: float, horizon: float, min_coef: float = 0.0):
         if target <= 0 or horizon <= 0:
             raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got target={target}, horizon={horizon}")
         self.coef = float(init_coef)
         self.target = float(target)
         self.horizon = float(horizon)
+        self.min_coef = float(min_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
-        self.coef *= 1 + error * n_steps / self.horizon
+        self.coef = max(self.min_coef, self.coef * (1 + error * n_steps / self.horizon))
 
     def state_dict(self) -> dict:
         return {"coef": self.coef, "target": self.target, "horizon": self.horizon}
@@ -153,15 +156,16 @@ class AdaptiveKLController:
 
 
 def make_kl_controller(
-    kind: str, init_coef: float, target: float | None = None, horizon: float | None = None
+    kind: str, init_coef: float, target: float | None = None, horizon: float | None = None, min_coef: float = 0.0
 ) -> FixedKLController | AdaptiveKLController:
-    """`fixed` keeps `init_coef`; `adaptive` also needs `target` (KL per sample) and `horizon` (samples)."""
+    """`fixed` keeps `init_coef`; `adaptive` also needs `target` (KL per sample) and `horizon` (samples), and keeps
+    the coefficient at or above `min_coef`."""
     if kind == "fixed":
         return FixedKLController(init_coef)
     if kind == "adaptive":
         if target is None or horizon is None:
             raise ValueError("an adaptive KL controller needs both target and horizon; set them or use kind 'fixed'")
-        return AdaptiveKLController(init_coef, target, horizon)
+        return AdaptiveKLController(init_coef, target, horizon, min_coef)
     raise ValueError(f"unknown KL controller {kind!r}; use 'fixed' or 'adaptive'")
 
 

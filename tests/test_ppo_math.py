@@ -109,6 +109,15 @@ def test_adaptive_kl_controller_moves_towards_target_and_clips_the_error():
     assert restored.coef == ctl.coef and restored.target == 6.0 and restored.horizon == 10000
 
 
+def test_adaptive_kl_controller_never_falls_below_its_floor_and_climbs_from_there():
+    ctl = make_kl_controller("adaptive", init_coef=0.05, target=0.1, horizon=32, min_coef=0.02)
+    for _ in range(20):  # below target for 20 iterations of 32 rollouts: 20% down each, held at the floor
+        ctl.update(current_kl=0.01, n_steps=32)
+    assert ctl.coef == approx(0.02)
+    ctl.update(current_kl=0.5, n_steps=32)  # above: up 20% from the floor, not from a coefficient worn to ~0
+    assert ctl.coef == approx(0.024)
+
+
 def test_fixed_kl_controller_and_factory():
     ctl = make_kl_controller("fixed", init_coef=0.05)
     assert isinstance(ctl, FixedKLController)

@@ -41,7 +41,7 @@ class PPOTrainer:
         self.rules = RewardRules(rules or {}, cfg.ppo.reward_rules, cfg.ppo.reward_model_weight, eval_rules or {})
         p = cfg.ppo
         self.estimator = estimators.ESTIMATORS[p.estimator]
-        self.kl_ctl = pm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
+        self.kl_ctl = pm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon, p.kl_coef_min)
         self.moments = pm.RunningMoments()
         if reward_stats:  # start the running statistics from the preference model's own, so iteration 0 is sane
             self.moments.load_state_dict({"mean": reward_stats["mean"], "var": reward_stats["std"] ** 2,
