@@ -43,7 +43,7 @@ def test_dpo_learns_the_ranking_and_scores_each_response_once_with_the_reference
     # Each step encodes every response of its 16 lists once: K = 2..4 responses a list.
     assert all(32 <= m["train/responses_encoded"] <= 64 for m in steps)
 
-    cfg = load_config("ppo", "configs/tiny/ppo.yaml", [])
+    cfg = load_config("generate", "configs/tiny/generate.yaml", [])  # chat sampling, as the report compares them
     prompts = load_prompts(tiny["prompts_eval"])[:200]
     sft = score_of(prompts, generate_texts(f"{sft_run}/final", prompts, cfg))
     dpo = score_of(prompts, generate_texts(f"{out}/final", prompts, cfg))
