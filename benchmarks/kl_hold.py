@@ -10,6 +10,10 @@ after 0 to the last (|difference| <= 0.15). `--set` overrides go to PPO alone, s
 
     python benchmarks/kl_hold.py [--iterations 60] [--seeds 0 1 2] [--tasks sample second] [--out DIR]
         [--set ppo.kl_controller=fixed --name fixed] [--dpo]
+    # the rollout group's engines compared (vLLM's CPU build wants heads of 32: the tiny32 preset):
+    python benchmarks/kl_hold.py --tasks sample --seeds 0 1 --iterations 20 --preset tiny32 \
+        --ppo-config configs/tiny/ppo_overlap.yaml --out runs/engines --name hf
+    python benchmarks/kl_hold.py ... --out runs/engines --name vllm --set roles.rollout.engine=vllm
 
 With --dpo, DPO (configs/tiny/dpo.yaml) trains from the same SFT policy on the same ranked lists, and the SFT, DPO
 and every PPO policy answer the held-out prompts with `rlhf generate`'s chat sampling: one rule score each, the
@@ -88,7 +92,7 @@ def _interrupted(out: str) -> bool:
     return os.path.isdir(os.path.join(out, "checkpoints")) and not os.path.isdir(os.path.join(out, "final"))
 
 
-def prepare(name: str, root: str, data_seed: int) -> tuple[dict, str, str]:
+def prepare(name: str, root: str, data_seed: int, preset: str = "tiny") -> tuple[dict, str, str]:
     """The task's data, tokenizer, random model, SFT policy and preference model under root (reused when there);
     returns (files, SFT policy, preference model)."""
     from rlhf.config import load_config
@@ -106,8 +110,8 @@ def prepare(name: str, root: str, data_seed: int) -> tuple[dict, str, str]:
     base, tok = os.path.join(root, "base"), os.path.join(root, "tokenizer")
     if not os.path.exists(os.path.join(base, "config.json")):
         train_tokenizer(texts_from_files([files["sft_train"], files["prefs_train"]]), 800, tok)
-        init_model("codegen", "tiny", tok, base, seed=sft_cfg.seed)
-        say(f"{name}: tokenizer and random codegen/tiny model -> {base}")
+        init_model("codegen", preset, tok, base, seed=sft_cfg.seed)
+        say(f"{name}: tokenizer and random codegen/{preset} model -> {base}")
     sft, rm = os.path.join(root, "sft"), os.path.join(root, "rm")
     stages = ((sft_cfg, base, "sft", sft, run_sft), (rm_cfg, f"{sft}/final", "prefs", rm, run_rm))
     for cfg, start, kind, out, run in stages:
@@ -163,7 +167,7 @@ def run_seed(args: argparse.Namespace, task: str, seed: int, files: dict, policy
     from rlhf.drivers.ppo import run_ppo
     from rlhf.generation import fit_generation_cap
     from rlhf.modeling import load_tokenizer
-    cfg = load_config("ppo", str(ROOT / "configs/tiny/ppo.yaml"), ppo_overrides(args, task, seed))
+    cfg = load_config("ppo", str(ROOT / args.ppo_config), ppo_overrides(args, task, seed))
     cfg.model.path, cfg.roles.reward.model = policy, reward
     cfg.data.train, cfg.data.eval = files["prompts_train"], files["prompts_eval"]
     # The cap as run_ppo resolves it (`auto` from the policy's final/), so a finished run's config.yaml compares.
@@ -264,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a PPO config override (repeatable), e.g. ppo.kl_target_unit=token")
     p.add_argument("--name", default="ppo", help="PPO runs go to OUT/TASK/NAME-seedS: one name per set of --set")
     p.add_argument("--data-seed", type=int, default=0, help="seed of each task's data")
+    p.add_argument("--preset", default="tiny", help="init-model preset of the CodeGen model (tiny32 for vLLM on CPU)")
+    p.add_argument("--ppo-config", default="configs/tiny/ppo.yaml", help="the PPO config of every run")
     p.add_argument("--dpo", action="store_true", help="also train DPO (configs/tiny/dpo.yaml) from each task's SFT "
                    "policy and compare the held-out rule scores of SFT, DPO and every PPO run, sampled alike")
     p.add_argument("--out", default=str(ROOT / "runs" / "kl_hold"),
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for task in args.tasks:
             t0 = time.perf_counter()
-            files, policy, reward = prepare(task, os.path.join(args.out, task), args.data_seed)
+            files, policy, reward = prepare(task, os.path.join(args.out, task), args.data_seed, args.preset)
             seconds[f"{task} data+sft+rm"] = time.perf_counter() - t0
             results[task] = {}
             for seed in args.seeds:

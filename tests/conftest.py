@@ -17,9 +17,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 HEAVIEST_FIRST = (
     "test_ppo.py", "test_plugin_ppo.py",  # one first on each worker: they build sft_run + rm_run, and plugin_sft
-    "test_storage.py", "test_strength.py", "test_sweep.py", "test_faults.py", "test_pipeline.py", "test_zero3_init.py",
-    "test_ppo_resume.py", "test_faults_trainers.py", "test_ppo_layouts.py", "test_actor_groups.py", "test_dashboard.py",
-    "test_bad_input.py", "test_lost_node.py", "test_placement.py", "test_reward_interop.py", "test_rollout.py",
+    "test_storage.py", "test_strength.py", "test_vllm_engine.py", "test_sweep.py", "test_faults.py", "test_pipeline.py",
+    "test_zero3_init.py", "test_ppo_resume.py", "test_faults_trainers.py", "test_ppo_layouts.py", "test_actor_groups.py",
+    "test_dashboard.py", "test_bad_input.py", "test_lost_node.py", "test_placement.py", "test_reward_interop.py", "test_rollout.py",
     "test_ppo_controller.py", "test_dpo.py", "test_ray_jobs.py")
 """`make test` hands whole files to its two workers (`--dist loadfile --no-loadscope-reorder`) in this order, the
 longest first, so neither waits on the other's session fixture at the start nor runs a long file alone at the end."""

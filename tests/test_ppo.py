@@ -69,7 +69,9 @@ def test_ppo_one_step_off_policy_with_a_rollout_group_learns_as_much(tiny, sft_r
                    "--output", out, *LEARN) == 0
     rise, iters = _learned(read_metrics(f"{out}/metrics.jsonl"))
     seq_rise, _ = _learned(sequential[1])
-    assert rise >= seq_rise - 0.1, (rise, seq_rise)
+    # The held-out score is the mean of 50 prompts' single replies (a standard error near 0.07), so two runs' final
+    # scores differ by about 0.1 by chance alone: 0.15 is the margin beyond which the overlap learned less.
+    assert rise >= seq_rise - 0.15, (rise, seq_rise)
     assert [m["rollout/staleness"] for m in iters] == [0.0] + [1.0] * (len(iters) - 1)
     assert 0 < max(m["rollout/logprob_diff"] for m in iters) < 1.0  # the stale sampler differs, not wildly
     timeline = [json.loads(line) for line in open(out / "timeline.jsonl")]

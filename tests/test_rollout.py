@@ -65,7 +65,7 @@ def test_a_sync_makes_the_engine_hold_the_trainers_merged_weights_exactly(tiny, 
 
         # Colocated, the engine drops its weights while the trainer trains; it generates again only once synced.
         roles.rollout.sleep().result()
-        from actors.rollout import EngineAsleep
+        from actors.inference import EngineAsleep
         with pytest.raises(EngineAsleep):
             roles.rollout.generate(prompts, cfg.generation).result()
         roles.rollout.wake().result()

@@ -21,9 +21,9 @@ TEMPERATURE = 0.7
 BUDGET = 160  # tokens: the packed passes take several micro-batches
 
 
-def _group(worker_cls, model: str, temperature: float, trainable: bool = False) -> LocalGroup:
+def _group(worker_cls, model: str, temperature: float, trainable: bool = False, role: str = "policy") -> LocalGroup:
     cfg = load_config("ppo", "configs/tiny/ppo.yaml", ["roles.policy.optim.lr=0.0"])  # updates leave the weights
-    spec = RankSpec(model, cfg.roles.policy, cfg.model, cfg.seed, trainable=trainable, temperature=temperature)
+    spec = RankSpec(model, getattr(cfg.roles, role), cfg.model, cfg.seed, trainable=trainable, temperature=temperature)
     group = LocalGroup("test", worker_cls, spec)
     group.start()
     return group
@@ -36,7 +36,7 @@ def rollout(tiny):
     tok = load_tokenizer(tiny["tokenizer"])
     prompts = collate_prompts([tokenize_prompt(d, tok, 64) for d in load_prompts(tiny["prompts_train"])[:12]],
                               tok.pad_token_id)
-    engine = _group(RolloutWorker, tiny["base"], TEMPERATURE)
+    engine = _group(RolloutWorker, tiny["base"], TEMPERATURE, role="rollout")
     gen = load_config("ppo", "configs/tiny/ppo.yaml", ["generation.max_new_tokens=16",
                                                        f"generation.temperature={TEMPERATURE}"]).generation
     try:
