@@ -121,8 +121,8 @@ class VLLMInferenceEngine:
             with open(os.path.join(served, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(gptj_config(self.config), f)
             extra["load_format"] = "dummy"
-        if self.cuda:
-            extra["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        if self.cuda:  # sleep mode: weights and KV cache can leave the GPU while a colocated trainer trains
+            extra |= {"gpu_memory_utilization": settings.gpu_memory_utilization, "enable_sleep_mode": True}
         else:
             extra["kv_cache_memory_bytes"] = int(settings.cpu_kv_cache_gb * 2**30)
         if settings.max_model_len:

@@ -14,6 +14,7 @@ to show what Ray itself costs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,22 @@ def step_timer():
     return StepTimer()
 
 
+def trl_vllm(args: argparse.Namespace) -> dict:
+    """GRPOConfig settings that make TRL generate with vLLM in its own process (`--trl-vllm`: colocate mode, which
+    runs vLLM under torch.distributed: a one-process world on loopback is set up for it)."""
+    if not getattr(args, "trl_vllm", False):
+        return {}
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.1}
+
+
 class Theirs:
     """TRL's GRPOTrainer with a sequence-classification reward model; `train()` is called once per block."""
 
@@ -77,7 +94,7 @@ class Theirs:
             num_generations=args.samples, max_completion_length=g.max_new_tokens, temperature=g.temperature,
             top_p=g.top_p, top_k=g.top_k, repetition_penalty=g.repetition_penalty, beta=cfg.ppo.kl_coef,
             num_iterations=1, epsilon=cfg.ppo.clip_eps, learning_rate=optim.lr, adam_beta2=optim.betas[1],
-            max_grad_norm=optim.grad_clip, lr_scheduler_type="constant")
+            max_grad_norm=optim.grad_clip, lr_scheduler_type="constant", **trl_vllm(args))
         self.timer = step_timer()
         self.trainer = GRPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(policy),

@@ -12,7 +12,7 @@ the run's own records.
 
     python benchmarks/overlap.py [--reps 3] [--iterations 3] [--prompts 32] [--max-new-tokens 48] [--ppo-epochs 2]
     python benchmarks/overlap.py --grpo [--prompts 8] [--samples 4] [--max-new-tokens 24]
-    python benchmarks/overlap.py --grpo --engine vllm --preset tiny32   # the rollout group on vLLM
+    python benchmarks/overlap.py --grpo --engine vllm --preset tiny32 [--trl-vllm]  # vLLM (for TRL too)
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], kind: str, pha
     value, name = ratio, "seconds per iteration, overlapped/sequential"
     if "trl" in runs:
         trl = medians(runs["trl"], ("iteration_s",))
-        header.append("TRL GRPOTrainer")
+        header.append("TRL GRPOTrainer" + (" (vLLM colocate)" if args.trl_vllm else ""))
         rows = [rows[0] + [trl["iteration_s"]]] + [row + [""] for row in rows[1:]]
         value, name = ovl["iteration_s"] / trl["iteration_s"], "seconds per iteration, overlapped/TRL"
         record |= {"trl": trl, "ratio_trl": value, "ratio_trl_sequential": seq["iteration_s"] / trl["iteration_s"]}
@@ -87,7 +87,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], kind: str, pha
     lines = timeline(phases, max(p["batch"] for p in phases if p["phase"] == "train") - 1)
     text += "\n\none overlapped iteration (from its weight sync):\n" + "\n".join(lines)
     record["timeline"] = lines
-    suffix = "" if args.engine == "hf" else f"_{args.engine}"
+    suffix = ("" if args.engine == "hf" else f"_{args.engine}") + ("_trl_vllm" if args.trl_vllm else "")
     write_record(f"overlap_{kind}{suffix}", args, record | {"target": target(name, value, f"<= {GOAL[kind]}", met)}, text)
 
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-coef", type=float, default=0.02, help="GRPO: KL coefficient (TRL's beta)")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="the rollout group's inference engine")
     p.add_argument("--preset", default="tiny", help="init-model preset (vllm on CPU needs heads of 32: tiny32)")
+    p.add_argument("--trl-vllm", action="store_true", help="GRPO: TRL's GRPOTrainer generates with vLLM too")
     args = p.parse_args(argv)
     if args.grpo:  # grpo_vs_trl.py's sizes, where ours was 0.88-0.94x TRL's time sequentially
         args.prompts = args.prompts or 8
