@@ -83,12 +83,21 @@ def cmd_render(args) -> int:
     return 0
 
 
-def _check_models(**paths: str) -> None:
-    """Model paths are checked before a trainer starts Ray, so a typo costs seconds, not a cluster start."""
-    from rlhf.modeling import check_model_dir
+MODEL_KINDS = {"--policy": "causal_lm", "--reward": "reward", "roles.policy.model": "causal_lm",
+               "roles.reference.model": "causal_lm"}
+"""The kind of model each flag's role needs (rlhf.modeling.check_model_kind); commands add their --model's."""
+
+
+def _check_models(kinds: dict | None = None, **paths: str) -> None:
+    """Model paths are checked before a trainer starts Ray, so a typo costs seconds, not a cluster start; and so
+    is the kind of model a role needs (a reward model for --reward, a causal LM for a policy)."""
+    from rlhf.modeling import check_model_dir, check_model_kind
+    kinds = {**MODEL_KINDS, **(kinds or {})}
     for flag, path in paths.items():
         if path:
-            check_model_dir(path, flag)
+            source = check_model_dir(path, flag)
+            if flag in kinds:
+                check_model_kind(source, flag, kinds[flag])
 
 
 def _check_output(output: str, uri_ok: bool = True) -> None:
@@ -115,7 +124,7 @@ def cmd_train(args) -> int:
         from rlhf.drivers.ppo import run_ppo as run
     else:
         cfg.model.path, cfg.data.train = args.model, args.data
-        _check_models(**{"--model": args.model})
+        _check_models({"--model": "causal_lm"} if args.command in ("sft", "dpo") else {}, **{"--model": args.model})
         if args.command == "sft":
             from rlhf.drivers.sft import run_sft as run
         elif args.command == "dpo":
@@ -130,7 +139,7 @@ def cmd_train(args) -> int:
 def cmd_rm_eval(args) -> int:
     cfg = _config(args, "rm")
     cfg.data.format = args.data_format or cfg.data.format
-    _check_models(**{"--model": args.model})
+    _check_models({"--model": "reward"}, **{"--model": args.model})
     from rlhf.drivers.rm import run_rm_eval
     return run_rm_eval(args.model, args.data, cfg)
 
@@ -151,7 +160,7 @@ def cmd_rm_strength(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    _check_models(**{"--model": args.model})
+    _check_models({"--model": "causal_lm"}, **{"--model": args.model})
     from rlhf.drivers.generate import run_generate
     overrides = (args.set or []) + ([f"data.format={args.data_format}"] if args.data_format else [])
     return run_generate(args.model, args.prompts, args.out, args.config, overrides)

@@ -804,7 +804,7 @@ def load_config(command: str, path: Optional[str] = None, overrides: Optional[li
                     print(f"--set {key}: not read by rlhf {command} (a key of rlhf {owner}); ignored",
                           file=sys.stderr)
                     continue
-                raise ConfigError(f"--set {key}: unknown config key")
+                raise ConfigError(f"--set {key}: unknown config key{_suggestion(schema_cls, key)}")
             # `key=` means the empty string (turning off an optional path), not null.
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value or chr(34) * 2}"]))
         cfg = OmegaConf.to_object(merged)
@@ -846,6 +846,26 @@ def _field_type(schema: type, key: str) -> Any:
         if isinstance(node, str) and not node.startswith("dict["):  # postponed annotations
             node = globals().get(node.split("[")[0], None) or str
     return node
+
+
+def config_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class (sections and their fields), in declaration order."""
+    import typing
+    keys = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        keys.append(f"{prefix}{f.name}")
+        kind = hints.get(f.name)
+        if dataclasses.is_dataclass(kind):
+            keys += config_keys(kind, f"{prefix}{f.name}.")
+    return keys
+
+
+def _suggestion(schema: type, key: str) -> str:
+    """`; did you mean X?` with the nearest known key, or nothing."""
+    import difflib
+    near = difflib.get_close_matches(key, config_keys(schema), n=1, cutoff=0.75)
+    return f"; did you mean {near[0]}?" if near else ""
 
 
 def _is_known(schema: type, key: str) -> bool:

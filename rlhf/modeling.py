@@ -100,9 +100,12 @@ def _resolve(path_or_id: str, what: str) -> str:
     """
     if os.path.exists(path_or_id):
         return path_or_id
-    if not _HUB_ID.match(path_or_id) or path_or_id.startswith((".", "/")):
-        raise ModelLoadError(f"{what} path {path_or_id!r} does not exist; pass a local model directory "
-                             f"or a hub id like org/name")
+    # org/name is a hub id only when no local directory is named org: `runs/nosuch` is a mistyped path, named here
+    # at once rather than sent to the hub (ten retries and a minute without a network).
+    head = path_or_id.split("/", 1)[0]
+    if not _HUB_ID.match(path_or_id) or path_or_id.startswith((".", "/")) or os.path.isdir(head):
+        raise ModelLoadError(f"{what} path {path_or_id!r} does not exist{_nearby(path_or_id)}; pass a local model "
+                             f"directory or a hub id like org/name")
     if not _offline():
         return path_or_id
     from huggingface_hub import snapshot_download
@@ -111,6 +114,19 @@ def _resolve(path_or_id: str, what: str) -> str:
     except Exception as error:  # not cached, in any of the ways huggingface_hub reports it
         raise ModelLoadError(f"{what} {path_or_id!r} is not in the local hub cache and HF_HUB_OFFLINE=1 forbids "
                              f"downloading; download it first or pass a local directory") from error
+
+
+def _nearby(path: str) -> str:
+    """` (its directory D has: a, b, ...)` for a path whose parent exists, the entries nearest its name first."""
+    import difflib
+    parent, name = os.path.split(path.rstrip("/"))
+    if not parent or not os.path.isdir(parent):
+        return ""
+    entries = sorted(os.listdir(parent))
+    near = difflib.get_close_matches(name, entries, n=3, cutoff=0.5)
+    shown = near or entries[:5]
+    return f" ({parent}/ has {', '.join(shown)}{', ...' if len(entries) > len(shown) else ''})" if shown else \
+        f" ({parent}/ is empty)"
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -141,6 +157,31 @@ def check_model_dir(path_or_id: str, what: str = "model") -> str:
         raise ModelLoadError(f"{what} {path_or_id!r} has no safetensors weights (model.safetensors or a "
                              f"sharded index); pass a complete HF model directory")
     return source
+
+
+REWARD_HEAD_FILE = "value_head.safetensors"
+"""What `rlhf rm` saves the scalar head in beside the causal LM (reward.model.HEAD_FILE)."""
+
+
+def check_model_kind(source: str, what: str, kind: str) -> None:
+    """Refuse, in one line, a local model directory that is not the kind of model its role needs: `causal_lm` (a
+    policy, an SFT or DPO start, a model that generates) or `reward` (a preference model: `rlhf rm`'s final/ with its
+    head, or a sequence classifier). Reads config.json only; a hub id (no local directory) is left to loading."""
+    import json
+    config = os.path.join(source, "config.json")
+    if not os.path.isfile(config):
+        return
+    with open(config, encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures") or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if kind == "reward" and not (classifier or os.path.isfile(os.path.join(source, REWARD_HEAD_FILE))):
+        raise ModelLoadError(f"{what} {source!r} is not a reward model: config.json names "
+                             f"{', '.join(architectures) or 'no architecture'} and there is no {REWARD_HEAD_FILE}; "
+                             f"pass a preference model (`rlhf rm`'s final/, or a *ForSequenceClassification "
+                             f"checkpoint with one label)")
+    if kind == "causal_lm" and architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+        raise ModelLoadError(f"{what} {source!r} is not a causal LM (config.json names {', '.join(architectures)}); "
+                             f"pass a model that generates (`rlhf init-model`, or `rlhf sft`'s final/)")
 
 
 def _single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:

@@ -66,7 +66,13 @@ def kit(tiny, tmp_path_factory) -> dict:
     shutil.copytree(tiny["base"], pickled)
     (pickled / "model.safetensors").unlink()
     torch.save({"transformer.wte.weight": OpensAFile()}, pickled / "pytorch_model.bin")
-    return {**tiny, "no_moss_tok": str(no_moss), "pickle_model": str(pickled), "sentinel": root / "UNPICKLED"}
+    from reward.model import ScalarHeadModel
+    reward = root / "reward"  # a reward model's layout (the base with a scalar head), for --reward
+    ScalarHeadModel.from_pretrained(tiny["base"]).save_pretrained(str(reward))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tiny["base"]) / name, reward / name)
+    return {**tiny, "no_moss_tok": str(no_moss), "pickle_model": str(pickled), "sentinel": root / "UNPICKLED",
+            "reward": str(reward)}
 
 
 CASES = {}
@@ -85,7 +91,7 @@ def train(command: str, kit: dict, tmp: Path, *, data: str | Path | None = None,
     """argv of a training command whose every part is good unless given."""
     data_flag, default_data = {"sft": ("--data", kit["sft_train"]), "rm": ("--data", kit["prefs_train"]),
                                "ppo": ("--prompts", kit["prompts_train"])}[command]
-    model_args = ["--policy", model or kit["base"], "--reward", kit["base"]] if command == "ppo" \
+    model_args = ["--policy", model or kit["base"], "--reward", kit["reward"]] if command == "ppo" \
         else ["--model", model or kit["base"]]
     return [command, "--config", f"configs/tiny/{command}.yaml", *model_args, data_flag, data or default_data,
             "--output", tmp / "out", "--set", "logging.progress=false", *extra]
@@ -261,7 +267,7 @@ def _(tmp, kit):
 @case("config: --set of an unknown key")
 def _(tmp, kit):
     return train("ppo", kit, tmp, extra=("--set", "ppo.iteratons=3")), [
-        re.escape("rlhf ppo: --set ppo.iteratons: unknown config key")]
+        re.escape("rlhf ppo: --set ppo.iteratons: unknown config key; did you mean ppo.iterations?")]
 
 
 @case("config: --set with a wrong type")
@@ -328,6 +334,13 @@ def _(tmp, kit):
         re.escape(f"rlhf sft: --model path '{tmp / 'no-model'}' does not exist")]
 
 
+@case("sft: a mistyped relative path shaped like a hub id (org/name) is named, not sent to the hub")
+def _(tmp, kit):
+    # `tests` is a local directory, so `tests/no-such-model` is a path: no hub lookup, no retries.
+    return train("sft", kit, tmp, model="tests/no-such-model"), [
+        re.escape("rlhf sft: --model path 'tests/no-such-model' does not exist (tests/ has ")]
+
+
 @case("rm: model path does not exist")
 def _(tmp, kit):
     return train("rm", kit, tmp, model=str(tmp / "no-model")), [
@@ -338,6 +351,20 @@ def _(tmp, kit):
 def _(tmp, kit):
     return train("ppo", kit, tmp, model=str(tmp / "no-policy")), [
         re.escape(f"rlhf ppo: --policy path '{tmp / 'no-policy'}' does not exist")]
+
+
+@case("ppo: a causal LM without a reward head as --reward")
+def _(tmp, kit):
+    argv = train("ppo", kit, tmp)
+    argv[argv.index("--reward") + 1] = kit["base"]
+    return argv, [re.escape(f"rlhf ppo: --reward '{kit['base']}' is not a reward model: config.json names "
+                            "CodeGenForCausalLM and there is no value_head.safetensors")]
+
+
+@case("rm-eval: a causal LM without a reward head")
+def _(tmp, kit):
+    return ["rm-eval", "--model", kit["base"], "--data", kit["prefs_eval"]], [
+        re.escape(f"rlhf rm-eval: --model '{kit['base']}' is not a reward model")]
 
 
 @case("ppo: reward path does not exist")
@@ -451,7 +478,7 @@ def _(tmp, kit):
 @case("rm-eval: bad preference file")
 def _(tmp, kit):
     path = jsonl(tmp / "prefs.jsonl", {**PROMPT, "responses": ["a", "b"], "ranks": [0, 0]})
-    return ["rm-eval", "--model", kit["base"], "--data", path], [at(path, 1, "ranks") + "all responses are tied"]
+    return ["rm-eval", "--model", kit["reward"], "--data", path], [at(path, 1, "ranks") + "all responses are tied"]
 
 
 @case("tokenizer: bad training data")

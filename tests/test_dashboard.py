@@ -121,7 +121,7 @@ def test_a_ppo_run_names_its_ranks_and_exports_its_metrics(tiny, small_ray, tmp_
     # GRPO rewarded by a rule: a policy group of two ranks and a reference group of one, no reward model or critic.
     out = tmp_path / "ppo-dash"
     run, result = in_thread(lambda: run_cli(
-        "ppo", "--config", "configs/tiny/ppo.yaml", "--policy", tiny["base"], "--reward", tiny["base"],
+        "ppo", "--config", "configs/tiny/ppo.yaml", "--policy", tiny["base"],
         "--prompts", tiny["prompts_train"], "--output", out,
         *[x for kv in ["ppo.iterations=2", "ppo.prompts_per_iteration=4", "ppo.train_batch_size=8",
                        "ppo.ppo_epochs=1", "ppo.estimator=grpo", "ppo.samples_per_prompt=2",

@@ -141,8 +141,9 @@ def test_plugin_grpo_on_vllm_survives_a_rollout_rank_killed_while_generating_and
     monkeypatch.setenv("RLHF_FAULT", f"rollout:generate:2:{generating},rollout:receive_weights:1:{receiving}")
     assert run_cli("ppo", "--config", "configs/tiny/plugin_ppo.yaml", "--policy", llama32, "--prompts",
                    tiny["plugin_prompts"], "--output", out, "--set", "ppo.iterations=3",
-                   "--set", "ppo.prompts_per_iteration=8", "--set", "ppo.samples_per_prompt=2",
-                   "--set", "ppo.train_batch_size=16", "--set", "ppo.rollout_group=true",
+                   "--set", "ppo.prompts_per_iteration=4", "--set", "ppo.samples_per_prompt=2",
+                   "--set", "ppo.train_batch_size=8", "--set", "generation.max_new_tokens=20",
+                   "--set", "ppo.rollout_group=true",
                    "--set", "ppo.off_policy_steps=1", "--set", "roles.rollout.engine=vllm",
                    "--set", "roles.rollout.vllm.enforce_eager=true", "--set", "data.eval=",
                    "--set", "logging.progress=false", "--set", "train.save_every=1",
