@@ -30,6 +30,7 @@ import torch
 from actors.inference import EngineAsleep, Sampling, as_dict
 from actors.weight_sync import Manifest
 from rlhf.batching import Batch
+from rlhf.generation import Sampled
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 256)
 """Attention head sizes vLLM's CPU attention backend takes."""
@@ -68,12 +69,18 @@ def gptj_config(codegen: Any) -> dict:
 
 
 def checkpoint_tensors(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a local checkpoint directory, file by file (safetensors), in `dtype`."""
+    """The weights of a local checkpoint directory (model.safetensors, or the shards its index names), file by file,
+    in `dtype`."""
     from safetensors import safe_open
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors files; the vLLM engine reads CodeGen checkpoints in "
-                                "safetensors (rlhf convert writes them)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors (or index); the vLLM engine reads CodeGen checkpoints "
+                                "in safetensors (rlhf convert writes them)")
     for file in files:
         with safe_open(os.path.join(path, file), framework="pt") as f:
             for key in f.keys():
@@ -113,6 +120,11 @@ class VLLMInferenceEngine:
         # it was told not to load) would bury the run's own lines; errors still show.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         torch.set_num_threads(threads)
+        if settings.enforce_eager:
+            # Eager all the way: vLLM still compiles parts of its sampling with torch.compile, which costs the first
+            # generation after every start 1 s alone and 10 s or more on a busy node.
+            from torch import _dynamo
+            _dynamo.config.disable = True
         from vllm import LLM
         served, extra = self.model_path, {}
         if self.codegen:
@@ -172,7 +184,7 @@ class VLLMInferenceEngine:
 
     # --- one sampling pass (rlhf.generation.TokenSampler) ------------------------------------------------------
     def sample_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: dict, stop_ids: list[int],
-                      pad_id: int, with_logprobs: bool) -> tuple:
+                      pad_id: int, with_logprobs: bool) -> Sampled:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from rlhf.generation import check_scorable
