@@ -147,7 +147,10 @@ def test_plugin_grpo_on_vllm_survives_a_rollout_rank_killed_while_generating_and
                    "--set", "ppo.off_policy_steps=1", "--set", "roles.rollout.engine=vllm",
                    "--set", "roles.rollout.vllm.enforce_eager=true", "--set", "data.eval=",
                    "--set", "logging.progress=false", "--set", "train.save_every=1",
-                   "--set", "roles.rollout.layout.cpus_per_rank=1") == 0
+                   "--set", "roles.rollout.layout.cpus_per_rank=1",
+                   # LoRA: the policy's base is its reference, so each restart rebuilds two groups, not three
+                   "--set", "roles.policy.lora.enabled=true", "--set", "roles.policy.lora.r=8",
+                   "--set", "roles.policy.optim.lr=3e-3") == 0
     assert generating.exists() and receiving.exists()  # the rank really died, twice
     printed = capsys.readouterr().out
     assert "rollout rank 0 died" in printed
