@@ -88,7 +88,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], kind: str, pha
     text += "\n\none overlapped iteration (from its weight sync):\n" + "\n".join(lines)
     record["timeline"] = lines
     suffix = ("" if args.engine == "hf" else f"_{args.engine}") + ("_trl_vllm" if args.trl_vllm else "")
-    write_record(f"overlap_{kind}{suffix}", args, record | {"target": target(name, value, f"<= {GOAL[kind]}", met)}, text)
+    write_record(f"overlap_{kind}{suffix}", args,
+                 record | {"target": target(name, value, f"<= {GOAL[kind]}", met)}, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     check(overlapped)
     set_threads(1)
     archs = ["llama"] if args.grpo else ["codegen"]
-    with workspace(args, archs, seed=args.seed, preset=args.preset) as ws, local_ray(num_cpus=cpus_needed(base) + cpus_needed(overlapped)):
+    with workspace(args, archs, seed=args.seed, preset=args.preset) as ws, \
+            local_ray(num_cpus=cpus_needed(base) + cpus_needed(overlapped)):
         model = ws.models[archs[0]]
         sides = {"sequential": Side(base, model, model, ws.data["prompts_train"]),
                  "overlapped": Side(overlapped, model, model, ws.data["prompts_train"])}

@@ -368,14 +368,16 @@ class VLLMConfig:
     max_model_len: int = 0
     """Longest prompt + reply the engine serves; 0: the model's own limit."""
     enable_prefix_caching: bool = True
-    """Reuse the KV cache of prompts shared by several samples (samples_per_prompt, the plugin rollouts' second pass)."""
+    """Reuse the KV cache of prompts shared by several samples (samples_per_prompt, the plugin rollouts' second
+    pass)."""
 
 
 @dataclass
 class RolloutRoleConfig(RoleConfig):
     """The rollout group's ranks: an inference engine each, which follows the policy's weights."""
     engine: str = "hf"
-    """hf: transformers' generate on the policy's own code; vllm: vLLM (CodeGen served as GPT-J, see docs/rollout.md)."""
+    """hf: transformers' generate on the policy's own code; vllm: vLLM (CodeGen served as GPT-J, see
+    docs/rollout.md)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """vLLM's settings (engine: vllm)."""
 
