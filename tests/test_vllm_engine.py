@@ -1,12 +1,12 @@
 """vLLM as the rollout engine (`roles.rollout.engine: vllm`), for real: vLLM's CPU build in a Ray actor.
 
 - Its log-probs of what it sampled are the policy's own (the tempered distribution), before and after a weight sync
-  of a LoRA policy, on plain replies and on the two-pass plugin rollouts; rows of one prompt are one request of n
-  samples; an engine asleep refuses to generate until it is woken and synced.
+  of a LoRA policy; it stops at `<eom>`; rows of one prompt are one request of n samples; an engine asleep refuses to
+  generate until it is woken and synced.
 - CodeGen (moss-moon-003's architecture) is served as GPT-J, and its log-probs equal the CodeGen policy's.
 - A plugin GRPO run on the vLLM engine, one step off-policy, with the rollout rank killed once while it generates and
   once while it receives weights: the run rebuilds it each time and finishes every iteration, with the engine's and
-  the trainer's log-probs close (`rollout/logprob_diff`).
+  the trainer's log-probs on its two-pass plugin rollouts close (`rollout/logprob_diff`).
 
 The models are the `tiny32` presets (attention heads of 32, the smallest vLLM's CPU backend serves).
 """
