@@ -9,7 +9,6 @@ and only the positions a loss reads reach the LM head; every per-token number is
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 from typing import Any
 
@@ -72,10 +71,10 @@ class CausalLMWorker(RankWorker):
         its turn in two passes around the tools' Results (see rlhf.generation). Returns response_ids, action_mask
         (what the model wrote), response_mask (what later passes attend to) [b, R] and ended [b] (and each row's
         commands and results for a plugin policy; with `with_logprobs`, the log-prob of each token it wrote)."""
+        from actors.inference import as_dict
         from rlhf.generation import rollout_replies
-        gen = dataclasses.asdict(generation) if dataclasses.is_dataclass(generation) else dict(generation)
-        return rollout_replies(self.engine.module, self.tokenizer, prompts, gen, self.tools, self.device,
-                               synced=synced, micro_batch=len(prompts["input_ids"]),
+        return rollout_replies(self.engine.module, self.tokenizer, prompts, as_dict(generation), self.tools,
+                               self.device, synced=synced, micro_batch=len(prompts["input_ids"]),
                                max_results_tokens=self.spec.plugins.max_results_tokens if self.tools else 64,
                                with_logprobs=with_logprobs)
 

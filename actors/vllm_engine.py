@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from actors.inference import EngineAsleep, Sampling, as_dict
+from actors.inference import EngineAsleep, Sampling, as_dict, manifest_of_module
 from actors.weight_sync import Manifest
 from rlhf.batching import Batch
 from rlhf.generation import Sampled
@@ -100,7 +100,8 @@ class VLLMInferenceEngine:
             raise ValueError(f"{model_path}: attention heads of size {head_size(self.config)}; vLLM's CPU backend "
                              f"takes {', '.join(map(str, CPU_HEAD_SIZES))} (use roles.rollout.engine=hf for it)")
         self.model_path = model_path
-        self.names = {name for name, _, _ in self.manifest()}
+        self.tensors = self._checkpoint_manifest()
+        self.names = {name for name, _, _ in self.tensors}
         self.calls = 0
         self.version: Optional[int] = None
         self.served_dir: Optional[tempfile.TemporaryDirectory] = None
@@ -155,10 +156,12 @@ class VLLMInferenceEngine:
 
     def manifest(self) -> Manifest:
         """What the policy sends: the checkpoint's own (transformers') tensors, names, shapes and dtype."""
+        return self.tensors
+
+    def _checkpoint_manifest(self) -> Manifest:
         from transformers import AutoModelForCausalLM
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
-        return [(n, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for n, p in model.named_parameters()]
+            return manifest_of_module(AutoModelForCausalLM.from_config(self.config, dtype=self.dtype))
 
     def update_weights(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         seen: set[str] = set()

@@ -36,9 +36,9 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rlhf.batching import position_ids as default_position_ids
-from rlhf.modeling import ModelLoadError, merged_state_dict
+from rlhf.modeling import REWARD_HEAD_FILE, ModelLoadError, merged_state_dict
 
-HEAD_FILE = "value_head.safetensors"
+HEAD_FILE = REWARD_HEAD_FILE
 STATS_FILE = "reward_stats.json"
 
 

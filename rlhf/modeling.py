@@ -147,7 +147,7 @@ def check_model_dir(path_or_id: str, what: str = "model") -> str:
     if "config.json" not in names:
         raise ModelLoadError(f"{what} {path_or_id!r} has no config.json; it must be an HF model directory with "
                              f"config.json and safetensors weights (`rlhf init-model` or a run's final/)")
-    if not any((n.endswith(".safetensors") and n != "value_head.safetensors") or n == "model.safetensors.index.json"
+    if not any((n.endswith(".safetensors") and n != REWARD_HEAD_FILE) or n == "model.safetensors.index.json"
                for n in names):
         pickled = sorted(n for n in names if n.endswith(_PICKLE_SUFFIXES))
         if pickled:
@@ -160,7 +160,7 @@ def check_model_dir(path_or_id: str, what: str = "model") -> str:
 
 
 REWARD_HEAD_FILE = "value_head.safetensors"
-"""What `rlhf rm` saves the scalar head in beside the causal LM (reward.model.HEAD_FILE)."""
+"""What `rlhf rm` saves the scalar head in beside the causal LM (`reward.model`)."""
 
 
 def check_model_kind(source: str, what: str, kind: str) -> None:
