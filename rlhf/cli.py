@@ -83,20 +83,14 @@ def cmd_render(args) -> int:
     return 0
 
 
-MODEL_KINDS = {"--policy": "causal_lm", "--reward": "reward", "roles.policy.model": "causal_lm",
-               "roles.reference.model": "causal_lm"}
-"""The kind of model each flag's role needs (rlhf.modeling.check_model_kind); commands add their --model's."""
-
-
-def _check_models(kinds: dict | None = None, **paths: str) -> None:
-    """Model paths are checked before a trainer starts Ray, so a typo costs seconds, not a cluster start; and so
-    is the kind of model a role needs (a reward model for --reward, a causal LM for a policy)."""
+def _check_models(kinds: dict[str, str], **paths: str) -> None:
+    """Model paths are checked before a command starts Ray, so a typo costs seconds, not a cluster start; and so is
+    the kind of model a role needs (rlhf.modeling.check_model_kind; "" any)."""
     from rlhf.modeling import check_model_dir, check_model_kind
-    kinds = {**MODEL_KINDS, **(kinds or {})}
     for flag, path in paths.items():
         if path:
             source = check_model_dir(path, flag)
-            if flag in kinds:
+            if kinds.get(flag):
                 check_model_kind(source, flag, kinds[flag])
 
 
@@ -111,27 +105,15 @@ def _check_output(output: str, uri_ok: bool = True) -> None:
 
 
 def cmd_train(args) -> int:
-    """`rlhf sft`, `rlhf rm`, `rlhf dpo`, `rlhf ppo`: the flags fill the config's paths, then the command's driver
-    runs."""
+    """`rlhf sft`, `rlhf rm`, `rlhf dpo`, `rlhf ppo`: the flags fill the config's keys (the command's record in
+    rlhf.commands), its inputs are checked, then its driver runs."""
+    from rlhf.commands import COMMANDS
     _check_output(args.output)
-    cfg = _config(args, args.command)
+    command = COMMANDS[args.command]
+    cfg = command.fill(_config(args, args.command), vars(args))
     cfg.data.format = args.data_format or cfg.data.format
-    if args.command == "ppo":
-        cfg.model.path, cfg.data.train = args.policy, args.prompts
-        cfg.roles.reward.model = args.reward or cfg.roles.reward.model
-        _check_models(**{"--policy": args.policy, "--reward": args.reward},
-                      **{f"roles.{r}.model": getattr(cfg.roles, r).model for r in ("policy", "reference", "critic")})
-        from rlhf.drivers.ppo import run_ppo as run
-    else:
-        cfg.model.path, cfg.data.train = args.model, args.data
-        _check_models({"--model": "causal_lm"} if args.command in ("sft", "dpo") else {}, **{"--model": args.model})
-        if args.command == "sft":
-            from rlhf.drivers.sft import run_sft as run
-        elif args.command == "dpo":
-            from rlhf.drivers.dpo import run_dpo as run
-        else:
-            from rlhf.drivers.rm import run_rm as run
-    summary = run(cfg, args.output, args.resume)
+    command.check_inputs(cfg)
+    summary = command.run()(cfg, args.output, args.resume)
     print(_summary_line(args.command, summary))
     return 0
 
@@ -150,7 +132,7 @@ def cmd_rm_strength(args) -> int:
     cfg = _config(args, "rm")
     cfg.data.format = args.data_format or cfg.data.format
     cfg.model.path, cfg.data.train = args.model, args.data
-    _check_models(**{"--model": args.model})
+    _check_models({}, **{"--model": args.model})
     from rlhf.drivers.strength import run_strength
     summary = run_strength(cfg, args.output, args.resume)
     print(f"rm-strength: done; {summary['negative']} of {summary['pairs']} pairs ({summary['negative_share']:.1%}) "
@@ -164,6 +146,11 @@ def cmd_generate(args) -> int:
     from rlhf.drivers.generate import run_generate
     overrides = (args.set or []) + ([f"data.format={args.data_format}"] if args.data_format else [])
     return run_generate(args.model, args.prompts, args.out, args.config, overrides)
+
+
+def cmd_config(args) -> int:
+    from rlhf.config_docs import run_config
+    return run_config(args.name, args.config, args.set or [])
 
 
 def cmd_sweep(args) -> int:
@@ -195,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("tokenizer", cmd_tokenizer, "train a byte-level BPE with the MOSS special tokens")
     p.add_argument("--data", nargs="+", required=True, help="data files (dialogues, prompts or preferences)")
-    p.add_argument("--vocab-size", type=int, default=2000)
-    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=2000, help="tokens in the vocabulary, the MOSS tokens included "
+                   "(default 2000; the demo uses 800)")
+    p.add_argument("--out", required=True, help="directory the tokenizer is saved to (loads with AutoTokenizer)")
     _data_format_arg(p)
 
     p = add("init-model", cmd_init_model, "write a randomly initialised model in HF format")
@@ -205,17 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["tiny", "tiny32", "small", "medium"], default="tiny",
                    help="tiny: a minute of SFT on 2 cores; tiny32: tiny with attention heads of 32 (what vLLM's CPU "
                         "build serves); small; medium: ~30M parameters")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", required=True, help="the tokenizer directory (rlhf tokenizer's --out); its "
+                   "vocabulary sizes the embeddings and it is saved beside the model")
+    p.add_argument("--out", required=True, help="directory the model is written to (config.json, model.safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
 
     p = add("sample", cmd_sample, "write the bundled synthetic MOSS task (SFT, prompts, ranked preferences)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for sft_train/sft_eval, prompts_train/prompts_eval, "
+                   "prefs_train/prefs_eval and the plugin task's .jsonl files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated task (default 0)")
 
     p = add("validate", cmd_validate, "check a data file; every bad line reported as PATH:LINE: FIELD: problem")
-    p.add_argument("file")
-    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True)
+    p.add_argument("file", help="the data file (JSONL, JSON, Parquet) or a save_to_disk directory")
+    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True,
+                   help="what the file holds: sft dialogues, PPO prompts or ranked preferences")
     _data_format_arg(p)
 
     from rlhf.formats import FORMATS
@@ -229,29 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to read the records as (default: what they are)")
 
     p = add("render", cmd_render, "write the exact text the model sees per record, with the spans it trains on")
-    p.add_argument("file")
-    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True)
+    p.add_argument("file", help="the data file (JSONL, JSON, Parquet) or a save_to_disk directory")
+    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True,
+                   help="what the file holds: sft dialogues, PPO prompts or ranked preferences")
     p.add_argument("--plugin", action="store_true", help="the MOSS-003-plugin style (as data.plugin: true)")
     _data_format_arg(p)
     p.add_argument("--out", required=True, help="JSONL: {\"text\", \"trained\": [[start, end], ...]} per record")
 
-    p = add("sft", cmd_train, "supervised fine-tuning on MOSS dialogues")
-    p.add_argument("--model", required=True, help="model directory or hub id")
-    p.add_argument("--data", required=True)
-    p.add_argument("--output", required=True)
-    _train_args(p)
-
-    p = add("rm", cmd_train, "train a preference model from ranked responses")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--output", required=True)
-    _train_args(p)
+    from rlhf.commands import COMMANDS
+    for command in COMMANDS.values():
+        p = add(command.name, cmd_train, command.help)
+        for flag in command.flags:
+            p.add_argument(flag.name, required=flag.required, default="", help=flag.help)
+        p.add_argument("--output", required=True, help="the run's directory, or an object-store URI (s3://, gs://): "
+                       "checkpoints/, final/, metrics.jsonl, config.yaml")
+        _train_args(p)
 
     p = add("rm-eval", cmd_rm_eval, "print pairwise_accuracy, pairs and mean_margin of a preference model as JSON")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--model", required=True, help="the preference model (rlhf rm's final/, or a sequence classifier)")
+    p.add_argument("--data", required=True, help="held-out ranked preferences, as `rlhf rm` reads them")
+    p.add_argument("--config", help="an rm config whose data and model sections apply (default: the defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     _data_format_arg(p)
 
     p = add("rm-strength", cmd_rm_strength, "train rm.ensemble.members preference models side by side on Ray and "
@@ -261,38 +250,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="member-K/ runs, strength.jsonl, strength.json, strength.png")
     _train_args(p)
 
-    p = add("dpo", cmd_train, "listwise DPO of the policy from ranked responses (reference scored once on Ray)")
-    p.add_argument("--model", required=True, help="the policy to start from (also the reference)")
-    p.add_argument("--data", required=True, help="ranked preferences, as `rlhf rm` reads them")
-    p.add_argument("--output", required=True)
-    _train_args(p)
-
-    p = add("ppo", cmd_train, "PPO on Ray with policy, reference, reward and critic role groups")
-    p.add_argument("--policy", required=True)
-    p.add_argument("--reward", default="", help="preference model (not needed with ppo.reward_model_weight=0)")
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--output", required=True)
-    _train_args(p)
-
     p = add("generate", cmd_generate, "write one reply per prompt (MOSS sampling defaults)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--model", required=True, help="the chat model: a directory (a run's final/) or a hub id")
+    p.add_argument("--prompts", required=True, help="MOSS prompts (dialogues ending in a human turn)")
+    p.add_argument("--out", required=True, help="JSONL: each prompt's record with its reply")
+    p.add_argument("--config", help="a config whose generation, data, model and plugins sections apply (e.g. "
+                   "configs/tiny/generate.yaml); other sections are ignored with a line")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. "
+                   "generation.temperature=1.0 (repeatable)")
     _data_format_arg(p)
 
+    from rlhf.config import CONFIGS
+    p = add("config", cmd_config, "print a command's resolved config as YAML, each key under its documentation")
+    p.add_argument("name", choices=list(CONFIGS), metavar="COMMAND", help=f"whose config: {', '.join(CONFIGS)}")
+    p.add_argument("--config", help="a YAML config to resolve over the defaults")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+
     p = add("sweep", cmd_sweep, "a Ray Tune sweep over any training command's config")
-    p.add_argument("--config", required=True)
-    p.add_argument("--output", default="runs/sweep")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--config", required=True, help="the sweep file: command, args, search, metric, scheduler "
+                   "(docs/sweeps.md, configs/sweeps/)")
+    p.add_argument("--output", default="runs/sweep", help="directory (or object-store URI) for Tune's experiment "
+                   "tune/, summary.tsv and best_config.yaml (default runs/sweep)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a key of the sweep file (num_samples=8), "
+                   "or else an override of the base config (ppo.iterations=20); repeatable")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --output (unfinished and failed "
+                   "trials go on from their last checkpoints)")
 
     p = add("pipeline", cmd_pipeline, "sample data -> tokenizer -> model -> SFT -> RM -> PPO -> report")
-    p.add_argument("--config", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--config", required=True, help="the pipeline file: data, model, stages and their configs, "
+                   "overrides (configs/tiny/pipeline.yaml)")
+    p.add_argument("--output", required=True, help="directory for each stage's run, the generations and report.md")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the pipeline file, e.g. "
+                   "overrides.ppo=[ppo.iterations=5] (repeatable)")
+    p.add_argument("--resume", action="store_true", help="skip finished stages and resume an interrupted one from "
+                   "its last checkpoint")
     return parser
 
 

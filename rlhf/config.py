@@ -459,6 +459,19 @@ class SFTConfig(RunConfig):
                           lora=self.lora, micro_batch_size=self.train.micro_batch_size,
                           max_tokens_per_micro_batch=self.train.max_tokens_per_micro_batch)
 
+    def groups(self) -> tuple[str, ...]:
+        """The role groups the run starts."""
+        return ("sft",)
+
+    def layouts(self) -> dict[str, LayoutConfig]:
+        """Each group the run starts with its layout: what the placement planner lays out (a DPO reference is
+        laid out as its policy)."""
+        return {group: self.layout for group in self.groups()}
+
+    def horizon(self) -> int:
+        """The step the run stops at, as far as the config says (0: after train.epochs, once the data is counted)."""
+        return self.train.max_steps
+
     def derive(self, records: int) -> "TrainPlan":
         """The values that follow from the config and the number of training records, computed here only."""
         world = ranks(self.layout)
@@ -473,6 +486,9 @@ class SFTConfig(RunConfig):
 class RMConfig(SFTConfig):
     """`rlhf rm`: SFT's sections and the ranking loss."""
     rm: RewardLossConfig = field(default_factory=RewardLossConfig)
+
+    def groups(self) -> tuple[str, ...]:
+        return ("reward",)
 
 
 @dataclass
@@ -498,6 +514,15 @@ class PPOConfig(RunConfig):
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     ppo: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
+
+    def groups(self) -> tuple[str, ...]:
+        return self.derive().roles
+
+    def layouts(self) -> dict[str, LayoutConfig]:
+        return {role: getattr(self.roles, role).layout for role in self.groups()}
+
+    def horizon(self) -> int:
+        return self.ppo.iterations
 
     def derive(self) -> "PPOPlan":
         """The role groups this run starts and the batch arithmetic, computed here only."""
@@ -554,9 +579,10 @@ class PPOPlan:
     """Micro-batches a rank of the policy / critic runs per optimizer step."""
 
 
-COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
-                             "generate": GenerateConfig}
-"""The config class of each command that takes --config."""
+CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+                            "generate": GenerateConfig}
+"""The config class of each command that takes --config (rm-eval and rm-strength read rm's); what each training
+command does with it is its record in rlhf.commands."""
 
 
 _CHOICES = {
@@ -776,7 +802,7 @@ def load_config(command: str, path: Optional[str] = None, overrides: Optional[li
 
     A key that only another command reads (a PPO config's `optim:`, an SFT config's `ppo:`) is dropped with one
     line saying so: it never did anything there, and refusing it would break configs that carried it."""
-    schema_cls = COMMANDS[command]
+    schema_cls = CONFIGS[command]
     schema = OmegaConf.structured(schema_cls)
     where = f"{path}: " if path else "--set "
     try:
@@ -819,14 +845,14 @@ def load_config(command: str, path: Optional[str] = None, overrides: Optional[li
 
 def _owner(key: str, command: str) -> Optional[str]:
     """The other command whose config has `key`, or None."""
-    return next((name for name, cls in COMMANDS.items() if name != command and _is_known(cls, key)), None)
+    return next((name for name, cls in CONFIGS.items() if name != command and _is_known(cls, key)), None)
 
 
 def _drop_foreign(node: DictConfig, command: str, path: str, prefix: str = "") -> None:
     for name in list(node.keys()):
         key = f"{prefix}{name}"
-        if _is_known(COMMANDS[command], key):
-            if isinstance(node[name], DictConfig) and not _is_mapping_field(COMMANDS[command], key):
+        if _is_known(CONFIGS[command], key):
+            if isinstance(node[name], DictConfig) and not _is_mapping_field(CONFIGS[command], key):
                 _drop_foreign(node[name], command, path, f"{key}.")
             continue
         owner = _owner(key, command)
@@ -880,7 +906,19 @@ def _is_mapping_field(schema: type, key: str) -> bool:
 
 
 def command_of(cfg: Any) -> str:
-    return next(name for name, cls in COMMANDS.items() if type(cfg) is cls)
+    return next(name for name, cls in CONFIGS.items() if type(cfg) is cls)
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    """The value of a dotted config key, e.g. `roles.reward.model`."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def set_key(cfg: Any, key: str, value: Any) -> None:
+    *parents, name = key.split(".")
+    setattr(get_key(cfg, ".".join(parents)) if parents else cfg, name, value)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf import config
+from rlhf.commands import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("rlhf", "reward", "actors")
@@ -113,9 +114,9 @@ def _closure(start: str) -> set[str]:
     return seen - {"rlhf.config"}
 
 
-@pytest.mark.parametrize("command, driver", [("sft", "rlhf.drivers.sft"), ("rm", "rlhf.drivers.rm"),
-                                             ("dpo", "rlhf.drivers.dpo"), ("ppo", "rlhf.drivers.ppo")])
-def test_every_config_field_is_read_by_its_command(command, driver):
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_config_field_is_read_by_its_command(command):
+    driver = COMMANDS[command].runner.split(":")[0]
     reads = _reads(_trees(_closure(driver) | {"rlhf.cli"}) + _derivations())
-    unread = [key for key, name in _fields(config.COMMANDS[command]) if name not in reads]
+    unread = [key for key, name in _fields(COMMANDS[command].config) if name not in reads]
     assert not unread, f"rlhf {command} never reads {unread}"

@@ -295,9 +295,6 @@ def _(tmp, kit):
     return argv, [re.escape(f"rlhf sft: {tmp / 'nope.yaml'}: config file does not exist")]
 
 
-# load_config lets YAML and OS errors out as tracebacks; the fix (turning them into ConfigError) is pending in
-# rlhf/config.py. Strict, so the marks must go when it lands.
-
 
 @case("config: YAML that does not parse")
 def _(tmp, kit):
@@ -448,6 +445,50 @@ def _(tmp, kit):
     return train("sft", kit, tmp, data=tmp), [at(tmp, 0, "file") + "cannot open: Is a directory"]
 
 
+@case("ppo: a prompts file that does not exist")
+def _(tmp, kit):
+    path = tmp / "prompts.jsonl"
+    return train("ppo", kit, tmp, data=path), [at(path, 0, "file") + re.escape("does not exist (--prompts)")]
+
+
+def sweep(tmp: Path, command: str = "rm", **args) -> list:
+    """argv of `rlhf sweep` over a grid of two learning rates, its sweep file written with these args."""
+    spec = tmp / "sweep.yaml"
+    spec.write_text(json.dumps({"command": command, "base_config": f"configs/tiny/{command}.yaml",
+                                "args": {k: str(v) for k, v in args.items()},
+                                "search": {"optim.lr": {"type": "grid", "values": [1e-4, 1e-3]}},
+                                "metric": "eval/loss", "mode": "min"}))
+    return ["sweep", "--config", spec, "--output", tmp / "out"]
+
+
+@case("sweep: a data file that does not exist (checked before Tune starts)")
+def _(tmp, kit):
+    path = tmp / "prefs.jsonl"
+    return sweep(tmp, model=kit["base"], data=path), [at(path, 0, "file") + re.escape("does not exist (--data)")]
+
+
+@case("sweep: a model that is not a reward model given as ppo's reward")
+def _(tmp, kit):
+    return sweep(tmp, "ppo", policy=kit["base"], reward=kit["base"], prompts=kit["prompts_train"]), [
+        re.escape(f"rlhf sweep: --reward '{kit['base']}' is not a reward model")]
+
+
+@case("sweep: an argument the command does not take")
+def _(tmp, kit):
+    return sweep(tmp, model=kit["base"], data=kit["prefs_train"], prompts=kit["prompts_train"]), [
+        re.escape(f"rlhf sweep: {tmp / 'sweep.yaml'}: args.prompts: not a flag of rlhf rm (it takes model, data)")]
+
+
+@case("sweep: a searched value the config refuses")
+def _(tmp, kit):
+    argv = sweep(tmp, model=kit["base"], data=kit["prefs_train"])
+    spec = json.loads(Path(argv[2]).read_text())
+    spec["search"] = {"optim.schedule": {"type": "grid", "values": ["cosine", "linear"]}}
+    Path(argv[2]).write_text(json.dumps(spec))
+    return argv, [re.escape(f"rlhf sweep: {argv[2]}: search.optim.schedule: 'linear' is not one of constant, "
+                            "cosine (value 'linear')")]
+
+
 @case("rm: ranks that contradict the best-first order")
 def _(tmp, kit):
     good = json.loads(Path(kit["prefs_train"]).read_text(encoding="utf-8").splitlines()[0])
@@ -508,8 +549,8 @@ def test_bad_input_is_one_line_per_error_and_nothing_starts(name, kit, tmp_path)
 
 
 def test_trust_remote_code_is_off_unless_a_config_turns_it_on():
-    from rlhf.config import COMMANDS, load_config
-    for command, schema in COMMANDS.items():
+    from rlhf.config import CONFIGS, load_config
+    for command, schema in CONFIGS.items():
         assert schema().model.trust_remote_code is False
         assert load_config(command, str(ROOT / "configs" / "tiny" / f"{command}.yaml")).model.trust_remote_code is False
 

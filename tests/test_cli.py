@@ -63,3 +63,28 @@ def test_tokenizer_and_the_generation_cap_read_another_projects_format(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     lengths = reply_lengths(str(hh), tok, "hh-rlhf")
     assert len(lengths) == 80 and max(lengths) == len(tok.encode(" Blue, like the sky.<eom>", add_special_tokens=False))
+
+
+def test_every_option_of_every_command_says_what_it_takes_and_does():
+    import argparse
+    from rlhf.cli import build_parser
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [f"{name} {' '.join(a.option_strings) or a.dest}" for name, sub in commands.choices.items()
+              for a in sub._actions if not isinstance(a, argparse._HelpAction) and len(a.help or "") < 12]
+    assert not silent, f"options without a description in --help: {silent}"
+    assert {"sft", "rm", "dpo", "ppo"} <= set(commands.choices)
+
+
+def test_rlhf_config_prints_a_resolved_config_that_loads_back_with_each_keys_documentation(tmp_path, capsys):
+    from rlhf.config import AlgorithmConfig, load_config, to_yaml
+    from rlhf.config_docs import doc_of
+    assert run_cli("config", "ppo", "--config", "configs/tiny/ppo.yaml", "--set", "ppo.kl_target=0.07") == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed, encoding="utf-8")
+    expected = load_config("ppo", "configs/tiny/ppo.yaml", ["ppo.kl_target=0.07"])
+    assert to_yaml(load_config("ppo", str(tmp_path / "printed.yaml"))) == to_yaml(expected)
+    lines = printed.splitlines()
+    at = first = lines.index("  kl_target: 0.07")
+    while lines[first - 1].startswith("  # "):
+        first -= 1
+    assert " ".join(line[4:] for line in lines[first:at]) == " ".join(doc_of(AlgorithmConfig, "kl_target").split())

@@ -2,6 +2,7 @@
 fit; every `rlhf` command in cluster/ names a real subcommand, real flags and a config that exists."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -183,3 +184,17 @@ def test_the_invocation_finder_sees_what_a_reader_sees(tmp_path: Path):
                       "    --output '/o'\" || true\npython -m rlhf validate f --kind prompts\n")
     assert invocations(script) == [("ppo", ["--config", "a.yaml", "--output", "/o"]),
                                    ("validate", ["f", "--kind", "prompts"])]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=_id)
+def test_a_shipped_sweep_reads_what_the_readmes_steps_write(path: Path, tmp_path: Path):
+    from rlhf.drivers.sweep import load_spec
+    from rlhf.sample import write_sample
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    sample_dir = re.search(r"rlhf sample --out (\S+)", readme).group(1)
+    written = {f"{sample_dir}/{os.path.basename(p)}" for p in write_sample(str(tmp_path), seed=0).values()}
+    written |= {f"{out}/final" for out in re.findall(r"--output (runs/\S+)", readme)}
+    written |= set(re.findall(r"rlhf init-model .*--out (\S+)", readme))
+    spec = load_spec(str(path), [])
+    paths = list(spec.args.values()) + [o.split("=", 1)[1] for o in spec.overrides if o.startswith("data.")]
+    assert paths and all(p in written for p in paths), f"{_id(path)} reads {paths}; the README writes {written}"

@@ -66,7 +66,7 @@ def test_asha_stops_the_weaker_ppo_trial_early(tiny, tmp_path):
     # one trial at a time so the strong one sets the rung first. Each trial is a LoRA policy that is its own
     # reference, rewarded by a rule: one role group, so the trials are quick to start.
     spec = write_spec(tmp_path, command="ppo", base_config="configs/tiny/ppo.yaml",
-                      args={"policy": tiny["base"], "reward": tiny["base"], "prompts": tiny["prompts_train"]},
+                      args={"policy": tiny["base"], "prompts": tiny["prompts_train"]},
                       overrides=["ppo.iterations=3", "ppo.prompts_per_iteration=8", "ppo.train_batch_size=8",
                                  "ppo.ppo_epochs=1", "ppo.estimator=grpo", "ppo.samples_per_prompt=2",
                                  "ppo.reward_model_weight=0", "ppo.reward_rules.sample=1.0",

@@ -77,12 +77,9 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
 
     from actors.runtime import ensure_ray
     from reward.evaluate import evaluate
+    from rlhf.commands import COMMANDS
     from rlhf.data import load_prompts
-    from rlhf.drivers.dpo import run_dpo
     from rlhf.drivers.generate import generate_texts
-    from rlhf.drivers.ppo import run_ppo
-    from rlhf.drivers.rm import run_rm
-    from rlhf.drivers.sft import run_sft
     from rlhf.modeling import init_model
     from rlhf.report import write_report
     from rlhf.sample import parts_of, score_of, write_sample
@@ -122,19 +119,18 @@ def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = 
         stage = {name: os.path.join(output, name) for name in wanted}
         if "ppo" in cfgs:
             cfgs["ppo"].roles.reward.model = f"{stage['rm']}/final"
-        # Each stage: what it starts from, what it trains on, what it holds out, the line it says, its driver.
-        stages = [("sft", model, "sft", "SFT ...", run_sft),
-                  ("rm", f"{stage['sft']}/final", "prefs", "preference model ...", run_rm),
-                  ("ppo", f"{stage['sft']}/final", "prompts", "PPO ...", run_ppo),
-                  ("dpo", f"{stage['sft']}/final", "prefs", "DPO ...", run_dpo)]
-        for name, start, data_kind, line, run in [s for s in stages if s[0] in cfgs]:
+        # Each stage: what it starts from, what it trains on, what it holds out, the line it says.
+        sft = f"{stage['sft']}/final"
+        stages = [("sft", model, "sft", "SFT ..."), ("rm", sft, "prefs", "preference model ..."),
+                  ("ppo", sft, "prompts", "PPO ..."), ("dpo", sft, "prefs", "DPO ...")]
+        for name, start, data_kind, line in [s for s in stages if s[0] in cfgs]:
             if os.path.isdir(os.path.join(stage[name], "final")):
                 continue
             cfg = cfgs[name]
             cfg.model.path, cfg.data.train = start, files[f"{data_kind}_train"]
             cfg.data.eval = cfg.data.eval or files[f"{data_kind}_eval"]
             say(line)
-            run(cfg, stage[name], resume=_stage_args(stage[name], resume))
+            COMMANDS[name].run()(cfg, stage[name], resume=_stage_args(stage[name], resume))
     finally:
         if started:
             ray.shutdown()

@@ -1,4 +1,4 @@
-"""`rlhf sweep`: a Ray Tune sweep over any config key of `rlhf sft`, `rlhf rm` or `rlhf ppo` (docs/sweeps.md).
+"""`rlhf sweep`: a Ray Tune sweep over any config key of a training command (rlhf.commands; docs/sweeps.md).
 
 Every trial is a whole run in its own directory, on role groups placed inside the trial's placement group, so
 trials queue for the cluster instead of oversubscribing it; a trial the cluster can never hold stops the sweep
@@ -23,9 +23,9 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf import storage
-from rlhf.config import ConfigError, load_config, save_config, to_yaml
+from rlhf.commands import COMMANDS, command
+from rlhf.config import ConfigError, get_key, load_config, save_config, set_key, to_yaml
 
-COMMANDS = ("sft", "rm", "dpo", "ppo")
 SEARCH_TYPES = ("grid", "choice", "uniform", "loguniform")
 EXPERIMENT = "tune"
 """Tune's experiment directory under --output (what `--resume` restores)."""
@@ -35,21 +35,6 @@ _SCHEDULER_PARAMS = {
     "pbt": ("time_attr", "perturbation_interval", "burn_in_period", "quantile_fraction", "resample_probability",
             "synch"),
 }
-
-
-@dataclass
-class SweepArgs:
-    """The swept command's own arguments: paths relative to the working directory or the repository root."""
-    model: str = ""
-    """sft, rm, dpo: the starting model (--model)."""
-    data: str = ""
-    """sft, rm, dpo: the training file (--data)."""
-    policy: str = ""
-    """ppo: the policy (--policy)."""
-    reward: str = ""
-    """ppo: the reward model (--reward)."""
-    prompts: str = ""
-    """ppo: the prompts file (--prompts)."""
 
 
 @dataclass
@@ -94,10 +79,12 @@ class SchedulerSpec:
 @dataclass
 class SweepSpec:
     command: str = MISSING
-    """The command swept: sft, rm or ppo."""
+    """The command swept: sft, rm, dpo or ppo."""
     base_config: str = ""
     """The command's YAML config (e.g. configs/tiny/rm.yaml); empty means the defaults."""
-    args: SweepArgs = field(default_factory=SweepArgs)
+    args: dict[str, str] = field(default_factory=dict)
+    """The command's flags without the dashes (sft, rm, dpo: model, data; ppo: policy, reward, prompts): paths
+    relative to the working directory or the repository root."""
     overrides: list[str] = field(default_factory=list)
     """key.path=value overrides of the base config, the same for every trial."""
     search: dict[str, SearchParam] = field(default_factory=dict)
@@ -148,12 +135,14 @@ def load_spec(path: Optional[str], overrides: list[str]) -> SweepSpec:
 
 def _check_spec(spec: SweepSpec, path: Optional[str]) -> None:
     where = _where(path)
-    if spec.command not in COMMANDS:
-        raise ConfigError(f"{where}command: {spec.command!r} is not one of {', '.join(COMMANDS)}")
-    needed = ("model", "data") if spec.command != "ppo" else ("policy", "reward", "prompts")
-    for name in needed:
-        if not getattr(spec.args, name):
-            raise ConfigError(f"{where}args.{name}: `rlhf {spec.command}` needs it")
+    swept = command(spec.command, where)
+    takes = {flag.arg: flag for flag in swept.flags}
+    for name in spec.args:
+        if name not in takes:
+            raise ConfigError(f"{where}args.{name}: not a flag of rlhf {spec.command} (it takes {', '.join(takes)})")
+    for name, flag in takes.items():
+        if flag.required and not spec.args.get(name):
+            raise ConfigError(f"{where}args.{name}: `rlhf {spec.command}` needs it ({flag.help})")
     if spec.mode not in ("min", "max"):
         raise ConfigError(f"{where}mode: {spec.mode!r} is not one of min, max")
     if spec.num_samples < 1:
@@ -213,31 +202,25 @@ def _resolve(path: str) -> str:
 
 
 def _base_config(spec: SweepSpec) -> Any:
-    """The base config with every local path made absolute: trials run in other working directories."""
-    cfg = load_config(spec.command, _resolve(spec.base_config) or None, spec.overrides)
-    for name in ("model", "data", "policy", "reward", "prompts"):
-        setattr(spec.args, name, _resolve(getattr(spec.args, name)))
-    cfg.data.eval = _resolve(cfg.data.eval)
-    cfg.model.tokenizer = _resolve(cfg.model.tokenizer)
-    if spec.command == "ppo":
-        cfg.data.ptx = _resolve(cfg.data.ptx)
-        for role in ("policy", "reference", "reward", "critic"):
-            rc = getattr(cfg.roles, role)
-            rc.model = _resolve(rc.model)
-        cfg.model.path, cfg.data.train = spec.args.policy, spec.args.prompts
-        cfg.roles.reward.model = spec.args.reward or cfg.roles.reward.model
-    else:
-        cfg.model.path, cfg.data.train = spec.args.model, spec.args.data
+    """The base config, the command's flags filled in, every local path made absolute (trials run in other working
+    directories) and checked as the command itself checks them, before Tune starts."""
+    swept = COMMANDS[spec.command]
+    cfg = swept.fill(load_config(spec.command, _resolve(spec.base_config) or None, spec.overrides), spec.args)
+    for key in swept.path_keys():
+        set_key(cfg, key, _resolve(get_key(cfg, key)))
+    spec.args = {name: _resolve(value) for name, value in spec.args.items()}
+    swept.check_inputs(cfg)
     return cfg
 
 
-def _check_search(spec: SweepSpec, base_path: str, where: str) -> None:
+def _check_search(spec: SweepSpec, where: str) -> None:
     """Every searched key is a real key of the command's config and every value passes the config's own checks."""
+    base_path = _resolve(spec.base_config) or None
     for key, p in spec.search.items():
         samples = p.values if p.type in ("grid", "choice") else [p.low, p.high]
         for value in samples:
             try:
-                load_config(spec.command, base_path, [_override(key, value)])
+                load_config(spec.command, base_path, spec.overrides + [_override(key, value)])
             except ConfigError as err:
                 msg = str(err)
                 for prefix in (f"{base_path}: ", "--set ", f"{key}: "):
@@ -245,21 +228,11 @@ def _check_search(spec: SweepSpec, base_path: str, where: str) -> None:
                 raise ConfigError(f"{where}search.{key}: {msg} (value {value!r})") from None
 
 
-def trial_plan(command: str, cfg: Any, use_gpu: bool) -> Any:
+def trial_plan(cfg: Any, use_gpu: bool) -> Any:
     """The role groups' bundles as the planner lays them out for the run (the run takes exactly those bundles of
     the trial's placement group)."""
     from actors.placement import plan_placement
-    if command == "ppo":
-        layouts = {r: getattr(cfg.roles, r).layout for r in cfg.derive().roles}
-    else:
-        roles = cfg.groups() if command == "dpo" else ({"sft": "sft", "rm": "reward"}[command],)
-        layouts = {role: cfg.layout for role in roles}  # DPO's reference is laid out as its policy
-    return plan_placement(layouts, use_gpu)
-
-
-def trial_bundles(command: str, cfg: Any, use_gpu: bool, driver_cpus: float) -> list[dict]:
-    """The trial's placement group: its controller's bundle, then the role groups' (`trial_plan`)."""
-    return trial_plan(command, cfg, use_gpu).trial_bundles(driver_cpus)
+    return plan_placement(cfg.layouts(), use_gpu)
 
 
 def check_trial_fits(spec: SweepSpec, plan: Any, strategy: str, wait_s: float, started_ray: bool,
@@ -271,7 +244,7 @@ def check_trial_fits(spec: SweepSpec, plan: Any, strategy: str, wait_s: float, s
     why = room_for([(bundles, strategy)], wait_s)
     if why is None:
         return
-    keys = "roles.<role>.layout" if spec.command == "ppo" else "layout"
+    keys = "layout" if "layout" in {f.name for f in fields(COMMANDS[spec.command].config)} else "roles.<role>.layout"
     raise ConfigError(f"{where}one trial needs {show(total(bundles))} ({spec.driver_cpus:g} CPU for its controller, "
                       f"driver_cpus; {plan.describe()}) but {why}; "
                       f"{what_to_change(keys, why, started_ray, ' (overrides), driver_cpus')}")
@@ -364,12 +337,12 @@ def run_trial(config: dict, job: dict) -> None:
     if restored is not None:
         print(f"trial {trial.id}: continues from the checkpoint of step {restored} (a restart after a failure, "
               "--resume, or a PBT exploit)", flush=True)
-    every, last = cfg.train.save_every, cfg.ppo.iterations if job["command"] == "ppo" else cfg.train.max_steps
+    every, last = cfg.train.save_every, cfg.horizon()
     reporter = TuneReporter(job["metric"], lambda step: step > 0 and (bool(every and step % every == 0)
                                                                        or bool(last and step >= last)))
     previous = set_reporter(reporter.log), set_commit_hook(reporter.commit), set_trial(trial)
     try:
-        RUNNERS[job["command"]]()(cfg, run_dir, restored is not None)
+        COMMANDS[job["command"]].run()(cfg, run_dir, restored is not None)
     except SystemExit as err:  # an error inside the run: the trial's error, once FailureConfig's retries are spent
         raise RuntimeError(str(err)) from None
     finally:
@@ -377,18 +350,6 @@ def run_trial(config: dict, job: dict) -> None:
         set_commit_hook(previous[1])
         set_trial(previous[2])
     reporter.flush()
-
-
-def _runner(module: str, name: str) -> Callable[[], Callable]:
-    def load() -> Callable:
-        import importlib
-        return getattr(importlib.import_module(module), name)
-    return load
-
-
-RUNNERS = {"sft": _runner("rlhf.drivers.sft", "run_sft"), "rm": _runner("rlhf.drivers.rm", "run_rm"),
-           "dpo": _runner("rlhf.drivers.dpo", "run_dpo"), "ppo": _runner("rlhf.drivers.ppo", "run_ppo")}
-"""Each command's run function (imported in the trial, where it runs)."""
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -431,7 +392,7 @@ def _scheduler(spec: SweepSpec, cfg: Any, where: str) -> Any:
     s = spec.scheduler
     time_attr = s.time_attr or "step"
     if s.type == "asha":
-        max_t = s.max_t or (cfg.ppo.iterations if spec.command == "ppo" else cfg.train.max_steps)
+        max_t = s.max_t or cfg.horizon()
         if not max_t:
             raise ConfigError(f"{where}scheduler.max_t: set it, or set train.max_steps in the overrides")
         # stop_last_trials=False: a trial that reaches max_t finishes its run (final eval, final/) instead of
@@ -458,12 +419,16 @@ def _scheduler(spec: SweepSpec, cfg: Any, where: str) -> Any:
 
 def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str) -> int:
     """Run (or with `resume`, continue) the sweep; prints a table and writes best_config.yaml under `output`."""
-    from ray import tune
-    from actors.group import cluster_has_gpus
-    from actors.runtime import ensure_ray
-
     spec = load_spec(config_path, overrides)
     where = _where(config_path)
+    # The inputs and every searched value are checked as the swept command checks them, before Ray or Tune start
+    # and before anything is written.
+    base = _base_config(spec)
+    _check_search(spec, where)
+
+    from ray import tune  # seconds to import: after the checks
+    from actors.group import cluster_has_gpus
+    from actors.runtime import ensure_ray
     remote = storage.is_uri(output)
     output = output if remote else os.path.abspath(output)
     experiment_dir = storage.join(output, EXPERIMENT)
@@ -479,20 +444,18 @@ def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str)
                           "or choose another --output")
     local = tempfile.mkdtemp(prefix="rlhf-sweep-") if remote else output  # what the driver writes, uploaded
     os.makedirs(local, exist_ok=True)
-    base = _base_config(spec)
     base_path = os.path.join(local, "base_config.yaml")
     save_config(base, base_path)
-    _check_search(spec, base_path, where)
 
-    bundles_probe = trial_bundles(spec.command, base, False, spec.driver_cpus)
+    bundles_probe = trial_plan(base, False).trial_bundles(spec.driver_cpus)
     started_ray = ensure_ray(base.ray, sum(b["CPU"] for b in bundles_probe))
-    plan = trial_plan(spec.command, base, cluster_has_gpus())
-    strategy = base.layout.strategy if spec.command != "ppo" else "PACK"
+    plan = trial_plan(base, cluster_has_gpus())
+    strategy = base.layout.strategy if hasattr(base, "layout") else "PACK"
     strategy = {"STRICT_SPREAD": "SPREAD"}.get(strategy, strategy)  # bundle 0 (the controller) needs no node of its own
     check_trial_fits(spec, plan, strategy, base.ray.wait_for_nodes_s, started_ray, where)
     bundles = plan.trial_bundles(spec.driver_cpus)
     with open(base_path, encoding="utf-8") as f:
-        job = {"command": spec.command, "base_config": base_path, "base_config_yaml": f.read(), "args": vars(spec.args),
+        job = {"command": spec.command, "base_config": base_path, "base_config_yaml": f.read(), "args": spec.args,
                "metric": spec.metric, "experiment_dir": experiment_dir}
     trial_trainable = trainable(job, tune.PlacementGroupFactory(bundles, strategy=strategy))
     if resume:
@@ -558,13 +521,13 @@ def _report(spec: SweepSpec, results: Any, output: str, local: str) -> int:
     best = measured[0]
     cfg = load_config(spec.command, os.path.join(local, "base_config.yaml"), trial_overrides(best["_config"]))
     path = storage.join(output, "best_config.yaml")
-    command = _command_line(spec, path, storage.join(output, "best"))
+    rerun = _command_line(spec, path, storage.join(output, "best"))
     values = ", ".join(f"{k}={_cell(best[k])}" for k in keys)
     with open(os.path.join(local, "best_config.yaml"), "w", encoding="utf-8") as f:
         f.write(f"# Best trial {best['trial']} of the sweep in {storage.display(output)}: "
-                f"{spec.metric}={_cell(best[spec.metric])} ({spec.mode}) with {values}\n# Run it: {command}\n{to_yaml(cfg)}")
+                f"{spec.metric}={_cell(best[spec.metric])} ({spec.mode}) with {values}\n# Run it: {rerun}\n{to_yaml(cfg)}")
     print(f"best: trial {best['trial']}, {spec.metric}={_cell(best[spec.metric])} with {values}")
-    print(f"best config: {storage.display(path)}\nrun it: {command}")
+    print(f"best config: {storage.display(path)}\nrun it: {rerun}")
     return 0
 
 
@@ -575,8 +538,6 @@ def _cell(value: Any) -> str:
 
 
 def _command_line(spec: SweepSpec, config: str, output: str) -> str:
-    a = spec.args
-    pairs = ([("--model", a.model), ("--data", a.data)] if spec.command != "ppo" else
-             [("--policy", a.policy), ("--reward", a.reward), ("--prompts", a.prompts)])
+    pairs = [(flag.name, spec.args[flag.arg]) for flag in COMMANDS[spec.command].flags if spec.args.get(flag.arg)]
     parts = ["rlhf", spec.command, "--config", config] + [x for p in pairs for x in p] + ["--output", output]
     return " ".join(shlex.quote(p) for p in parts)

@@ -1,0 +1,119 @@
+"""What each training command is, in one record: its config, its runner, its flags and the config keys they fill,
+the models and files it reads. The command line builds its parser from these records, the sweep and the pipeline
+run commands through them, and the tests check every one; the groups a run starts and how far it goes are its
+config's (`cfg.layouts()`, `cfg.horizon()`).
+
+A new training command is a config class in rlhf/config.py, a driver, and a record here.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rlhf import storage
+from rlhf.config import CONFIGS, ConfigError, get_key, set_key
+from rlhf.data import DataError, DataFileError
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that fills one config key."""
+    name: str
+    """The flag, e.g. --model; a sweep file's `args:` names it without the dashes."""
+    key: str
+    """The config key it fills, e.g. model.path."""
+    help: str
+    required: bool = True
+    """Optional flags keep the config's value when not given."""
+
+    @property
+    def arg(self) -> str:
+        """The argparse destination and the sweep file's `args:` name."""
+        return self.name.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    runner: str
+    """module:function of the driver, `run(cfg, output, resume) -> summary`; imported when the command runs."""
+    flags: tuple[Flag, ...]
+    models: dict[str, str] = field(default_factory=dict)
+    """Config key naming a model -> the kind its role needs (rlhf.modeling.check_model_kind: causal_lm, reward; ""
+    any), checked before Ray starts."""
+    files: tuple[str, ...] = ("data.train", "data.eval")
+    """Config keys naming data files the run reads (checked to exist; made absolute for sweep trials)."""
+
+    @property
+    def config(self) -> type:
+        return CONFIGS[self.name]
+
+    def run(self) -> Callable[..., dict]:
+        module, name = self.runner.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def fill(self, cfg: Any, values: dict[str, str]) -> Any:
+        """Set the config keys of the flags given in `values` (by `Flag.arg`); an empty optional flag leaves its key."""
+        for flag in self.flags:
+            value = values.get(flag.arg) or ""
+            if value or flag.required:
+                set_key(cfg, flag.key, value)
+        return cfg
+
+    def path_keys(self) -> list[str]:
+        """Every config key of this command that names a local model, file or tokenizer."""
+        return list(dict.fromkeys([f.key for f in self.flags] + list(self.models) + list(self.files)
+                                  + ["model.tokenizer"]))
+
+    def check_inputs(self, cfg: Any) -> None:
+        """Before Ray starts: every model exists and is the kind its role needs, every data file exists; one line
+        naming the flag (or key) otherwise."""
+        from rlhf.modeling import check_model_dir, check_model_kind
+        by_key = {f.key: f.name for f in self.flags}
+        for key, kind in self.models.items():
+            path = get_key(cfg, key)
+            if path:
+                source = check_model_dir(path, by_key.get(key, key))
+                if kind:
+                    check_model_kind(source, by_key.get(key, key), kind)
+        for key in self.files:
+            path = get_key(cfg, key)
+            if path and not storage.is_uri(path) and not os.path.exists(path):
+                raise DataFileError([DataError(path, 0, "file", f"does not exist ({by_key.get(key, key)})")])
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("sft", "supervised fine-tuning on MOSS dialogues", "rlhf.drivers.sft:run_sft",
+            (Flag("--model", "model.path", "the model to fine-tune: a directory (rlhf init-model, a run's final/) or "
+                                           "a hub id"),
+             Flag("--data", "data.train", "MOSS dialogues (JSONL, JSON, Parquet; see --data-format)")),
+            models={"model.path": "causal_lm"}),
+    Command("rm", "train a preference model from ranked responses", "rlhf.drivers.rm:run_rm",
+            (Flag("--model", "model.path", "the model the preference model starts from (usually the SFT's final/); "
+                                           "a scalar head is added"),
+             Flag("--data", "data.train", "ranked preferences: a prompt and K responses, best first")),
+            models={"model.path": ""}),
+    Command("dpo", "listwise DPO of the policy from ranked responses (reference scored once on Ray)",
+            "rlhf.drivers.dpo:run_dpo",
+            (Flag("--model", "model.path", "the policy to start from (also the reference)"),
+             Flag("--data", "data.train", "ranked preferences, as `rlhf rm` reads them")),
+            models={"model.path": "causal_lm"}),
+    Command("ppo", "PPO on Ray with policy, reference, reward and critic role groups", "rlhf.drivers.ppo:run_ppo",
+            (Flag("--policy", "model.path", "the policy to start from (usually the SFT's final/; also the reference)"),
+             Flag("--reward", "roles.reward.model", "the preference model (rlhf rm's final/); not needed with "
+                                                   "ppo.reward_model_weight=0", required=False),
+             Flag("--prompts", "data.train", "MOSS prompts (dialogues ending in a human turn)")),
+            models={"model.path": "causal_lm", "roles.reward.model": "reward", "roles.policy.model": "causal_lm",
+                    "roles.reference.model": "causal_lm", "roles.critic.model": ""},
+            files=("data.train", "data.eval", "data.ptx")),
+)}
+"""The training commands: `rlhf sft|rm|dpo|ppo`, what `rlhf sweep` searches and `rlhf pipeline` chains."""
+
+
+def command(name: str, where: str = "") -> Command:
+    if name not in COMMANDS:
+        raise ConfigError(f"{where}command: {name!r} is not one of {', '.join(COMMANDS)}")
+    return COMMANDS[name]
