@@ -36,18 +36,20 @@ class Shards:
 class Dispatch:
     split: dict[str, Splitter] = field(default_factory=dict)
     reduce: Reducer = "first"
+    method: str = ""
 
 
 def dispatch(split: Optional[dict[str, Splitter]] = None, reduce: Reducer = "first") -> Callable:
     """Declare how a worker method's arguments split over ranks (`split`: argument name -> splitter) and how the
     ranks' results reduce: "concat" (rank order; tensors, dicts of tensors or lists), "sum", "mean", "first"
-    (rank 0's: the same on every rank, or written by rank 0 alone), or a dict of those per result key."""
+    (rank 0's: the same on every rank, or written by rank 0 alone), or a dict of those per result key, which must
+    name every key the method returns (a key it does not name is an error, never a silent rank 0's value)."""
     def mark(method: Callable) -> Callable:
         @functools.wraps(method)
         def wrapper(self, *args, **kwargs):
             fault_point(self.role, self.rank, method.__name__)
             return method(self, *args, **kwargs)
-        wrapper.dispatch = Dispatch(dict(split or {}), reduce)  # type: ignore[attr-defined]
+        wrapper.dispatch = Dispatch(dict(split or {}), reduce, method.__qualname__)  # type: ignore[attr-defined]
         return wrapper
     return mark
 
@@ -157,5 +159,9 @@ def _reduce_one(kind: str, values: list, real: Optional[list[int]]) -> Any:
 
 def reduce_results(spec: Dispatch, results: list, real: Optional[list[int]]) -> Any:
     if isinstance(spec.reduce, dict):
-        return {k: _reduce_one(spec.reduce.get(k, "first"), [r[k] for r in results], real) for k in results[0]}
+        undeclared = sorted(set(results[0]) - set(spec.reduce))
+        if undeclared:
+            raise KeyError(f"{spec.method} returned {', '.join(undeclared)}, whose reduction over ranks its @dispatch "
+                           "does not declare")
+        return {k: _reduce_one(spec.reduce[k], [r[k] for r in results], real) for k in results[0]}
     return _reduce_one(spec.reduce, results, real)

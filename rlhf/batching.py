@@ -4,11 +4,69 @@ Everything here is pure torch so the controller, the workers and the tests share
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypedDict
 
 import torch
 
 Batch = dict[str, torch.Tensor]
+
+
+class Rollout(TypedDict, total=False):
+    """What generation returns for a batch of prompts (the policy's `generate`, a rollout engine's): right-padded
+    replies, R tokens wide."""
+    response_ids: torch.Tensor
+    """[b, R] the reply's tokens, plugin Results included."""
+    action_mask: torch.Tensor
+    """[b, R] 1 on the tokens the policy wrote (not Results, not padding): the tokens the losses train."""
+    response_mask: torch.Tensor
+    """[b, R] 1 on every reply token (what attention covers)."""
+    ended: torch.Tensor
+    """[b] 1.0 where the reply reached <eom>."""
+    logprobs: torch.Tensor
+    """[b, R] the sampler's log-probs of its tokens (a rollout engine's, the behaviour distribution)."""
+    version: torch.Tensor
+    """[b] a rollout group's: the policy version whose weights sampled the row."""
+    span: torch.Tensor
+    """[b, 2] a rollout group's: the wall-clock start and end of the batch."""
+
+
+class Experience(TypedDict):
+    """A rollout as every scoring role reads it (`experience`): prompt and reply side by side, P + R wide."""
+    sequences: torch.Tensor
+    """[b, P+R] the left-padded prompt, then the right-padded reply."""
+    attention_mask: torch.Tensor
+    """[b, P+R]"""
+    response_ids: torch.Tensor
+    """[b, R]"""
+    action_mask: torch.Tensor
+    """[b, R]"""
+
+
+class TrainBatch(Experience, total=False):
+    """What the policy's and the critic's update read of each rollout row (`PPOTrainer.train_batch`)."""
+    advantages: torch.Tensor
+    """[b, R] always."""
+    old_logprobs: torch.Tensor
+    """[b, R] the policy's log-probs before the update: the ratio's denominator. Absent: on-policy, and the
+    update's own forward gives them."""
+    behaviour_logprobs: torch.Tensor
+    """[b, R] the rollout engine's log-probs of what it sampled (truncated importance weights, ppo.tis_cap)."""
+    ref_logprobs: torch.Tensor
+    """[b, R] the reference's, for a KL term in the loss (GRPO, RLOO)."""
+    old_values: torch.Tensor
+    """[b, R] the critic's values before the update (the value loss's clipping), with `returns`."""
+    returns: torch.Tensor
+    """[b, R] the critic's targets."""
+
+
+def checked(batch: Batch, kind: type) -> Batch:
+    """`batch` if it has every required key of the TypedDict `kind` and no other: a misspelt or unknown key is an
+    error where the batch is made, not a key some worker silently never reads."""
+    unknown = set(batch) - set(kind.__annotations__)
+    missing = set(kind.__required_keys__) - set(batch)  # type: ignore[attr-defined]
+    if unknown or missing:
+        raise KeyError(f"a {kind.__name__} batch: unknown keys {sorted(unknown)}, missing {sorted(missing)}")
+    return batch
 
 
 def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False, length: int | None = None) -> torch.Tensor:
@@ -213,7 +271,7 @@ class Packing:
         return target - 1, target, seg[target]
 
 
-def experience(prompts: Batch, rollout: Batch) -> Batch:
+def experience(prompts: Batch, rollout: Rollout) -> Experience:
     """Prompt (left-padded) and reply (right-padded) side by side: what every scoring role reads. Attention
     covers plugin Results too (the policy wrote its answer after reading them); actions cover only what it wrote."""
     return {"sequences": torch.cat([prompts["input_ids"], rollout["response_ids"]], 1),

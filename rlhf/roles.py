@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
-from rlhf.batching import Batch
+from rlhf.batching import Batch, Experience, TrainBatch
 
 
 class RankDied(RuntimeError):
@@ -43,7 +43,7 @@ class UpdatePlan:
     """One iteration's optimizer steps: the rows of each minibatch (in step order, epochs included), the number of
     action tokens of each (the loss normaliser of the whole minibatch, whatever its split), and for PPO-ptx the SFT
     rows of each step with their loss-token counts."""
-    steps: list[Batch]
+    steps: list[TrainBatch]
     tokens: list[int]
     ptx: Optional[list[Batch]] = None
     ptx_tokens: Optional[list[int]] = None
@@ -89,10 +89,11 @@ class _Role:
 
 class Policy(_Role):
     def generate(self, prompts: Batch, generation: Any) -> Future:
-        """Replies to left-padded prompts: response_ids, action_mask, response_mask [b, R], ended [b]."""
+        """Replies to left-padded prompts, a `rlhf.batching.Rollout`: response_ids, action_mask, response_mask [b, R],
+        ended [b]."""
         return self.group.call("generate", prompts, generation)
 
-    def logprobs(self, experience: Batch) -> Future:
+    def logprobs(self, experience: Experience) -> Future:
         """[b, R] the policy's log-probs of the replies."""
         return self.group.call("logprobs", experience)
 
@@ -110,7 +111,7 @@ class Reference:
     def __init__(self, group: Group, adapters_off: bool = False):
         self.group, self.method = group, "reference_logprobs" if adapters_off else "logprobs"
 
-    def logprobs(self, experience: Batch) -> Future:
+    def logprobs(self, experience: Experience) -> Future:
         return self.group.call(self.method, experience)
 
     def reply_logprobs(self, lists: list) -> Future:
@@ -119,13 +120,13 @@ class Reference:
 
 
 class Reward(_Role):
-    def score(self, experience: Batch) -> Future:
+    def score(self, experience: Experience) -> Future:
         """[b] the preference model's score of each whole dialogue."""
         return self.group.call("score", experience)
 
 
 class Critic(_Role):
-    def values(self, experience: Batch) -> Future:
+    def values(self, experience: Experience) -> Future:
         """[b, R] the value of the state before each reply token."""
         return self.group.call("values", experience)
 
@@ -140,8 +141,9 @@ class Rollout:
         self.group = group
 
     def generate(self, prompts: Batch, generation: Any) -> Future:
-        """The policy's `generate`, plus `logprobs` [b, R] of the sampled tokens under the engine's weights, the
-        `version` [b] of those weights and the `span` [b, 2] (wall-clock start and end) of the generation."""
+        """The policy's `generate` (a `Rollout`), plus `logprobs` [b, R] of the sampled tokens under the engine's
+        weights, the `version` [b] of those weights and the `span` [b, 2] (wall-clock start and end) of the
+        generation."""
         return self.group.call("generate", prompts, generation)
 
     def sleep(self) -> Future:

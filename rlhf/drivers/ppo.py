@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from rlhf import estimators, ppo_math as pm
-from rlhf.batching import Batch, collate_prompts, collate_sft
+from rlhf.batching import Batch, Experience, Rollout, TrainBatch, checked, collate_prompts, collate_sft
 from rlhf.config import PPOConfig
 from rlhf.data import load_prompts
 from rlhf.drivers.rollouts import rollout_source
@@ -99,7 +99,7 @@ class PPOTrainer:
         """The left-padded prompts of an iteration's rows (`prompt_batch`)."""
         return collate_prompts([self.prompt_ids[i] for i in self.prompt_batch(iteration)], self.tokenizer.pad_token_id)
 
-    def score(self, exp: Batch, on_policy: bool, skip: Optional[dict] = None) -> dict:
+    def score(self, exp: Experience, on_policy: bool, skip: Optional[dict] = None) -> dict:
         """The scoring calls of one rollout, started at once: reference (and, unless on-policy, the policy's own)
         log-probs, the preference model's scores and the critic's values, as each run has them (less those in
         `skip`, started already)."""
@@ -138,12 +138,12 @@ class PPOTrainer:
         return (not self.estimator.shaped_rewards and not self.estimator.needs_critic and p.ppo_epochs == 1
                 and p.train_batch_size >= rows)
 
-    def train_batch(self, exp: Batch, scored: dict, advantages: torch.Tensor, returns: torch.Tensor,
-                    rollout: Batch) -> Batch:
+    def train_batch(self, exp: Experience, scored: dict, advantages: torch.Tensor, returns: torch.Tensor,
+                    rollout: Rollout) -> TrainBatch:
         """What the update reads of each rollout: the experience, its advantages, and per estimator the rollout's
         log-probs (the ratio's denominator), the reference's (a KL loss term) and the critic's values and returns;
         replies of a rollout group also carry the engine's log-probs (the truncated importance weights)."""
-        train = {**exp, "advantages": advantages}
+        train: TrainBatch = {**exp, "advantages": advantages}
         if "old_logprobs" in scored:
             train["old_logprobs"] = scored["old_logprobs"]
         if "logprobs" in rollout and self.cfg.ppo.tis_cap:
@@ -152,9 +152,9 @@ class PPOTrainer:
             train["ref_logprobs"] = scored["ref_logprobs"]
         if "values" in scored:
             train |= {"old_values": scored["values"], "returns": returns}
-        return train
+        return checked(train, TrainBatch)
 
-    def update(self, it: int, train: Batch) -> dict:
+    def update(self, it: int, train: TrainBatch) -> dict:
         """PPO epochs over seeded minibatches; the policy's and the critic's updates run side by side (the policy
         waits while the critic warms up). Returns their mean stats as `ppo/...` (and `logprobs`, `nonfinite`)."""
         p, roles = self.cfg.ppo, self.roles
@@ -193,7 +193,7 @@ class PPOTrainer:
                 break
         return results, len(results)
 
-    def minibatches(self, it: int, train: Batch) -> UpdatePlan:
+    def minibatches(self, it: int, train: TrainBatch) -> UpdatePlan:
         """The update's steps: each epoch a seeded shuffle cut into minibatches, each minibatch's rows in rollout
         order (prompt length, so micro-batches hold like lengths), with fresh PPO-ptx rows for every step."""
         p = self.cfg.ppo
