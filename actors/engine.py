@@ -29,14 +29,15 @@ class Engine:
         self.zero_stage = role.deepspeed.zero_stage
         self.trainable = trainable
         self.nonfinite = 0
-        self.base_lr = role.optim.lr  # the config's, which a restored checkpoint's schedule must not override
+        # The config's, which a restored checkpoint's schedule must not override; a frozen role has none.
+        self.base_lr = role.optim.lr if trainable else 0.0
         self.stage0_grad_norm = float("nan")
         self.engine: Any = None
         if not trainable and self.zero_stage < 3:
             self.module = module.to(device, dtype=dtype).eval().requires_grad_(False)
             return
         import deepspeed
-        optim = role.optim
+        optim = role.optim if trainable else None
         cuda = device.type == "cuda"
         conf = deepspeed_config(role, trainable, grad_accum, world_size, device, dtype,
                                 getattr(getattr(module, "config", None), "hidden_size", None))

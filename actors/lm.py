@@ -46,7 +46,7 @@ class CausalLMWorker(RankWorker):
             model = load_causal_lm(spec.model_path, dtype, spec.model.trust_remote_code)
         if spec.model.gradient_checkpointing and spec.trainable:
             model.gradient_checkpointing_enable()
-        self.lora = spec.role.lora.enabled and spec.trainable
+        self.lora = spec.trainable and spec.role.lora.enabled
         if self.lora:
             model = apply_lora_config(model, spec.role.lora)
         base = model.get_base_model() if self.lora else model

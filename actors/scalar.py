@@ -32,7 +32,7 @@ class ScalarWorker(RankWorker):
         model = ScalarHeadModel.from_pretrained(spec.model_path, self.dtype(), spec.model.trust_remote_code,
                                                 load_lm=self._load_partitioned if self.loaded["partitioned"] else None)
         self.stats = load_reward_stats(spec.model_path)
-        self.lora = spec.role.lora.enabled and spec.trainable
+        self.lora = spec.trainable and spec.role.lora.enabled
         if self.lora:  # adapters in the backbone, the head trained in full
             model = ScalarHeadModel(apply_lora_config(model.lm, spec.role.lora), model.head.requires_grad_(True))
         if spec.model.gradient_checkpointing and spec.trainable:

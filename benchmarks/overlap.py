@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.config import check
     overlapped = copy.deepcopy(base)  # the same settings, with a rollout group one iteration ahead
     overlapped.ppo.rollout_group, overlapped.ppo.off_policy_steps = True, 1
-    overlapped.roles.rollout.micro_batch_size = base.roles.policy.micro_batch_size
     overlapped.roles.rollout.engine = args.engine
     check(overlapped)
     set_threads(1)

@@ -106,8 +106,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
              Flag("--reward", "roles.reward.model", "the preference model (rlhf rm's final/); not needed with "
                                                    "ppo.reward_model_weight=0", required=False),
              Flag("--prompts", "data.train", "MOSS prompts (dialogues ending in a human turn)")),
-            models={"model.path": "causal_lm", "roles.reward.model": "reward", "roles.policy.model": "causal_lm",
-                    "roles.reference.model": "causal_lm", "roles.critic.model": ""},
+            models={"model.path": "causal_lm", "roles.reward.model": "reward", "roles.reference.model": "causal_lm",
+                    "roles.critic.model": ""},
             files=("data.train", "data.eval", "data.ptx")),
 )}
 """The training commands: `rlhf sft|rm|dpo|ppo`, what `rlhf sweep` searches and `rlhf pipeline` chains."""

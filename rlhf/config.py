@@ -244,17 +244,39 @@ class PluginsConfig:
 
 @dataclass
 class RoleConfig:
-    model: str = ""
-    """Checkpoint of this role; empty means the default (policy: --policy, reference: the policy, reward: --reward)."""
+    """What the ranks of every model-holding role group have: where they run, how ZeRO splits the model, how much one
+    forward pass takes."""
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     deepspeed: RoleDeepSpeedConfig = field(default_factory=RoleDeepSpeedConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
     micro_batch_size: int = 4
     """Sequences per forward pass on one rank of this role."""
     max_tokens_per_micro_batch: int = 0
     """> 0: a forward or training pass of this role takes sequences up to this many tokens (prompt and reply),
     packed end to end without padding, in place of micro_batch_size sequences (generation is not packed); 0: off."""
+
+    def frozen(self, model: str = "") -> "FrozenRoleConfig":
+        """The same ranks as a role that only scores (DPO's reference, laid out as its policy)."""
+        return FrozenRoleConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RoleConfig)}, model=model)
+
+
+@dataclass
+class FrozenRoleConfig(RoleConfig):
+    """A role that only scores (the reference, the reward model): no optimizer, no adapters."""
+    model: str = ""
+    """Checkpoint of this role; empty: the default (reference: the policy; reward: --reward)."""
+
+
+@dataclass
+class TrainedRoleConfig(RoleConfig):
+    """A role that trains: PPO's policy (which starts from --policy), and the one group of sft, rm and dpo."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class CriticRoleConfig(TrainedRoleConfig):
+    model: str = ""
+    """Checkpoint the critic starts from; empty: ppo.critic_init's (the reward model, or the policy)."""
 
 
 @dataclass
@@ -373,8 +395,10 @@ class VLLMConfig:
 
 
 @dataclass
-class RolloutRoleConfig(RoleConfig):
-    """The rollout group's ranks: an inference engine each, which follows the policy's weights."""
+class RolloutRoleConfig:
+    """The rollout group's ranks: an inference engine each, a whole copy of the policy's weights that follows them
+    (no ZeRO, no adapters: it receives merged weights; the engine batches its own requests)."""
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
     engine: str = "hf"
     """hf: transformers' generate on the policy's own code; vllm: vLLM (CodeGen served as GPT-J, see
     docs/rollout.md)."""
@@ -387,13 +411,14 @@ ROLLOUT_ENGINES = ("hf", "vllm")
 
 @dataclass
 class RolesConfig:
-    policy: RoleConfig = field(default_factory=RoleConfig)
-    reference: RoleConfig = field(default_factory=RoleConfig)
-    reward: RoleConfig = field(default_factory=RoleConfig)
-    critic: RoleConfig = field(default_factory=RoleConfig)
+    policy: TrainedRoleConfig = field(default_factory=TrainedRoleConfig)
+    """The trained policy; it starts from --policy (model.path)."""
+    reference: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
+    reward: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
+    critic: CriticRoleConfig = field(default_factory=CriticRoleConfig)
     rollout: RolloutRoleConfig = field(default_factory=RolloutRoleConfig)
-    """The rollout engine's ranks (started with ppo.rollout_group): each a whole copy of the policy's weights
-    (ZeRO-0, no LoRA: it receives merged weights), on its own CPUs/GPUs or colocated with the policy's."""
+    """The rollout engine's ranks (started with ppo.rollout_group), on their own CPUs/GPUs or colocated with the
+    policy's."""
 
 
 @dataclass
@@ -452,12 +477,11 @@ class SFTConfig(RunConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def role(self) -> RoleConfig:
-        """The trained group as a role, as PPO's roles are described."""
-        return RoleConfig(model=self.model.path, layout=self.layout,
-                          deepspeed=RoleDeepSpeedConfig(**dataclasses.asdict(self.deepspeed)), optim=self.optim,
-                          lora=self.lora, micro_batch_size=self.train.micro_batch_size,
-                          max_tokens_per_micro_batch=self.train.max_tokens_per_micro_batch)
+    def role(self) -> TrainedRoleConfig:
+        """The trained group as a role, as PPO's policy is described."""
+        return TrainedRoleConfig(layout=self.layout, deepspeed=RoleDeepSpeedConfig(**dataclasses.asdict(self.deepspeed)),
+                                 optim=self.optim, lora=self.lora, micro_batch_size=self.train.micro_batch_size,
+                                 max_tokens_per_micro_batch=self.train.max_tokens_per_micro_batch)
 
     def groups(self) -> tuple[str, ...]:
         """The role groups the run starts."""
@@ -585,63 +609,60 @@ CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, 
 command does with it is its record in rlhf.commands."""
 
 
-_CHOICES = {
-    "layout.strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-    "optim.schedule": ("constant", "cosine"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "ppo.estimator": ("gae", "grpo", "rloo", "reinforce_pp"),
-    "ppo.kl_estimator": ("k1", "k2", "k3"),
-    "ppo.kl_controller": ("fixed", "adaptive"),
-    "ppo.kl_target_unit": ("reply", "token"),
-    "ppo.critic_init": ("reward", "policy"),
-    "dpo.loss": ("listwise", "pairwise", "ipo"),
-    "rm.weak_pairs": ("keep", "flip", "drop", "margin"),
-}
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ROLE_NAMES = ("policy", "reference", "reward", "critic", "rollout")
 AnyConfig = Union[SFTConfig, RMConfig, DPOConfig, PPOConfig, GenerateConfig]
+
+
+def _choices() -> dict[str, tuple]:
+    """Key -> its allowed values; the estimators and KL kinds are their registries' own (imported here, not at the
+    top: they bring torch, which `rlhf --help` and `rlhf validate` do without)."""
+    from rlhf.estimators import ESTIMATORS
+    from rlhf.ppo_math import KL_CONTROLLERS, KL_KINDS
+    return {"optim.schedule": ("constant", "cosine"), "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+            "ppo.estimator": tuple(ESTIMATORS), "ppo.kl_estimator": KL_KINDS, "ppo.kl_controller": KL_CONTROLLERS,
+            "ppo.kl_target_unit": ("reply", "token"), "ppo.critic_init": ("reward", "policy"),
+            "dpo.loss": ("listwise", "pairwise", "ipo"), "rm.weak_pairs": ("keep", "flip", "drop", "margin")}
 
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _sections(cfg: AnyConfig) -> dict[str, tuple[LayoutConfig, DeepSpeedConfig, OptimConfig]]:
-    """Key prefix -> (layout, deepspeed, optim) of every group the config describes."""
+def _groups(cfg: AnyConfig) -> dict[str, Any]:
+    """Key prefix -> the config of every group the config describes (a RoleConfig, or the rollout group's)."""
     if isinstance(cfg, PPOConfig):
-        return {f"roles.{r}": (getattr(cfg.roles, r).layout, getattr(cfg.roles, r).deepspeed,
-                               getattr(cfg.roles, r).optim) for r in ROLE_NAMES}
-    if isinstance(cfg, GenerateConfig):
-        return {}
-    return {"": (cfg.layout, cfg.deepspeed, cfg.optim)}
+        return {f"roles.{r}.": getattr(cfg.roles, r) for r in ROLE_NAMES}
+    return {} if isinstance(cfg, GenerateConfig) else {"": cfg.role()}
 
 
 def check(cfg: AnyConfig) -> AnyConfig:
     """Value checks OmegaConf's types cannot express; raises ConfigError naming the key."""
-    for key, allowed in _CHOICES.items():
+    choices = _choices()
+    for key, allowed in choices.items():
         section, name = key.split(".")
-        if hasattr(cfg, section) and section != "layout" and getattr(getattr(cfg, section), name) not in allowed:
+        if hasattr(cfg, section) and getattr(getattr(cfg, section), name) not in allowed:
             raise ConfigError(f"{key}: {getattr(getattr(cfg, section), name)!r} is not one of {', '.join(allowed)}")
-    for prefix, (layout, ds, optim) in _sections(cfg).items():
-        dot = f"{prefix}." if prefix else ""
-        if layout.strategy not in _CHOICES["layout.strategy"]:
-            raise ConfigError(f"{dot}layout.strategy: {layout.strategy!r} is not one of PACK, SPREAD, STRICT_PACK, "
-                              "STRICT_SPREAD")
+    for dot, group in _groups(cfg).items():
+        layout = group.layout
+        if layout.strategy not in STRATEGIES:
+            raise ConfigError(f"{dot}layout.strategy: {layout.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if layout.num_nodes < 1 or layout.gpus_per_node < 1:
             raise ConfigError(f"{dot}layout: num_nodes and gpus_per_node must be at least 1 (ranks per node on CPU)")
         if not 0 < layout.gpu_fraction <= 1:
             raise ConfigError(f"{dot}layout.gpu_fraction: must be in (0, 1], got {layout.gpu_fraction}")
+        if not isinstance(group, RoleConfig):
+            continue
+        ds = group.deepspeed
         if ds.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{dot}deepspeed.zero_stage: must be 0, 1, 2 or 3, got {ds.zero_stage}")
         if ds.offload_param and ds.zero_stage != 3:
             raise ConfigError(f"{dot}deepspeed.offload_param: needs zero_stage 3")
-        if optim.schedule not in _CHOICES["optim.schedule"]:
-            raise ConfigError(f"{dot}optim.schedule: {optim.schedule!r} is not one of constant, cosine")
-    budgets = ({f"roles.{r}.": getattr(cfg.roles, r).max_tokens_per_micro_batch for r in ROLE_NAMES}
-               if isinstance(cfg, PPOConfig) else {} if isinstance(cfg, GenerateConfig)
-               else {"train.": cfg.train.max_tokens_per_micro_batch})
-    for key, budget in budgets.items():
-        if budget < 0:
-            raise ConfigError(f"{key}max_tokens_per_micro_batch: must be a number of tokens, or 0 (off), got {budget}")
+        if isinstance(group, TrainedRoleConfig) and group.optim.schedule not in choices["optim.schedule"]:
+            raise ConfigError(f"{dot}optim.schedule: {group.optim.schedule!r} is not one of constant, cosine")
+        if group.max_tokens_per_micro_batch < 0:
+            raise ConfigError(f"{dot or 'train.'}max_tokens_per_micro_batch: must be a number of tokens, or 0 (off), "
+                              f"got {group.max_tokens_per_micro_batch}")
     from rlhf.formats import FORMATS
     if cfg.data.format not in FORMATS:
         raise ConfigError(f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
@@ -750,15 +771,6 @@ def _check_rollout(cfg: PPOConfig) -> None:
     if cfg.ray.in_process:
         raise ConfigError("ppo.rollout_group: the rollout group's weight sync runs between Ray actors; "
                           "ray.in_process runs every role in one process (set ppo.rollout_group=false)")
-    if rollout.deepspeed.zero_stage:
-        raise ConfigError("roles.rollout.deepspeed.zero_stage: each rollout rank holds the whole model (an engine, "
-                          f"not a trainer); use 0, got {rollout.deepspeed.zero_stage}")
-    if rollout.lora.enabled:
-        raise ConfigError("roles.rollout.lora.enabled: the rollout group receives the policy's merged weights; "
-                          "turn LoRA on for roles.policy instead")
-    if rollout.model:
-        raise ConfigError("roles.rollout.model: the rollout group starts from the policy's weights and follows them; "
-                          "leave it empty")
     if rollout.layout.colocate_with not in ("", "policy"):
         raise ConfigError(f"roles.rollout.layout.colocate_with: {rollout.layout.colocate_with!r}: the rollout group "
                           "colocates with the policy only (or set it to '' for GPUs of its own)")
@@ -826,6 +838,9 @@ def load_config(command: str, path: Optional[str] = None, overrides: Optional[li
             if "=" not in item:
                 raise ConfigError(f"--set {item}: expected key.path=value")
             key, value = item.split("=", 1)
+            if command == "ppo" and _retired(key):
+                print(f"--set {key}: {_retired(key)}; ignored", file=sys.stderr)
+                continue
             if OmegaConf.select(merged, key, default=MISSING) is MISSING and not _is_known(schema_cls, key):
                 owner = _owner(key, command)
                 if owner:
@@ -848,9 +863,32 @@ def _owner(key: str, command: str) -> Optional[str]:
     return next((name for name, cls in CONFIGS.items() if name != command and _is_known(cls, key)), None)
 
 
+RETIRED = {
+    "roles.policy.model": "the policy starts from --policy (model.path)",
+    "roles.reference.optim": "the reference trains nothing", "roles.reference.lora": "the reference trains nothing",
+    "roles.reward.optim": "the reward model trains nothing", "roles.reward.lora": "the reward model trains nothing",
+    "roles.rollout.model": "the rollout group starts from the policy's weights and follows them",
+    "roles.rollout.lora": "the rollout group receives the policy's merged weights",
+    "roles.rollout.optim": "the rollout group trains nothing",
+    "roles.rollout.deepspeed": "each rollout rank holds the whole model in its inference engine",
+    "roles.rollout.micro_batch_size": "the inference engine batches its own requests",
+    "roles.rollout.max_tokens_per_micro_batch": "the inference engine batches its own requests",
+}
+"""Keys a role config once had that never did anything there (or did what another key does): a config that still
+carries one loads, with one line saying why it is ignored."""
+
+
+def _retired(key: str) -> Optional[str]:
+    return next((why for old, why in RETIRED.items() if key == old or key.startswith(f"{old}.")), None)
+
+
 def _drop_foreign(node: DictConfig, command: str, path: str, prefix: str = "") -> None:
     for name in list(node.keys()):
         key = f"{prefix}{name}"
+        if command == "ppo" and _retired(key):
+            print(f"{path}: {key}: {_retired(key)}; ignored", file=sys.stderr)
+            del node[name]
+            continue
         if _is_known(CONFIGS[command], key):
             if isinstance(node[name], DictConfig) and not _is_mapping_field(CONFIGS[command], key):
                 _drop_foreign(node[name], command, path, f"{key}.")

@@ -87,6 +87,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 # KL penalty
 
 KL_KINDS = ("k1", "k2", "k3", "abs")
+KL_CONTROLLERS = ("fixed", "adaptive")
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1", clip: float | None = None) -> Tensor:
@@ -166,7 +167,7 @@ def make_kl_controller(
         if target is None or horizon is None:
             raise ValueError("an adaptive KL controller needs both target and horizon; set them or use kind 'fixed'")
         return AdaptiveKLController(init_coef, target, horizon, min_coef)
-    raise ValueError(f"unknown KL controller {kind!r}; use 'fixed' or 'adaptive'")
+    raise ValueError(f"unknown KL controller {kind!r}; use one of {', '.join(KL_CONTROLLERS)}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ version that sampled them; an engine put to sleep refuses to generate until it i
 PPO run that learns is in test_ppo.py."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -79,11 +81,25 @@ def test_a_sync_makes_the_engine_hold_the_trainers_merged_weights_exactly(tiny, 
 @pytest.mark.parametrize("override, message", [
     (["ppo.rollout_group=false"], "ppo.off_policy_steps: 1 overlaps generation with training"),
     (["ppo.off_policy_steps=2"], "ppo.off_policy_steps: must be 0 or 1"),
-    (["roles.rollout.deepspeed.zero_stage=3"], "roles.rollout.deepspeed.zero_stage"),
-    (["roles.rollout.lora.enabled=true"], "roles.rollout.lora.enabled"),
     (["ppo.tis_cap=0.5"], "ppo.tis_cap"),
     (["ray.in_process=true"], "ppo.rollout_group: the rollout group's weight sync runs between Ray actors"),
 ])
 def test_rollout_settings_that_cannot_work_are_one_line(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config("ppo", "configs/tiny/ppo_overlap.yaml", override)
+
+
+def test_keys_a_role_config_no_longer_has_load_with_a_line_saying_why(tmp_path, capsys):
+    """The rollout group has no trainer's keys and the frozen roles no optimizer or adapters: an older config that
+    still carries them loads, each ignored key named once."""
+    old = tmp_path / "old.yaml"
+    old.write_text(Path("configs/tiny/ppo_overlap.yaml").read_text(encoding="utf-8").replace(
+        "  rollout:\n", "  rollout:\n    micro_batch_size: 32\n    lora: {enabled: false}\n"))
+    cfg = load_config("ppo", str(old), ["roles.reference.optim.lr=0.1", "roles.policy.model=elsewhere"])
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"{old}: roles.rollout.micro_batch_size: the inference engine batches its own requests; ignored",
+                    f"{old}: roles.rollout.lora: the rollout group receives the policy's merged weights; ignored",
+                    "--set roles.reference.optim.lr: the reference trains nothing; ignored",
+                    "--set roles.policy.model: the policy starts from --policy (model.path); ignored"]
+    assert not hasattr(cfg.roles.reference, "optim") and not hasattr(cfg.roles.rollout, "lora")
+    assert cfg.roles.policy.optim.lr == load_config("ppo", "configs/tiny/ppo_overlap.yaml").roles.policy.optim.lr

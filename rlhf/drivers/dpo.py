@@ -92,8 +92,7 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     spec = dataclasses.replace(spec, temperature=cfg.generation.temperature)  # the held-out KL's replies' distribution
     lengths = lengths_file(cfg.data.train, tokenizer, cfg.data.format)  # for a later run's max_new_tokens: auto
     # The reference is the starting model, frozen: no optimizer, no LoRA (a LoRA policy's base is that model).
-    reference = dataclasses.replace(spec, role=dataclasses.replace(spec.role, lora=dataclasses.replace(
-        spec.role.lora, enabled=False)), trainable=False, grad_accum=1, total_steps=1)
+    reference = dataclasses.replace(spec, role=spec.role.frozen(), trainable=False, grad_accum=1, total_steps=1)
     seen = {"pairs": 0, "began": 0.0, "scored": 0}
     roles: dict[str, Any] = {}
 

@@ -303,14 +303,15 @@ def nonfinite(**tensors: Optional[torch.Tensor]) -> str:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 def role_model(cfg: PPOConfig, role: str) -> str:
-    """The checkpoint a role starts from: its own `roles.ROLE.model`, else the policy (the reference; the critic
-    with `ppo.critic_init: policy`) or the reward model (the critic by default)."""
-    explicit = getattr(cfg.roles, role).model
-    if explicit or role in ("policy", "reward"):
-        return explicit or (cfg.model.path if role == "policy" else "")
+    """The checkpoint a role starts from: the policy's is --policy (model.path), the rollout group's too; others
+    their own `roles.ROLE.model`, else the policy (the reference; the critic with `ppo.critic_init: policy`) or the
+    reward model (the critic by default)."""
+    explicit = getattr(cfg.roles, role, None) and getattr(getattr(cfg.roles, role), "model", "")
+    if explicit or role == "reward":
+        return explicit or ""
     if role == "critic" and cfg.ppo.critic_init == "reward":
         return cfg.roles.reward.model
-    return cfg.roles.policy.model or cfg.model.path
+    return cfg.model.path
 
 
 def load_reward_setup(cfg: PPOConfig) -> tuple[dict, dict, Optional[dict]]:
@@ -381,8 +382,8 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
 
     check_model_dir(cfg.model.path, "--policy")
     backend = backend_for(cfg, backend)
-    for role in ("policy", "reference", "reward", "critic"):
-        if getattr(cfg.roles, role).model and role != "reward":
+    for role in ("reference", "critic"):
+        if getattr(cfg.roles, role).model:
             check_model_dir(getattr(cfg.roles, role).model, f"roles.{role}.model")
     rules, eval_rules, reward_stats = load_reward_setup(cfg)
     plan = cfg.derive()
