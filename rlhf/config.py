@@ -454,7 +454,10 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard events under output/tensorboard."""
     progress: bool = True
-    """Show a progress bar on the terminal."""
+    """Show the run's progress: a bar on a terminal; where output is not one (Ray job logs, SLURM, CI), a line every
+    progress_every_s seconds."""
+    progress_every_s: float = 30.0
+    """Seconds between progress lines where output is not a terminal (and one at the last step)."""
 
 
 @dataclass

@@ -238,17 +238,37 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class Progress:
-    """A thin tqdm wrapper, silent when stderr is not a terminal (logs, Ray workers) or when enabled=False."""
+    """A run's progress: a tqdm bar on a terminal; where output is not one (Ray job logs, SLURM, CI), a line on stdout
+    every `every_s` seconds and at the last step: `sft: step 12/60 (20%), loss=2.31; 0.8 steps/s, 1m00s left`.
+    Nothing with enabled=False."""
 
-    def __init__(self, total: int | None = None, desc: str = "", enabled: bool = True, initial: int = 0) -> None:
-        disable = not enabled or not sys.stderr.isatty()
-        self._bar = tqdm(total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True)
+    def __init__(self, total: int | None = None, desc: str = "", enabled: bool = True, initial: int = 0,
+                 every_s: float = 30.0, stream: Any = None, unit: str = "step") -> None:
+        terminal = sys.stderr.isatty()
+        self._bar = tqdm(total=total, desc=desc, initial=initial, disable=not enabled or not terminal,
+                         dynamic_ncols=True)
+        self.lines = enabled and not terminal and every_s >= 0
+        self.total, self.desc, self.every_s, self.stream, self.unit = total, desc, every_s, stream, unit
+        self.step, self.began_at, self.began, self.said = initial, initial, time.monotonic(), time.monotonic()
 
     def update(self, n: int = 1, **postfix: Any) -> None:
-        if postfix:
-            shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()}
+        shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()}
+        if shown:
             self._bar.set_postfix(shown, refresh=False)
         self._bar.update(n)
+        self.step += n
+        now = time.monotonic()
+        if self.lines and (now - self.said >= self.every_s or self.step == self.total):
+            self.said = now
+            print(self.line(shown, now - self.began), file=self.stream or sys.stdout, flush=True)
+
+    def line(self, shown: dict, elapsed: float) -> str:
+        done = self.step - self.began_at
+        rate = done / elapsed if elapsed > 0 else 0.0
+        where = f"{self.unit} {self.step}" + (f"/{self.total} ({self.step / self.total:.0%})" if self.total else "")
+        values = ", ".join(f"{k}={v}" for k, v in shown.items())
+        left = f", {_duration((self.total - self.step) / rate)} left" if self.total and rate > 0 else ""
+        return f"{self.desc}: {where}{', ' + values if values else ''}; {rate:.3g} {self.unit}s/s{left}"
 
     def close(self) -> None:
         self._bar.close()
@@ -258,3 +278,9 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -36,15 +37,22 @@ def test_sft_learns_the_dialogues_and_writes_a_loadable_model(tiny, sft_run):
     assert float(out["ended"].mean()) >= 0.9
 
 
-def test_sft_resume_continues_from_the_last_checkpoint(tiny, sft_run, tmp_path):
+def test_sft_resume_continues_from_the_last_checkpoint_with_progress_lines_in_a_log(tiny, sft_run, tmp_path,
+                                                                                    capsys):
     out = tmp_path / "sft"
     base = ["sft", "--config", "configs/tiny/sft.yaml", "--model", tiny["base"], "--data", tiny["sft_train"],
-            "--set", "logging.progress=false", "--set", "train.save_every=2", "--set", "train.log_every=1",
+            "--set", "logging.progress_every_s=0", "--set", "train.save_every=2", "--set", "train.log_every=1",
             "--set", "ray.in_process=true", "--output", out]  # resume is the driver's: one process will do
     assert run_cli(*base, "--set", "train.max_steps=3") == 0
     assert run_cli(*base, "--set", "train.max_steps=5", "--resume") == 0
     steps = [m["step"] for m in read_metrics(f"{out}/metrics.jsonl") if "train/loss" in m]
     assert steps == [1, 2, 3, 4, 5]
+    # Output that is not a terminal (a job log; here pytest's capture) gets progress lines, not a bar.
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sft: step")]
+    assert [line.split(",")[0] for line in lines] == ["sft: step 1/3 (33%)", "sft: step 2/3 (67%)",
+                                                      "sft: step 3/3 (100%)", "sft: step 4/5 (80%)",
+                                                      "sft: step 5/5 (100%)"]
+    assert re.fullmatch(r"sft: step 4/5 \(80%\), loss=[0-9.]+.*; [0-9.]+ steps/s, 0m\d\ds left", lines[3]), lines[3]
     # Without --resume, a directory that holds a run is refused rather than overwritten.
     assert run_cli(*base, "--set", "train.max_steps=5") == 2
 

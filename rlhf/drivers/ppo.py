@@ -452,7 +452,8 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
     if held_out and not latest and "started" not in summary:
         summary |= {f"{k}_start": v for k, v in evaluate(0, "before training").items()} | {"started": True}
     iterations = cfg.ppo.iterations
-    progress = Progress(iterations, desc="ppo", enabled=cfg.logging.progress, initial=trainer.iteration_done)
+    progress = Progress(iterations, desc="ppo", enabled=cfg.logging.progress, initial=trainer.iteration_done,
+                        every_s=cfg.logging.progress_every_s, unit="iteration")
     skipped_in_row = cut_short = 0
     while trainer.iteration_done < iterations:
         if preempted():

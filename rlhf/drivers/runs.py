@@ -282,7 +282,8 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
             stage.now("the held-out evaluation before training")
             before.update(job.evaluate(trainer))
             run.metrics.log(0, before)
-        progress = Progress(plan.total_steps, desc=command, enabled=cfg.logging.progress, initial=start)
+        progress = Progress(plan.total_steps, desc=command, enabled=cfg.logging.progress, initial=start,
+                            every_s=cfg.logging.progress_every_s)
         for step in range(start, plan.total_steps):
             epoch, index = divmod(step, plan.steps_per_epoch)
             if preempted():
