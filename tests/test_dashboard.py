@@ -36,8 +36,12 @@ def test_a_cluster_that_can_never_hold_a_plan_is_said_in_words():
     assert never_placed([([{"CPU": 1.0}] * 5, "PACK")], two) == "the Ray cluster has 4 CPU in all"
     assert "holds a bundle of (3 CPU, 1 GPU) (at most 2 CPU, 1 GPU per node)" in \
         never_placed([([{"CPU": 3.0, "GPU": 1.0}], "PACK")], two)
-    assert "STRICT_PACK" in never_placed([([{"CPU": 1.0}] * 3, "STRICT_PACK")], two)
-    assert "STRICT_SPREAD" in never_placed([([{"CPU": 1.0}] * 3, "STRICT_SPREAD")], two + [{"CPU": 0.0}])
+    assert never_placed([([{"CPU": 1.0}] * 3, "STRICT_PACK")], two) == \
+        "no node of the Ray cluster holds 3 CPU at once, which STRICT_PACK asks for"
+    assert never_placed([([{"CPU": 1.0}] * 3, "PACK")], two) is None  # PACK may spill onto a second node
+    assert never_placed([([{"CPU": 1.0}] * 3, "STRICT_SPREAD")], two + [{"CPU": 0.0}]) == \
+        "2 node(s) of the Ray cluster hold a bundle of (1 CPU), and STRICT_SPREAD puts each of 3 on a node of its own"
+    assert never_placed([([{"CPU": 1.0}] * 2, "STRICT_SPREAD")], two + [{"CPU": 0.0}]) is None
     # Groups of one run are placed at once: together they need what they need.
     assert never_placed([([{"GPU": 1.0}], "PACK"), ([{"GPU": 1.0}] * 2, "PACK")], two) == \
         "the Ray cluster has 2 GPU in all"

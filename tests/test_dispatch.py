@@ -1,5 +1,5 @@
-"""The role interface's plumbing without Ray: how a worker method's declared split gives each rank its own shard, how
-the ranks' results reduce, and the placement planner's bundles for colocated roles and sweep trials."""
+"""The role interface's plumbing without Ray: how a worker method's declared split gives each rank its own shard, and
+how the ranks' results reduce."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +7,6 @@ import torch
 
 from actors.dispatch import (dispatch, even_items, even_rows, padded_items, padded_rows, reduce_results,
                              shard_arguments, update_plan)
-from actors.placement import PlacementError, plan_placement
-from rlhf.config import LayoutConfig
 from rlhf.roles import UpdatePlan
 
 
@@ -56,29 +54,3 @@ def test_lists_and_update_plans_split_whole():
     parts = update_plan(plan, 2).parts
     assert [s["x"].tolist() for s in parts[1].steps] == [[2, 3], [6, 7]]
     assert parts[0].tokens == [10, 12]  # each minibatch's loss is normalised by its global token count
-
-
-def _layout(**kw) -> LayoutConfig:
-    return LayoutConfig(**{"gpus_per_node": 2, **kw})
-
-
-def test_colocated_roles_share_their_hosts_bundles_and_a_trial_reserves_them_in_order():
-    plan = plan_placement({"policy": _layout(gpu_fraction=0.5, cpus_per_rank=2),
-                           "reference": _layout(gpu_fraction=0.25, colocate_with="policy"),
-                           "critic": _layout(gpus_per_node=1)}, use_gpu=True)
-    assert plan.bundles["policy"] == [{"CPU": 3.0, "GPU": 1}] * 2  # its own CPUs and the guest's
-    assert plan.slots["reference"].group == "policy" and "reference" not in plan.bundles
-    assert plan.trial_bundles(1.0) == [{"CPU": 1.0}, *plan.bundles["policy"], *plan.bundles["critic"]]
-    assert plan.trial_offsets() == {"policy": 1, "critic": 3}
-    assert plan.cpus() == 7.0
-
-
-@pytest.mark.parametrize("layouts, message", [
-    ({"policy": _layout(), "critic": _layout(colocate_with="reward")}, "reward has no group"),
-    ({"policy": _layout(gpus_per_node=1), "critic": _layout(colocate_with="policy")}, "do not fit the 1 bundles"),
-    ({"policy": _layout(gpu_fraction=0.6), "critic": _layout(gpu_fraction=0.5, colocate_with="policy")},
-     "GPU 0 of policy's group is asked for 1.10"),
-])
-def test_a_layout_that_cannot_be_placed_is_refused_in_one_line(layouts, message):
-    with pytest.raises(PlacementError, match=message):
-        plan_placement(layouts, use_gpu=True)

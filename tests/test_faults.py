@@ -86,6 +86,13 @@ def test_nan_scores_are_skipped_then_the_run_stops_naming_phase_and_iteration(ti
     code = run_cli(*_args(tiny, sft_run, rm_run, out, reward=str(broken)), "--set", "ppo.iterations=6",
                    "--set", "ppo.max_skipped_in_row=2", "--set", "ray.in_process=true")  # the controller's guard
     assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "iteration 2" in err and "NaN/inf" in err and "reward" in err
+    printed = capsys.readouterr()
+    # The phase and what held NaN, exactly (the line's advice names the reward model whatever the phase): the
+    # reward, and the critic, which starts from the same preference model (ppo.critic_init: reward).
+    phase = "score: reward, critic values"
+    assert printed.err.strip().splitlines()[-1] == (
+        f"rlhf ppo: iteration 2: 2 iterations in a row were skipped for NaN/inf in {phase}; lower the learning rate "
+        "or check the reward model")
+    assert [line for line in printed.out.splitlines() if " skipped (" in line] == [
+        f"ppo: iteration 1 skipped ({phase})", f"ppo: iteration 2 skipped ({phase})"]
     assert not (out / "final").exists()

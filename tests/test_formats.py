@@ -111,8 +111,22 @@ def test_each_format_reads_into_our_records_named_or_detected(case: str, tmp_pat
     assert capsys.readouterr().err == f"{path}: read as {data_format} (detected); pass --data-format to choose\n"
 
 
-def test_formats_are_the_documented_names():
-    assert FORMATS == ("auto", "moss", "moss-rlhf", "trl", "hh-rlhf", "ultrafeedback", "nectar", "openai")
+def test_every_format_a_user_can_name_reads_and_converts_a_file_of_its_own(tmp_path: Path):
+    """FORMATS is what `--data-format` and `rlhf convert --from` offer: each name reads a small file in its shape and
+    converts it to this project's JSONL with the same records, and `auto` tells each of them apart."""
+    ours = ("moss", "sft", [{"meta_instruction": "m\n", "turns": [{"human": "2+3?", "moss": "5"}]}],
+            [Dialogue([Turn("2+3?", moss="5")], "m\n")])
+    files = {}  # format -> [(kind, path, the records it reads as)]
+    for i, (data_format, kind, records, expected) in enumerate([*CASES.values(), ours]):
+        files.setdefault(data_format, []).append((kind, write_jsonl(tmp_path / f"{i}.jsonl", records), expected))
+    assert sorted(files) == sorted(f for f in FORMATS if f != "auto")  # no name offered without a file shown to read
+    for data_format in FORMATS:
+        every_file = [f for fs in files.values() for f in fs]
+        for kind, path, expected in every_file if data_format == "auto" else files[data_format]:
+            assert load_records(path, kind, data_format) == expected, (data_format, path)
+            out = path.with_suffix(".converted.jsonl")
+            assert convert(path, out, data_format, kind) == len(expected)
+            assert load_records(out, kind, "moss") == expected, (data_format, path)
 
 
 def test_tool_calls_become_commands_and_results_as_this_project_runs_them():

@@ -2,9 +2,11 @@
 never breaks the file, checkpoints are whole or invisible, and RNG state resumes the same random numbers."""
 
 import glob
+import io
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -88,10 +90,31 @@ def test_read_metrics_skips_a_torn_last_line(tmp_path):
         read_metrics(str(path))
 
 
-def test_progress_is_silent_off_a_terminal():
-    with Progress(total=3, desc="ppo") as bar:
+class Terminal(io.StringIO):
+    """stderr as a terminal shows it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run_bar(enabled: bool = True) -> None:
+    with Progress(total=3, desc="ppo", enabled=enabled) as bar:
         bar.update(1, reward=0.5, kl=0.01)
         bar.update(2)
+
+
+def test_progress_is_silent_off_a_terminal(capsys, monkeypatch):
+    run_bar()  # stderr is pytest's capture here, as it is a log file or a Ray worker's pipe in a run
+    assert capsys.readouterr() == ("", "")
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    run_bar()  # the same bar on a terminal draws, with its postfix
+    drawn = sys.stderr.getvalue()
+    assert "ppo" in drawn and "3/3" in drawn and "reward=0.5" in drawn
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    run_bar(enabled=False)  # logging.progress: false silences it there too
+    assert sys.stderr.getvalue() == ""
 
 
 def write_checkpoint(manager, step, payload=1.0):
