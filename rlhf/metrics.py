@@ -267,7 +267,8 @@ class Progress:
         rate = done / elapsed if elapsed > 0 else 0.0
         where = f"{self.unit} {self.step}" + (f"/{self.total} ({self.step / self.total:.0%})" if self.total else "")
         values = ", ".join(f"{k}={v}" for k, v in shown.items())
-        left = f", {_duration((self.total - self.step) / rate)} left" if self.total and rate > 0 else ""
+        to_go = (self.total or 0) - self.step
+        left = f", {_duration(to_go / rate)} left" if to_go > 0 and rate > 0 else ""
         return f"{self.desc}: {where}{', ' + values if values else ''}; {rate:.3g} {self.unit}s/s{left}"
 
     def close(self) -> None:

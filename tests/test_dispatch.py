@@ -21,6 +21,10 @@ class Worker:
     def step(self, batch, tokens: int):
         return {"loss": float(batch["x"].sum()) / tokens, "grad_norm": 1.5, "rows": batch["x"]}
 
+    @dispatch(split={"batch": even_rows}, reduce={"loss": "sum"})
+    def forgetful(self, batch):
+        return {"loss": float(batch["x"].sum()), "entropy": 0.5}
+
 
 def _ranks(method, world, *args):
     """What each of `world` ranks computes, and the reduced result, as both group implementations do it."""
@@ -44,6 +48,22 @@ def test_training_splits_must_be_even_and_stats_reduce_as_declared():
     assert out["grad_norm"] == 1.5 and out["rows"].shape == (8,)
     with pytest.raises(ValueError, match="does not split evenly"):
         _ranks("step", 3, batch, 8)
+
+
+def test_a_result_key_without_a_declared_reduction_is_an_error_not_rank_0s_value():
+    with pytest.raises(KeyError, match="Worker.forgetful returned entropy, whose reduction over ranks its @dispatch "
+                                       "does not declare"):
+        _ranks("forgetful", 2, {"x": torch.ones(4)})
+
+
+def test_a_train_batch_with_a_key_the_update_does_not_know_is_refused_where_it_is_made():
+    from rlhf.batching import TrainBatch, checked
+    rows = {k: torch.zeros(2, 3) for k in ("sequences", "attention_mask", "response_ids", "action_mask")}
+    assert checked({**rows, "advantages": torch.zeros(2, 3), "old_logprobs": torch.zeros(2, 3)}, TrainBatch)
+    with pytest.raises(KeyError, match=r"unknown keys \['old_logprob'\], missing \[\]"):
+        checked({**rows, "old_logprob": torch.zeros(2, 3)}, TrainBatch)  # a misspelt key would never be read
+    with pytest.raises(KeyError, match=r"missing \['action_mask'\]"):
+        checked({k: v for k, v in rows.items() if k != "action_mask"}, TrainBatch)
 
 
 def test_lists_and_update_plans_split_whole():

@@ -5,6 +5,7 @@ import glob
 import io
 import json
 import os
+import re
 import random
 import sys
 
@@ -97,24 +98,33 @@ class Terminal(io.StringIO):
         return True
 
 
-def run_bar(enabled: bool = True) -> None:
-    with Progress(total=3, desc="ppo", enabled=enabled) as bar:
+def run_bar(enabled: bool = True, every_s: float = 30.0) -> None:
+    with Progress(total=3, desc="ppo", enabled=enabled, every_s=every_s, unit="iteration") as bar:
         bar.update(1, reward=0.5, kl=0.01)
         bar.update(2)
 
 
-def test_progress_is_silent_off_a_terminal(capsys, monkeypatch):
-    run_bar()  # stderr is pytest's capture here, as it is a log file or a Ray worker's pipe in a run
-    assert capsys.readouterr() == ("", "")
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(capsys, monkeypatch):
+    run_bar()  # stdout and stderr are pytest's capture here, as they are a job's log file
+    out, err = capsys.readouterr()
+    assert err == "" and out.splitlines() == [out.strip()]  # no bar; within 30 s, only the last step's line
+    assert re.fullmatch(r"ppo: iteration 3/3 \(100%\); [0-9.e+]+ iterations/s", out.strip()), out
+    run_bar(every_s=0)  # a line at every update
+    assert [line.split(";")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "ppo: iteration 1/3 (33%), reward=0.5, kl=0.01", "ppo: iteration 3/3 (100%)"]
 
     monkeypatch.setattr(sys, "stderr", Terminal())
-    run_bar()  # the same bar on a terminal draws, with its postfix
+    run_bar()  # the same bar on a terminal draws, with its postfix, and prints no lines
     drawn = sys.stderr.getvalue()
     assert "ppo" in drawn and "3/3" in drawn and "reward=0.5" in drawn
+    assert capsys.readouterr().out == ""
 
     monkeypatch.setattr(sys, "stderr", Terminal())
     run_bar(enabled=False)  # logging.progress: false silences it there too
     assert sys.stderr.getvalue() == ""
+    monkeypatch.undo()
+    run_bar(enabled=False)  # and in a log
+    assert capsys.readouterr() == ("", "")
 
 
 def write_checkpoint(manager, step, payload=1.0):
