@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from rlhf import files
 from rlhf.moss import Dialogue, FieldError, json_type
 
 MAX_LINE_BYTES = 8 * 1024 * 1024
@@ -276,17 +276,8 @@ def validate(path: str | os.PathLike, kind: str, data_format: str = "auto") -> i
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict | Dialogue | Preference]) -> None:
     """Write records one a line, atomically: readers see the old file or the whole new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                obj = record if isinstance(record, dict) else record.to_json()
-                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with files.replacing(os.fspath(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            obj = record if isinstance(record, dict) else record.to_json()
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, Iterator
 
+from rlhf import files, storage
 from rlhf.moss import EOH, EOM, PAD
 
 if TYPE_CHECKING:
@@ -452,7 +453,6 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     the complete new one, never half (two renames keep the window without a complete directory short); when the
     body raises, the temp directory goes and out_dir stays as it was. To an object-store URI (`rlhf.storage`) the
     directory is written locally, then uploaded in place of the old one (a run writes its final/ once, at its end)."""
-    from rlhf import storage
     if storage.is_uri(out_dir):
         with tempfile.TemporaryDirectory(prefix="rlhf-final-") as local:
             yield local
@@ -469,13 +469,7 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves out_dir as it was, and nothing beside it
         raise
-    if os.path.exists(out_dir):
-        aside = f"{out_dir}.old-{os.getpid()}"
-        os.rename(out_dir, aside)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(aside)
-    else:
-        os.rename(tmp, out_dir)
+    files.replace_directory(tmp, out_dir, f"{out_dir}.old-{os.getpid()}")
 
 
 def write_text_files(directory: str, files: dict[str, str] | None) -> None:
@@ -505,5 +499,4 @@ def save_pretrained_atomic(model: Any, tokenizer: PreTrainedTokenizerBase | None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_text_files(tmp, extra_files)
-    from rlhf import storage
     return out_dir if storage.is_uri(out_dir) else os.path.abspath(out_dir)
