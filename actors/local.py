@@ -96,6 +96,10 @@ class LocalGroups:
     def __init__(self, groups: dict[str, LocalGroup]):
         self.groups = groups
 
+    def held_bundles(self) -> list[tuple[list[dict], str]]:
+        """No placement groups in one process (`actors.group.Groups.held_bundles`)."""
+        return []
+
     def stop(self) -> None:
         for group in self.groups.values():
             group.shutdown()

@@ -337,13 +337,12 @@ def load_reward_setup(cfg: PPOConfig) -> tuple[dict, dict, Optional[dict]]:
     return rules, eval_rules, stats
 
 
-def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
-    """Every role group the run needs, placed and built; the groups handle for stopping them."""
+def start_groups(cfg: PPOConfig, backend: Any) -> Any:
+    """Every role group the run needs, placed and built: the backend's groups (`stop()` them)."""
     from actors.lm import PolicyWorker, ReferenceWorker
     from actors.rank import RankSpec
     from actors.rollout import RolloutWorker
     from actors.scalar import CriticWorker, RewardWorker
-    from rlhf.roles import Critic, Policy, Reference, Reward, Rollout, WeightSync
     plan = cfg.derive()
     workers = {"policy": PolicyWorker, "reference": ReferenceWorker, "reward": RewardWorker, "critic": CriticWorker,
                "rollout": RolloutWorker}
@@ -356,20 +355,32 @@ def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
             grad_accum=plan.grad_accum.get(role, 1), total_steps=plan.optimizer_steps,
             plugins=cfg.plugins if role in ("policy", "rollout") and cfg.data.plugin else None,
             temperature=cfg.generation.temperature if role in ("policy", "reference", "rollout") else 1.0))
-    groups = backend.start(specs)
+    return backend.start(specs)
+
+
+def roles_of(cfg: PPOConfig, groups: Any) -> PPORoles:
+    """The run's roles over its started groups; a rollout group of its own joins the policy's weight sync here."""
+    # Here, not at the top, where `Rollout` would read as reward.rules' scored reply (`PPOTrainer.rollouts`).
+    from rlhf.roles import Critic, Policy, Reference, Reward, Rollout, WeightSync
     g = groups.groups
+    return PPORoles(policy=Policy(g["policy"]),
+                    reference=Reference(g["reference"]) if "reference" in g else Reference(g["policy"], True),
+                    reward=Reward(g["reward"]) if "reward" in g else None,
+                    critic=Critic(g["critic"]) if "critic" in g else None, groups=g,
+                    rollout=Rollout(g["rollout"]) if "rollout" in g else None,
+                    sync=WeightSync(g["policy"], g["rollout"], cfg.ppo.weight_sync_bucket_mb) if "rollout" in g
+                    else None)
+
+
+def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
+    """`start_groups` and their `roles_of`, for a caller that drives the roles itself (tests, benchmarks); the groups
+    are stopped when the roles cannot be made."""
+    groups = start_groups(cfg, backend)
     try:
-        roles = PPORoles(policy=Policy(g["policy"]),
-                         reference=Reference(g["reference"]) if "reference" in g else Reference(g["policy"], True),
-                         reward=Reward(g["reward"]) if "reward" in g else None,
-                         critic=Critic(g["critic"]) if "critic" in g else None, groups=g,
-                         rollout=Rollout(g["rollout"]) if "rollout" in g else None,
-                         sync=WeightSync(g["policy"], g["rollout"], cfg.ppo.weight_sync_bucket_mb) if "rollout" in g
-                         else None)
+        return roles_of(cfg, groups), groups
     except BaseException:
         groups.stop()
         raise
-    return roles, groups
 
 
 def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
@@ -405,8 +416,8 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     run = open_run(output, cfg, resume)
     summary: dict = {}
 
-    def train(session: tuple, restarts: int, stage: Stage) -> dict:
-        roles = session[0]
+    def train(groups: Any, restarts: int, stage: Stage) -> dict:
+        roles = roles_of(cfg, groups)
         trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules, eval_rules)
         _record_placement(run.root, roles)
         try:
@@ -417,8 +428,7 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     backend.open(sum(getattr(cfg.roles, r).layout.cpus_per_rank * _ranks(cfg, r) for r in plan.roles))
     try:
         with on_sigterm(cfg.ray.preempt_grace_s):
-            return recover("ppo", run, cfg.ray.max_restarts, lambda: start_roles(cfg, backend),
-                           lambda session: session[1].stop(), train)
+            return recover("ppo", run, cfg.ray.max_restarts, lambda: start_groups(cfg, backend), train)
     finally:
         run.metrics.close()
         backend.close()

@@ -156,10 +156,11 @@ class Stage:
         self.reached = max(self.reached, step)
 
 
-def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], Any], stop: Callable[[Any], None],
+def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], Any],
             train: Callable[[Any, int, Stage], dict]) -> dict:
-    """`train(session, restarts, stage)` on a `start()`ed session, again on a fresh one after each dead rank. When the
-    rank went with its node, the new groups are placed on what is left if they fit there, after waiting up to
+    """`train(groups, restarts, stage)` on `start()`ed role groups (a backend's, `actors.group.Groups` or
+    `actors.local.LocalGroups`), again on fresh ones after each dead rank; the groups are stopped when it returns or
+    raises. When the rank went with its node, the new groups are placed on what is left if they fit there, after waiting up to
     `ray.node_wait_s` for the cluster to hold them again; otherwise the run stops in one line naming what is missing
     and the command that resumes (every committed checkpoint stays)."""
     stage = Stage()
@@ -167,15 +168,15 @@ def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], An
     held: list = []  # the bundles the groups held when their rank died
     died = ""
     while True:
-        session = None
+        groups = None
         starting = True
         try:
             stage.now("start-up")
             if held:
                 _room_again(command, run, held, died)
-            session = start()
+            groups = start()
             starting = False
-            return train(session, restarts, stage)
+            return train(groups, restarts, stage)
         except RankDied as err:
             restarts += 1
             latest = run.checkpoints.latest()
@@ -186,17 +187,16 @@ def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], An
             print(f"{command}: {err.who} died during {stage.where}; rebuilding the role groups from "
                   f"{_shown(latest)} (restart {restarts}/{max_restarts})", flush=True)
             died = f"{stage.where}: {err.who} died"
-            if session is not None:
-                from actors.runtime import held_bundles
-                held = held_bundles(session) or held
+            if groups is not None:
+                held = groups.held_bundles() or held
         except ConfigError as err:
             if not (restarts and starting):
                 raise
             # The rebuilt groups could not be placed (the room check passed before the lost node was declared dead).
             raise SystemExit(_lost_line(command, run, died, str(err))) from None
         finally:
-            if session is not None:
-                stop(session)
+            if groups is not None:
+                groups.stop()
 
 
 def _shown(checkpoint: Optional[str]) -> str:
@@ -318,8 +318,7 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
     try:
         with on_sigterm(cfg.ray.preempt_grace_s):
             return recover(command, run, cfg.ray.max_restarts,
-                           lambda: backend.start({job.role: (job.worker, spec), **job.others}),
-                           lambda groups: groups.stop(), attempt)
+                           lambda: backend.start({job.role: (job.worker, spec), **job.others}), attempt)
     finally:
         run.metrics.close()
         backend.close()
