@@ -7,6 +7,7 @@ this leaves out is what Ray adds (actors, object transfers, the ranks of a group
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from typing import Any, Iterator
 
@@ -66,7 +67,6 @@ class LocalGroup:
         return Done(reduce_results(declared(self.worker_cls, method), [result], real))
 
     def node_info(self) -> list[dict]:
-        import os
         return [{"role": self.role, "rank": 0, "node_id": "local", "hostname": socket.gethostname(),
                  "pid": os.getpid(), "gpu_ids": [], "cuda": self.worker.cuda}]
 

@@ -10,6 +10,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.config import ConfigError, load_config
+from rlhf.data import load_prompts
+from rlhf.modeling import init_model
+from rlhf.report import write_report
+from rlhf.sample import parts_of, score_of, write_sample
 
 
 @dataclass
@@ -73,19 +77,16 @@ def _stage_args(out: str, resume: bool) -> bool:
 
 
 def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = False) -> int:
+    # Ray, torch and transformers load when a pipeline runs, not when `rlhf` starts.
     import ray
 
     from actors.runtime import ensure_ray
     from reward.evaluate import evaluate
-    from rlhf.data import load_prompts
     from rlhf.drivers.dpo import run_dpo
     from rlhf.drivers.generate import generate_texts
     from rlhf.drivers.ppo import run_ppo
     from rlhf.drivers.rm import run_rm
     from rlhf.drivers.sft import run_sft
-    from rlhf.modeling import init_model
-    from rlhf.report import write_report
-    from rlhf.sample import parts_of, score_of, write_sample
     from rlhf.tokenizer import texts_from_files, train_tokenizer
 
     pc = load_pipeline_config(config, overrides)
