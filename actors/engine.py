@@ -13,12 +13,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import resource
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
 
 from rlhf.batching import Batch, fill_bins, micro_batches, select
+from rlhf.checkpoint import load_rng, save_rng
 from rlhf.config import OptimConfig, RoleConfig
+from rlhf.modeling import SafetensorsIndex, local_model_dir
 
 
 class Engine:
@@ -176,7 +181,6 @@ class Engine:
     def save_checkpoint(self, directory: str, tag: str, rank: int) -> None:
         if not self.trainable:
             return  # frozen roles are rebuilt from their model path; nothing trained to save
-        from rlhf.checkpoint import save_rng
         self.engine.save_checkpoint(directory, tag=tag, client_state={})
         # Each rank's sampling RNG, so a resumed run draws the same replies an uninterrupted one would.
         save_rng(os.path.join(directory, tag, f"rng_rank{rank}.pt"))
@@ -184,7 +188,6 @@ class Engine:
     def load_checkpoint(self, directory: str, tag: str, rank: int) -> None:
         if not self.trainable:
             return
-        from rlhf.checkpoint import load_rng
         self.engine.load_checkpoint(directory, tag=tag, load_module_strict=True)
         self._config_lr()
         rng = os.path.join(directory, tag, f"rng_rank{rank}.pt")
@@ -272,7 +275,6 @@ def load_partitioned(model: torch.nn.Module, path: str) -> tuple[set[str], set[s
     a time). Returns the checkpoint's unused keys, the model's missing ones, and the elements this rank read."""
     import deepspeed
     import torch.distributed as dist
-    from rlhf.modeling import SafetensorsIndex, local_model_dir
     index = SafetensorsIndex(local_model_dir(path))
     rank = dist.get_rank() if dist.is_initialized() else 0
     aliases: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}  # tied weights are one parameter with two names
@@ -314,15 +316,12 @@ def load_partitioned(model: torch.nn.Module, path: str) -> tuple[set[str], set[s
 
 def peak_rss_gb() -> float:
     """The largest resident set this process has had so far, in GB (what a rank's model load cost it)."""
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # kilobytes on Linux
 
 
 def say_unloaded(path: str, model: torch.nn.Module, unused: set[str], missing: set[str]) -> None:
     """One line each for a partitioned load's checkpoint keys the model has no place for (but those transformers
     itself ignores) and for the model's weights the checkpoint lacks (initialised as new), as from_pretrained says."""
-    import re
-    import sys
     ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
     unused = {k for k in unused if not any(re.search(p, k) for p in ignored)}
     for what, keys in (("checkpoint weights the model does not use", unused),

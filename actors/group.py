@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import ray
-from ray.util.placement_group import PlacementGroup, get_current_placement_group
+from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.dispatch import declared, reduce_results, shard_arguments
 from actors.faults import runtime_env
-from actors.placement import (READY_TIMEOUT_S, PlacementError, PlacementPlan, plan_placement, release, reserve,
-                              room_for, show, total, what_to_change)
+from actors.placement import (READY_TIMEOUT_S, PlacementError, PlacementPlan, TrialSlice, plan_placement, release,
+                              reserve, room_for, show, total, what_to_change)
 from actors.rank import RankSpec
+from actors.runtime import ensure_ray
 from rlhf.config import RayConfig, ranks
 from rlhf.metrics import TAG_KEYS, Trial, current_trial, prometheus_name, set_exporter
 from rlhf.roles import RankDied
@@ -192,7 +193,6 @@ class RayBackend:
         self.exporting = False
 
     def open(self, cpus_needed: float) -> None:
-        from actors.runtime import ensure_ray
         self.started = ensure_ray(self.cfg, cpus_needed) or self.started  # a second open keeps the first's Ray
         if not self.exporting:
             _count_open(1)
@@ -253,6 +253,18 @@ class Groups:
 
     def __init__(self, groups: dict, placements: dict[str, PlacementGroup]):
         self.groups, self.placements = groups, placements
+
+    def held_bundles(self) -> list[tuple[list[dict], str]]:
+        """The bundles and strategy of each placement group these groups hold, read before they are released (a
+        recovered run waits until the cluster could hold them again); none in a sweep trial, whose bundles Tune
+        holds."""
+        held = []
+        for pg in (pg for pg in self.placements.values() if not isinstance(pg, TrialSlice)):
+            try:
+                held.append(([dict(b) for b in pg.bundle_specs], placement_group_table(pg).get("strategy", "PACK")))
+            except (ray.exceptions.RaySystemError, KeyError, ValueError):
+                continue  # a group Ray no longer knows: it is being rebuilt from the plan anyway
+        return held
 
     def stop(self) -> None:
         for group in self.groups.values():

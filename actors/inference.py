@@ -19,6 +19,7 @@ import torch
 
 from actors.weight_sync import Manifest
 from rlhf.batching import Batch
+from rlhf.generation import rollout_replies
 
 
 class InferenceEngine(Protocol):
@@ -65,7 +66,6 @@ class HFInferenceEngine:
         self.shapes: dict[str, torch.Size] = {}
 
     def generate(self, prompts: Batch, sampling: Any) -> Batch:
-        from rlhf.generation import rollout_replies
         if self.version is None:
             raise EngineAsleep("the rollout engine holds no weights (asleep, or woken and not synced yet)")
         s = self.sampling

@@ -17,9 +17,14 @@ import torch
 from actors.dispatch import dispatch, even_items, even_rows, padded_items, padded_rows, update_plan
 from actors.engine import (check_packable, deepspeed_config, load_partitioned, partitioned_construction, peak_rss_gb,
                            say_unloaded)
+from actors.inference import as_dict
 from actors.rank import RankWorker
+from actors.weight_sync import manifest_of, send, sync_group, trainer_sources
 from rlhf.batching import (Batch, Packing, chunk, fill_bins, micro_batches, position_ids, select, trim_left_padding,
                            trim_padding)
+from rlhf.dpo_math import dpo_loss
+from rlhf.generation import rollout_replies
+from rlhf.modeling import apply_lora_config, build_causal_lm, load_causal_lm, save_pretrained_atomic
 from rlhf.ppo_math import (entropy_from_logits, kl_loss, logprobs_from_logits, masked_sum, policy_loss,
                            truncated_is_weights)
 from rlhf.roles import PolicyLoss, UpdatePlan
@@ -29,7 +34,6 @@ class CausalLMWorker(RankWorker):
     """What the three LM roles share: the model, its LoRA adapters, and log-probs of token spans."""
 
     def build(self) -> torch.nn.Module:
-        from rlhf.modeling import apply_lora_config, build_causal_lm, load_causal_lm
         spec = self.spec
         dtype = str(self.dtype()).removeprefix("torch.")
         self.loaded = {"partitioned": spec.role.deepspeed.zero_stage == 3}
@@ -60,7 +64,7 @@ class CausalLMWorker(RankWorker):
         self.lm_head = base.get_output_embeddings()
         self.tools = None
         if spec.plugins is not None:  # a plugin policy runs its commands in this process, between passes
-            from rlhf.tools import build_registry
+            from rlhf.tools import build_registry  # imports sympy
             p = spec.plugins
             self.tools = build_registry(p.tools, p.solver, p.timeout)
         self.loaded["peak_rss_gb"] = peak_rss_gb()
@@ -71,8 +75,6 @@ class CausalLMWorker(RankWorker):
         its turn in two passes around the tools' Results (see rlhf.generation). Returns response_ids, action_mask
         (what the model wrote), response_mask (what later passes attend to) [b, R] and ended [b] (and each row's
         commands and results for a plugin policy; with `with_logprobs`, the log-prob of each token it wrote)."""
-        from actors.inference import as_dict
-        from rlhf.generation import rollout_replies
         return rollout_replies(self.engine.module, self.tokenizer, prompts, as_dict(generation), self.tools,
                                self.device, synced=synced, micro_batch=len(prompts["input_ids"]),
                                max_results_tokens=self.spec.plugins.max_results_tokens if self.tools else 64,
@@ -200,7 +202,6 @@ class CausalLMWorker(RankWorker):
     def save_pretrained(self, out_dir: str, merge_lora: bool = True, extra_files: dict | None = None) -> None:
         """All ranks call this (ZeRO-3 gathers); rank 0 writes an HF directory atomically, with `extra_files`
         (name -> text) beside the weights."""
-        from rlhf.modeling import save_pretrained_atomic
         self.engine.write_on_rank0(self.rank, lambda: save_pretrained_atomic(
             self.engine.module, self.tokenizer, out_dir, merge_lora=merge_lora, extra_files=extra_files))
 
@@ -221,7 +222,6 @@ class PolicyWorker(CausalLMWorker):
     @dispatch(reduce="first")
     def weight_manifest(self) -> list:
         """(name, shape, dtype) of what a sync sends: the plain model's parameters, LoRA merged in."""
-        from actors.weight_sync import manifest_of, trainer_sources
         return manifest_of(trainer_sources(self.engine.module))
 
     @dispatch(reduce="first")
@@ -232,14 +232,12 @@ class PolicyWorker(CausalLMWorker):
     def join_weight_sync(self, addr: str, port: int, world: int) -> None:
         """Rank 0 joins the sync group as its rank 0 (the other ranks only gather with it under ZeRO-3)."""
         import ray
-        from actors.weight_sync import sync_group
         self.sync = sync_group(addr, port, 0, world, self.cuda, ray.util.get_node_ip_address()) \
             if self.rank == 0 else None
 
     @dispatch(reduce="first")
     def send_weights(self, bucket_mb: float) -> None:
         """Every rank calls this; rank 0 broadcasts the current weights to the rollout ranks, bucket by bucket."""
-        from actors.weight_sync import send, trainer_sources
         send(self.sync, trainer_sources(self.engine.module), bucket_mb, self.engine.partitioned, self.device)
 
     @dispatch(split={"batch": padded_rows}, reduce="concat")
@@ -405,7 +403,6 @@ class DPOWorker(PolicyWorker):
     def train_step(self, lists: list, num_prompts: int, loss: Any) -> dict:
         """One optimizer step over this rank's lists, the loss summed over them and divided by the global batch's
         prompt count. Stats are sums over pairs (the log-prob sums over each pair's better and worse response)."""
-        from rlhf.dpo_math import dpo_loss
         self.engine.train()
         before = self.sequences_encoded
         out = dict.fromkeys(("loss", "correct", "pairs", "margin_sum", "better_logp_sum", "worse_logp_sum"), 0.0)

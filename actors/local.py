@@ -7,6 +7,7 @@ this leaves out is what Ray adds (actors, object transfers, the ranks of a group
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from typing import Any, Iterator
 
@@ -66,7 +67,6 @@ class LocalGroup:
         return Done(reduce_results(declared(self.worker_cls, method), [result], real))
 
     def node_info(self) -> list[dict]:
-        import os
         return [{"role": self.role, "rank": 0, "node_id": "local", "hostname": socket.gethostname(),
                  "pid": os.getpid(), "gpu_ids": [], "cuda": self.worker.cuda}]
 
@@ -95,6 +95,10 @@ class LocalBackend:
 class LocalGroups:
     def __init__(self, groups: dict[str, LocalGroup]):
         self.groups = groups
+
+    def held_bundles(self) -> list[tuple[list[dict], str]]:
+        """No placement groups in one process (`actors.group.Groups.held_bundles`)."""
+        return []
 
     def stop(self) -> None:
         for group in self.groups.values():

@@ -2,7 +2,8 @@
 
 A role worker (`actors.lm`, `actors.scalar`) is a `RankWorker` that says how to build its model (`build`) and which
 methods the controller may call (each declared with `actors.dispatch.dispatch`). The same class runs as a Ray actor
-(`actors.group`) or as a plain object in the driver's process (`actors.local`).
+(`actors.group`) or as a plain object in the driver's process (`actors.local`): so Ray is imported only where a Ray
+actor needs it, and DeepSpeed where a rank sets up, never when the drivers import the worker classes.
 """
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ import torch
 
 from actors.dispatch import dispatch
 from actors.engine import Engine
+from reward.batches import collate_ranked, micro_batches_of
+from rlhf import storage
+from rlhf.batching import fill_bins, micro_batches
 from rlhf.config import ModelConfig, PluginsConfig, RoleConfig
+from rlhf.modeling import load_tokenizer
 
 
 def skip_shm_comm_build() -> None:
@@ -108,7 +113,6 @@ class RankWorker:
             import deepspeed
             deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False,
                                        verbose=False)
-        from rlhf.modeling import load_tokenizer
         spec = self.spec
         self.tokenizer = load_tokenizer(spec.model.tokenizer or spec.model_path, spec.model.trust_remote_code)
         module = self.build()
@@ -131,7 +135,6 @@ class RankWorker:
 
     def each_micro_batch(self, batch: Any, forward: Any) -> torch.Tensor:
         """`forward` over the batch's micro-batches, in eval mode without gradients, concatenated on the CPU."""
-        from rlhf.batching import micro_batches
         self.engine.eval()
         with torch.no_grad():
             return torch.cat([forward(mb).float().cpu()
@@ -141,8 +144,6 @@ class RankWorker:
         """Micro-batches of whole ranked lists with their lists, each with whether it is real: `micro_batch_size`
         lists each, or with a token budget (`self.budget`, set by the role's build) whole lists grouped by their
         tokens. The preference model's and DPO's steps and evaluations share it."""
-        from reward.batches import collate_ranked, micro_batches_of
-        from rlhf.batching import fill_bins
         pad = self.tokenizer.pad_token_id
         if not self.budget:
             return ((item, True) for item in micro_batches_of(lists, self.spec.role.micro_batch_size, pad,
@@ -156,7 +157,6 @@ class RankWorker:
     def save_checkpoint(self, directory: str) -> None:
         """Write this rank's part of the checkpoint; to a URI (`rlhf.storage`), through a local directory of its own
         that it uploads, so nodes need no shared filesystem and each rank sends only the files it wrote."""
-        from rlhf import storage
         if not storage.is_uri(directory):
             self.engine.save_checkpoint(directory, self.role, self.rank)
             return
@@ -167,7 +167,6 @@ class RankWorker:
     @dispatch(reduce="first")
     def load_checkpoint(self, directory: str) -> None:
         """Read this role's part of the checkpoint back; from a URI, after downloading it to a local directory."""
-        from rlhf import storage
         if not storage.is_uri(directory) or not self.engine.trainable:
             self.engine.load_checkpoint(directory, self.role, self.rank)
             return

@@ -23,7 +23,9 @@ import torch
 from actors.dispatch import dispatch, padded_rows
 from actors.inference import HFInferenceEngine, InferenceEngine, Sampling
 from actors.rank import RankWorker
+from actors.weight_sync import receive, sync_group
 from rlhf.batching import Batch
+from rlhf.modeling import load_causal_lm, load_tokenizer
 
 
 class RolloutWorker(RankWorker):
@@ -31,8 +33,7 @@ class RolloutWorker(RankWorker):
     samples the rollouts. Its ranks share no process group: each serves its share of the prompts alone."""
 
     def setup(self, addr: str, port: int) -> dict:
-        from rlhf.modeling import load_tokenizer
-        from rlhf.tools import build_registry
+        from rlhf.tools import build_registry  # imports sympy
         spec = self.spec
         self.sync: Any = None
         self.tokenizer = load_tokenizer(spec.model.tokenizer or spec.model_path, spec.model.trust_remote_code)
@@ -44,10 +45,9 @@ class RolloutWorker(RankWorker):
     def _engine(self, sampling: Sampling) -> InferenceEngine:
         spec = self.spec
         if spec.role.engine == "vllm":
-            from actors.vllm_engine import VLLMInferenceEngine
+            from actors.vllm_engine import VLLMInferenceEngine  # the vLLM side only when it is asked for
             return VLLMInferenceEngine(spec.model_path, sampling, spec.role.vllm, self.dtype(), spec.seed, self.cuda,
                                        max(1, int(spec.role.layout.cpus_per_rank)), spec.model.trust_remote_code)
-        from rlhf.modeling import load_causal_lm
         model = load_causal_lm(spec.model_path, str(self.dtype()).removeprefix("torch."), spec.model.trust_remote_code)
         return HFInferenceEngine(model.to(self.device).eval(), sampling)
 
@@ -75,13 +75,11 @@ class RolloutWorker(RankWorker):
     @dispatch(reduce="first")
     def join_weight_sync(self, addr: str, port: int, world: int) -> None:
         import ray
-        from actors.weight_sync import sync_group
         self.sync = sync_group(addr, port, 1 + self.rank, world, self.cuda, ray.util.get_node_ip_address())
 
     @dispatch(reduce="first")
     def receive_weights(self, version: int, manifest: list, bucket_mb: float) -> int:
         """Take the policy's weights of `version` from the sync group; returns the version now held."""
-        from actors.weight_sync import receive
         self.inference.update_weights(version, receive(self.sync, manifest, bucket_mb, self.device))
         return version
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import ray
 
 from actors import faults
+from actors.placement import cluster_nodes, show, total
 from rlhf import storage
 from rlhf.config import RayConfig
 
@@ -45,25 +45,7 @@ def _job_env_vars() -> set[str]:
         return set()
 
 
-def held_bundles(session: Any) -> list[tuple[list[dict], str]]:
-    """The bundles and strategy of each placement group a run's started groups hold (`actors.group.Groups`, alone or
-    in the session tuple a driver keeps), read before they are released; none in one process or a sweep trial, whose
-    bundles Tune holds."""
-    from actors.group import Groups
-    from actors.placement import TrialSlice
-    from ray.util.placement_group import placement_group_table
-    found = [s for s in (session if isinstance(session, tuple) else (session,)) if isinstance(s, Groups)]
-    held = []
-    for pg in (pg for groups in found for pg in groups.placements.values() if not isinstance(pg, TrialSlice)):
-        try:
-            held.append(([dict(b) for b in pg.bundle_specs], placement_group_table(pg).get("strategy", "PACK")))
-        except (ray.exceptions.RaySystemError, KeyError, ValueError):
-            continue  # a group Ray no longer knows: it is being rebuilt from the plan anyway
-    return held
-
-
 def short_of(held: list[tuple[list[dict], str]]) -> str:
     """What the cluster's live nodes lack of `held` in all, `1 GPU, 2 CPU` (empty when only the shape is wrong)."""
-    from actors.placement import cluster_nodes, show, total
     needed, have = total([b for bundles, _ in held for b in bundles]), total(cluster_nodes())
     return show({k: v - have.get(k, 0.0) for k, v in needed.items() if v > have.get(k, 0.0) + 1e-9})

@@ -15,8 +15,10 @@ from actors.engine import (check_packable, deepspeed_config, load_partitioned, p
                            say_unloaded)
 from actors.rank import RankWorker
 from reward.batches import EncodedList
-from reward.model import last_index
+from reward.losses import ranking_loss
+from reward.model import ScalarHeadModel, last_index, load_reward_stats
 from rlhf.batching import Batch, Packing, position_ids, trim_left_padding, trim_padding
+from rlhf.modeling import apply_lora_config, atomic_directory, build_causal_lm, write_text_files
 from rlhf.ppo_math import logprobs_from_logits, value_loss
 from rlhf.roles import UpdatePlan, ValueLoss
 
@@ -25,8 +27,6 @@ class ScalarWorker(RankWorker):
     """What the three scalar roles share: the model (LoRA on its backbone when trained so) and its values."""
 
     def build(self) -> torch.nn.Module:
-        from reward.model import ScalarHeadModel, load_reward_stats
-        from rlhf.modeling import apply_lora_config
         spec = self.spec
         self.loaded = {"partitioned": spec.role.deepspeed.zero_stage == 3}
         model = ScalarHeadModel.from_pretrained(spec.model_path, self.dtype(), spec.model.trust_remote_code,
@@ -47,7 +47,6 @@ class ScalarWorker(RankWorker):
     def _load_partitioned(self, path: str):
         """The backbone built partitioned (ZeRO-3), each rank reading only its share of every weight; with the
         checkpoint's unused and missing keys, and how to say them."""
-        from rlhf.modeling import build_causal_lm
         spec = self.spec
         config = deepspeed_config(spec.role, spec.trainable, spec.grad_accum, self.world_size, self.device,
                                   self.dtype())
@@ -154,7 +153,6 @@ class RMWorker(ScalarWorker):
                    num_best_tokens: int) -> dict:
         """One optimizer step over this rank's whole ranked lists, the loss averaged over the global batch's
         prompts (and an LM loss on each prompt's best response when lm_coef > 0)."""
-        from reward.losses import ranking_loss
         self.engine.train()
         encoded_before = self.sequences_encoded
         out = {"loss": 0.0, "correct": 0.0, "pairs": 0.0, "margin_sum": 0.0, "lm_loss": 0.0}
@@ -242,7 +240,6 @@ class RMWorker(ScalarWorker):
         """All ranks call this; rank 0 writes the LM (merged when LoRA), the head, the stats, the tokenizer and
         `extra_files` (name -> text): a directory that also loads as a sequence classifier (`reward.model`), whose
         pad token is the tokenizer's."""
-        from rlhf.modeling import atomic_directory, write_text_files
         def write() -> None:
             with atomic_directory(out_dir) as tmp:
                 self.engine.module.save_pretrained(tmp, stats=stats, merge_lora=merge_lora,

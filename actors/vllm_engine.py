@@ -30,7 +30,7 @@ import torch
 from actors.inference import EngineAsleep, Sampling, as_dict, manifest_of_module
 from actors.weight_sync import Manifest
 from rlhf.batching import Batch
-from rlhf.generation import Sampled
+from rlhf.generation import Sampled, check_scorable, rollout_replies
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 256)
 """Attention head sizes vLLM's CPU attention backend takes."""
@@ -147,7 +147,6 @@ class VLLMInferenceEngine:
 
     # --- the inference-engine calls (actors.inference.InferenceEngine) -----------------------------------------
     def generate(self, prompts: Batch, sampling: Any) -> Batch:
-        from rlhf.generation import rollout_replies
         if self.version is None:
             raise EngineAsleep("the rollout engine holds no weights (asleep, or woken and not synced yet)")
         s = self.sampling
@@ -190,7 +189,6 @@ class VLLMInferenceEngine:
                       pad_id: int, with_logprobs: bool) -> Sampled:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from rlhf.generation import check_scorable
         if with_logprobs:
             check_scorable(gen)
         width = int(gen["max_new_tokens"])

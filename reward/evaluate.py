@@ -4,14 +4,13 @@ from __future__ import annotations
 import torch
 
 from reward.batches import collate_ranked, encode_file
+from reward.model import ScalarHeadModel
+from rlhf.batching import position_ids
 from rlhf.config import RMConfig
+from rlhf.modeling import check_model_dir, load_tokenizer
 
 
 def evaluate(model_dir: str, data: str, cfg: RMConfig, batch_size: int = 8) -> dict:
-    from reward.model import ScalarHeadModel
-    from rlhf.batching import position_ids
-    from rlhf.modeling import check_model_dir, load_tokenizer
-
     check_model_dir(model_dir, "--model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir, cfg.model.trust_remote_code)
     lists = encode_file(data, tokenizer, cfg.data, cfg.rm)

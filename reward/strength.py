@@ -19,6 +19,7 @@ import torch
 from reward.batches import EncodedList
 from rlhf.config import EnsembleConfig, RewardLossConfig
 from rlhf.data import DataError, DataFileError
+from rlhf.formats import read_source
 
 PairKey = tuple[int, int, int]
 """(record line, better, worse) of one labelled pair."""
@@ -148,7 +149,6 @@ def _bad_field(row: dict) -> Optional[tuple[str, str]]:
 def record_lines(path: str, data_format: str = "auto") -> list[int]:
     """Each record's number in its file, in file order (the line of a JSONL file, skipping blank lines; the element
     of a JSON array; the row of a table): how strength.jsonl names a record."""
-    from rlhf.formats import read_source
     objects, errors, _ = read_source(path)
     if errors:
         raise DataFileError(errors)

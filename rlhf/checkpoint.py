@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from rlhf import storage
+from rlhf import files, storage
 
 META_FILE = "meta.json"
 COMPLETE_FILE = "COMPLETE"
@@ -42,43 +42,15 @@ class CheckpointError(Exception):
     """A checkpoint could not be read; the message is one line saying what to fix."""
 
 
-def _fsync(path: str) -> None:
-    """Flush a file, or a directory (a rename is only durable once the directory holding it is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: str) -> str:
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-
-
 def atomic_write_json(path: str, obj: Any) -> None:
-    """Write JSON so a reader sees the old file or the whole new one: temp file, fsync, os.replace (on an object
-    store: one put)."""
-    if storage.is_uri(path):
-        storage.write_text(path, json.dumps(obj, indent=2) + "\n")
-        return
-    tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
+    """Write JSON so a reader sees the old file or the whole new one (`rlhf.storage.write_text`)."""
+    storage.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Save tensors as safetensors through a temp file and os.replace."""
-    tmp = _tmp_path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
+    """Save tensors as safetensors, atomically (`rlhf.files.replacing`)."""
+    with files.replacing(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -137,27 +109,19 @@ class CheckpointManager:
                                   f"the directory it returns")
         atomic_write_json(os.path.join(tmp_dir, META_FILE), {**meta, "step": int(step)})
         # Everything else in the directory must be on disk before the marker says it is complete.
-        for directory, _, files in os.walk(tmp_dir):
-            for name in files:
-                _fsync(os.path.join(directory, name))
-            _fsync(directory)
+        for directory, _, names in os.walk(tmp_dir):
+            for name in names:
+                files.fsync(os.path.join(directory, name))
+            files.fsync(directory)
         with open(os.path.join(tmp_dir, COMPLETE_FILE), "w", encoding="utf-8") as f:
             f.write(f"{step}\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp_dir)
+        files.fsync(tmp_dir)
         final = self.path(step)
-        if os.path.exists(final):
-            # Moving the old one aside first means a crash leaves either it, the new one, or the previous step.
-            aside = os.path.join(self.root, f".old-step_{step:08d}-{os.getpid()}")
-            if os.path.exists(aside):
-                shutil.rmtree(aside)
-            os.rename(final, aside)
-            os.rename(tmp_dir, final)
-            shutil.rmtree(aside)
-        else:
-            os.rename(tmp_dir, final)
-        _fsync(self.root)
+        # An old step_N is moved aside first: a crash leaves it, the new one, or the previous step as the latest.
+        files.replace_directory(tmp_dir, final, os.path.join(self.root, f".old-step_{step:08d}-{os.getpid()}"))
+        files.fsync(self.root)
         self._prune()
         self._remove_stale(step)
         if _on_commit is not None:
@@ -249,10 +213,8 @@ def load_rng_state(state: dict) -> None:
 
 def save_rng(path: str) -> None:
     """Write this process's RNG state to `path` atomically (one file per rank: the caller names it)."""
-    tmp = _tmp_path(path)
-    torch.save(save_rng_state(), tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:
+        torch.save(save_rng_state(), tmp)
 
 
 def load_rng(path: str) -> None:

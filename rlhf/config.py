@@ -16,6 +16,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rlhf import files
+
 
 class ConfigError(ValueError):
     """A config file or override the user must fix; the message is one line."""
@@ -967,8 +969,5 @@ def to_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str) -> None:
-    """Write the resolved config; a temp file renamed into place so a crash never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    """Write the resolved config, atomically (`rlhf.files`): a crash never leaves half a file."""
+    files.write_text(path, to_yaml(cfg))

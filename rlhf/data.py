@@ -1,232 +1,24 @@
-"""Loaders for SFT dialogues, PPO prompts and ranked preferences, with line-precise validation.
+"""Loaders for SFT dialogues, PPO prompts and ranked preferences, in this project's JSONL or any format
+rlhf/formats.py reads, and `rlhf validate`: what the rest of the code loads data files with.
 
 A file is read whole and every bad line is reported as `PATH:LINE: FIELD: what is wrong`; a file with any
-error raises one DataFileError and is never half-used. This project's JSONL is parsed here; other formats and
-sources (JSON, Parquet, saved datasets) are read through rlhf/formats.py.
+error raises one DataFileError and is never half-used. The records themselves, their parsing and `write_jsonl` are
+rlhf/records.py's (the layer under rlhf/formats.py), and importable from here too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
-from rlhf.moss import Dialogue, FieldError, json_type
+from rlhf.formats import load
+from rlhf.moss import Dialogue
+from rlhf.records import (KINDS, MAX_LINE_BYTES, DataError, DataFileError, Preference, load_parsed, parse_dialogue,
+                          parse_preference, parse_prompt, write_jsonl)
 
-MAX_LINE_BYTES = 8 * 1024 * 1024
-KINDS = ("sft", "prompts", "preferences")
-
-_PREFERENCE_KEYS = ("responses", "ranks", "chosen", "rejected", "margin")
-
-T = TypeVar("T")
-
-
-class DataError(Exception):
-    """One bad line (or the file itself, at line 0)."""
-
-    def __init__(self, path: str | os.PathLike, line: int, field: str, message: str) -> None:
-        self.path, self.line, self.field, self.message = str(path), line, field, message
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.field}: {self.message}"
-
-
-class DataFileError(Exception):
-    """Every error found in one file."""
-
-    def __init__(self, errors: list[DataError]) -> None:
-        self.errors = errors
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return "\n".join(str(e) for e in self.errors)
-
-
-@dataclass
-class Preference:
-    """A prompt and K >= 2 responses ranked best first; equal ranks are ties and make no pair."""
-
-    prompt: Dialogue
-    responses: list[str]
-    ranks: list[int] = field(default_factory=list)
-    margin: float | None = None
-    metadata: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.ranks:
-            self.ranks = list(range(len(self.responses)))
-
-    def pairs(self) -> list[tuple[int, int]]:
-        """All (better, worse) response index pairs, ties skipped."""
-        k = len(self.responses)
-        return [(i, j) for i in range(k) for j in range(i + 1, k) if self.ranks[i] < self.ranks[j]]
-
-    def to_json(self) -> dict:
-        out = self.prompt.to_json()
-        out.update(responses=list(self.responses), ranks=list(self.ranks))
-        if self.margin is not None:
-            out["margin"] = self.margin
-        return {**out, **self.metadata}
-
-
-# --- record parsers: a JSON object in, a record out, FieldError on bad input -------------------------------
-
-
-def parse_dialogue(obj: Any) -> Dialogue:
-    """An SFT dialogue: every turn has MOSS's reply."""
-    dialogue = Dialogue.from_json(obj)
-    if dialogue.turns[-1].moss is None:
-        raise FieldError(_last_reply_field(obj, len(dialogue.turns)), "missing; every SFT turn needs a reply")
-    return dialogue
-
-
-def parse_prompt(obj: Any) -> Dialogue:
-    """A prompt: the last turn has no reply yet."""
-    dialogue = Dialogue.from_json(obj)
-    if dialogue.turns[-1].moss is not None:
-        raise FieldError(_last_reply_field(obj, len(dialogue.turns)),
-                         "the last turn of a prompt must not have a reply; remove it, the model writes it")
-    return dialogue
-
-
-def _last_reply_field(obj: dict, num_turns: int) -> str:
-    if "chat" in obj and "turns" not in obj:
-        return f"chat.turn_{num_turns}.MOSS"
-    return f"turns[{num_turns - 1}].moss"
-
-
-def parse_preference(obj: Any) -> Preference:
-    """A prompt plus `responses` (optionally `ranks`) or the `chosen`/`rejected` shorthand."""
-    if not isinstance(obj, dict):
-        raise FieldError("record", f"expected a JSON object, got {json_type(obj)}")
-    rest = {k: v for k, v in obj.items() if k not in _PREFERENCE_KEYS}
-    prompt = parse_prompt(rest)
-    responses, ranks = _responses_and_ranks(obj)
-    margin = obj.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        raise FieldError("margin", f"expected a number, got {json_type(margin)}")
-    metadata, prompt.metadata = prompt.metadata, {}
-    return Preference(prompt, responses, ranks, None if margin is None else float(margin), metadata)
-
-
-def _responses_and_ranks(obj: dict) -> tuple[list[str], list[int]]:
-    shorthand = "chosen" in obj or "rejected" in obj
-    if shorthand and "responses" in obj:
-        raise FieldError("responses", "give either responses or chosen/rejected, not both")
-    if shorthand:
-        for key in ("chosen", "rejected"):
-            if key not in obj:
-                raise FieldError(key, "missing; chosen and rejected come together")
-            if not isinstance(obj[key], str):
-                raise FieldError(key, f"expected a string, got {json_type(obj[key])}")
-        if "ranks" in obj:
-            raise FieldError("ranks", "not allowed with chosen/rejected; chosen is the better one")
-        return [obj["chosen"], obj["rejected"]], [0, 1]
-    if "responses" not in obj:
-        raise FieldError("responses", "missing; give responses (ranked best first) or chosen and rejected")
-    responses = obj["responses"]
-    if not isinstance(responses, list):
-        raise FieldError("responses", f"expected a list of strings, got {json_type(responses)}")
-    for i, response in enumerate(responses):
-        if not isinstance(response, str):
-            raise FieldError(f"responses[{i}]", f"expected a string, got {json_type(response)}")
-    if len(responses) < 2:
-        raise FieldError("responses", f"needs at least two responses to rank, got {len(responses)}")
-    ranks = obj.get("ranks")
-    if ranks is None:
-        return responses, list(range(len(responses)))
-    if not isinstance(ranks, list):
-        raise FieldError("ranks", f"expected a list of ints, got {json_type(ranks)}")
-    if len(ranks) != len(responses):
-        raise FieldError("ranks", f"has {len(ranks)} entries but there are {len(responses)} responses")
-    for i, rank in enumerate(ranks):
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise FieldError(f"ranks[{i}]", f"expected an int, got {json_type(rank)}")
-    for i in range(1, len(ranks)):
-        if ranks[i] < ranks[i - 1]:
-            raise FieldError("ranks", f"ranks[{i}]={ranks[i]} is better than ranks[{i - 1}]={ranks[i - 1]} but "
-                                      "responses are listed best first; reorder the responses or fix the ranks")
-    if ranks[0] == ranks[-1]:
-        raise FieldError("ranks", "all responses are tied, so the record gives no pair")
-    return responses, ranks
-
-
-# --- files -----------------------------------------------------------------------------------------------
-
-
-def _not_utf8_text(first: bytes) -> str | None:
-    """Why a file whose first line is `first` is not UTF-8 JSONL at all, or None if it may be."""
-    if first.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "UTF-16/32 encoded (it starts with a byte-order mark); save it as UTF-8"
-    if first.startswith(b"\x1f\x8b"):
-        return "gzip-compressed; decompress it first (gunzip)"
-    if b"\x00" in first:
-        return "binary or UTF-16 (it has NUL bytes); JSONL files are UTF-8 text"
-    return None
-
-
-def _read_objects(path: str | os.PathLike) -> tuple[list[tuple[int, Any]], list[DataError]]:
-    """(line number, parsed JSON) for every non-blank line, and the errors of lines that are not JSON."""
-    objects: list[tuple[int, Any]] = []
-    errors: list[DataError] = []
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        return [], [DataError(path, 0, "file", f"cannot open: {e.strerror or e}")]
-    with f:
-        line = 0
-        while True:
-            # Bounded reads, so one huge line cannot exhaust memory before it is reported.
-            raw = f.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                break
-            line += 1
-            if line == 1 and (not_text := _not_utf8_text(raw)):
-                # One line for the whole file, instead of a garbled error for every line of it.
-                return [], [DataError(path, 0, "file", not_text)]
-            if len(raw) > MAX_LINE_BYTES:
-                while raw and not raw.endswith(b"\n"):
-                    raw = f.readline(MAX_LINE_BYTES)
-                errors.append(DataError(path, line, "line", f"longer than {MAX_LINE_BYTES} bytes"))
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                errors.append(DataError(path, line, "line", f"not valid UTF-8 (byte {e.start} of the line)"))
-                continue
-            if line == 1:
-                text = text.removeprefix("\ufeff")
-            if not text.strip():
-                continue
-            try:
-                objects.append((line, json.loads(text)))
-            except json.JSONDecodeError as e:
-                hint = "; the line looks truncated" if not text.rstrip().endswith("}") else ""
-                errors.append(DataError(path, line, "line", f"invalid JSON: {e.msg} at column {e.colno}{hint}"))
-    return objects, errors
-
-
-def load_parsed(path: str | os.PathLike, parse_record: Callable[[Any], T]) -> list[T]:
-    """`parse_record` of every record of a JSONL file; every bad line is collected and raised together as a
-    DataFileError, so a file with errors is never half-used."""
-    objects, errors = _read_objects(path)
-    records = []
-    for line, obj in objects:
-        try:
-            records.append(parse_record(obj))
-        except FieldError as e:
-            errors.append(DataError(path, line, e.field, e.message))
-    if not errors and not records:
-        errors.append(DataError(path, 0, "file", "no records; the file is empty"))
-    if errors:
-        errors.sort(key=lambda e: e.line)
-        raise DataFileError(errors)
-    return records
+__all__ = ["KINDS", "MAX_LINE_BYTES", "DataError", "DataFileError", "Preference", "load_dialogues", "load_parsed",
+           "load_preferences", "load_prompts", "load_records", "parse_dialogue", "parse_preference", "parse_prompt",
+           "validate", "write_jsonl"]
 
 
 def load_dialogues(path: str | os.PathLike, data_format: str = "auto") -> list[Dialogue]:
@@ -247,7 +39,6 @@ def load_records(path: str | os.PathLike, kind: str,
     from the first records; this project's JSONL reads as before)."""
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
-    from rlhf.formats import load  # formats imports this module
     return load(path, kind, data_format)
 
 
@@ -272,21 +63,3 @@ def validate(path: str | os.PathLike, kind: str, data_format: str = "auto") -> i
         return 1
     print(_summary(path, kind, records))
     return 0
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict | Dialogue | Preference]) -> None:
-    """Write records one a line, atomically: readers see the old file or the whole new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                obj = record if isinstance(record, dict) else record.to_json()
-                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

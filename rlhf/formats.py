@@ -41,9 +41,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from rlhf.data import (KINDS, DataError, DataFileError, Preference, _not_utf8_text, _read_objects, parse_dialogue,
-                       parse_preference, parse_prompt, write_jsonl)
 from rlhf.moss import Dialogue, FieldError, Turn, json_type
+from rlhf.records import (KINDS, DataError, DataFileError, Preference, not_utf8_text, parse_dialogue, parse_preference,
+                          parse_prompt, read_objects, write_jsonl)
 
 FORMATS = ("auto", "moss", "moss-rlhf", "trl", "hh-rlhf", "ultrafeedback", "nectar", "openai")
 DETECT_SAMPLE = 20
@@ -70,7 +70,7 @@ def read_source(path: str | os.PathLike) -> tuple[list[tuple[int, Any]], list[Da
         return _read_dataset(name, saved=False)
     if name.lower().endswith(".json") and os.path.isfile(name):
         return _read_json(name)
-    objects, errors = _read_objects(path)
+    objects, errors = read_objects(path)
     return objects, errors, None
 
 
@@ -83,7 +83,7 @@ def _read_json(path: str) -> tuple[list[tuple[int, Any]], list[DataError], str |
             raw = f.read()
     except OSError as e:
         return fail(f"cannot open: {e.strerror or e}")
-    if not_text := _not_utf8_text(raw[:4096].split(b"\n", 1)[0]):
+    if not_text := not_utf8_text(raw[:4096].split(b"\n", 1)[0]):
         return fail(not_text)
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
@@ -95,7 +95,7 @@ def _read_json(path: str) -> tuple[list[tuple[int, Any]], list[DataError], str |
         value = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one value a line: JSON Lines under a .json name
-            objects, errors = _read_objects(path)
+            objects, errors = read_objects(path)
             return objects, errors, None
         return fail(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}")
     if isinstance(value, dict):

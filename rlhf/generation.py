@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -17,11 +18,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from rlhf.batching import collate_prompts, pad
+from rlhf.config import UNTRANSFORMED, GenerationConfig
+from rlhf.data import load_parsed, parse_dialogue, parse_preference
+from rlhf.formats import load, texts_of
 from rlhf.moss import EOC, EOM, EOR, MOSS_TAG, RESULTS_TAG, plugin_segments, results_text, split_reply
 
 if TYPE_CHECKING:
-    from rlhf.config import GenerationConfig
-    from rlhf.tools import ToolRegistry
+    from rlhf.tools import ToolRegistry  # imports sympy
 
 
 def _generate_kwargs(gen: dict, eos_ids: list[int], pad_id: int, synced: bool) -> dict:
@@ -78,7 +81,6 @@ class SampledLogprobs:
 def check_scorable(gen: dict) -> None:
     """Refuses sampling whose tokens' log-probs would not be of the distribution they were drawn from: only a
     temperature may transform the logits (RL's sampling settings, `rlhf.config.RLGenerationConfig`)."""
-    from rlhf.config import UNTRANSFORMED
     changed = [f"{k}={gen.get(k, plain)}" for k, plain in UNTRANSFORMED.items() if gen.get(k, plain) != plain]
     if changed or not gen.get("do_sample", True):
         raise ValueError(f"log-probs of sampled tokens need plain sampling at a temperature; got "
@@ -170,9 +172,6 @@ REPLY_COVER = 0.99
 
 def reply_lengths(path: str, tokenizer: Any, data_format: str = "auto") -> list[int]:
     """Tokens of every reply of an SFT or preference file as the policy writes them (` {reply}<eom>`)."""
-    from rlhf.data import load_parsed, parse_dialogue, parse_preference
-    from rlhf.formats import load, texts_of
-
     def replies(obj: Any) -> list[str]:
         if isinstance(obj, dict) and ("responses" in obj or "chosen" in obj):
             return list(parse_preference(obj).responses)
@@ -198,7 +197,6 @@ later run's `max_new_tokens: auto` finds it with the model."""
 
 def lengths_file(path: str, tokenizer: Any, data_format: str = "auto") -> dict[str, str]:
     """{LENGTHS_FILE: its text} for a model trained on `path`: its replies' covering length (in the model's tokens)."""
-    import json
     lengths = reply_lengths(path, tokenizer, data_format)
     record = {"covering_length": covering_length(lengths) if lengths else 0, "cover": REPLY_COVER,
               "longest": max(lengths, default=0), "replies": len(lengths), "data": path}
@@ -216,7 +214,6 @@ def carried_lengths(model: str) -> dict[str, str]:
 
 def recorded_length(models: Sequence[str]) -> tuple[int, str] | None:
     """The covering reply length the first of `models` (local directories; hub ids have none) recorded, and where."""
-    import json
     for model in models:
         path = os.path.join(model, LENGTHS_FILE) if model else ""
         if path and os.path.isfile(path):

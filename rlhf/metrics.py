@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
+from rlhf import files
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -171,13 +173,9 @@ class MetricsLogger:
         """For resume: drop the lines (and TensorBoard points) after `step`, the step of the checkpoint resumed."""
         self._file.close()
         kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= step]
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with files.replacing(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for record in kept:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._writer is not None:
             # Rewrite the kept points into fresh event files: TensorBoard's purge_step depends on the order of

@@ -8,15 +8,19 @@ imported where they are used, so the command line checks model paths in a fracti
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, Iterator
 
+from rlhf import storage
+from rlhf.files import replace_directory
 from rlhf.moss import EOH, EOM, PAD
 
 if TYPE_CHECKING:
@@ -118,7 +122,6 @@ def _resolve(path_or_id: str, what: str) -> str:
 
 def _nearby(path: str) -> str:
     """` (its directory D has: a, b, ...)` for a path whose parent exists, the entries nearest its name first."""
-    import difflib
     parent, name = os.path.split(path.rstrip("/"))
     if not parent or not os.path.isdir(parent):
         return ""
@@ -167,7 +170,6 @@ def check_model_kind(source: str, what: str, kind: str) -> None:
     """Refuse, in one line, a local model directory that is not the kind of model its role needs: `causal_lm` (a
     policy, an SFT or DPO start, a model that generates) or `reward` (a preference model: `rlhf rm`'s final/ with its
     head, or a sequence classifier). Reads config.json only; a hub id (no local directory) is left to loading."""
-    import json
     config = os.path.join(source, "config.json")
     if not os.path.isfile(config):
         return
@@ -293,7 +295,6 @@ class SafetensorsIndex:
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
     def __init__(self, path: str):
-        import struct
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index, encoding="utf-8") as f:
@@ -452,7 +453,6 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     the complete new one, never half (two renames keep the window without a complete directory short); when the
     body raises, the temp directory goes and out_dir stays as it was. To an object-store URI (`rlhf.storage`) the
     directory is written locally, then uploaded in place of the old one (a run writes its final/ once, at its end)."""
-    from rlhf import storage
     if storage.is_uri(out_dir):
         with tempfile.TemporaryDirectory(prefix="rlhf-final-") as local:
             yield local
@@ -469,13 +469,7 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves out_dir as it was, and nothing beside it
         raise
-    if os.path.exists(out_dir):
-        aside = f"{out_dir}.old-{os.getpid()}"
-        os.rename(out_dir, aside)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(aside)
-    else:
-        os.rename(tmp, out_dir)
+    replace_directory(tmp, out_dir, f"{out_dir}.old-{os.getpid()}")
 
 
 def write_text_files(directory: str, files: dict[str, str] | None) -> None:
@@ -505,5 +499,4 @@ def save_pretrained_atomic(model: Any, tokenizer: PreTrainedTokenizerBase | None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_text_files(tmp, extra_files)
-    from rlhf import storage
     return out_dir if storage.is_uri(out_dir) else os.path.abspath(out_dir)

@@ -16,6 +16,8 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
+from rlhf import files
+
 ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
             "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CA_BUNDLE", "GOOGLE_APPLICATION_CREDENTIALS")
 """What the object-store clients read from the environment; a run's ranks get the driver's (`actors.runtime`)."""
@@ -125,7 +127,11 @@ def read_text(location: str) -> str:
 
 
 def write_text(location: str, text: str) -> None:
-    """Write a whole file; an object store's put is atomic (readers see the old object or the new one)."""
+    """Write a whole file, atomically: readers see the old file or the new one (a local file through
+    `rlhf.files.write_text`, fsynced; an object store's put is atomic)."""
+    if not is_uri(location):
+        files.write_text(location, text)
+        return
     store, path = filesystem(location)
 
     def write() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from rlhf import formats
 from rlhf.data import DataFileError, load_parsed, parse_preference
 from rlhf.moss import EOM, PAD, SPECIAL_TOKENS, Dialogue, render
 
@@ -72,7 +73,6 @@ def _rendered(dialogue: Dialogue) -> list[str]:
 def texts_from_files(paths: list[str], data_format: str = "auto") -> Iterator[str]:
     """Rendered MOSS text of every record in data files of any kind (SFT, prompts, preferences): this project's
     JSONL record by record (a file may mix kinds), a file in another named format (`rlhf.formats`) as a whole."""
-    from rlhf import formats
     for path in paths:
         if data_format in ("auto", "moss"):
             for texts in load_parsed(path, _texts_of_record):  # the whole file parses before any text is used

@@ -7,6 +7,7 @@ every call runs under a timeout. A failed call gives `No result.`, as in MOSS-00
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import threading
@@ -436,7 +437,6 @@ def default_registry(solver: bool = True) -> ToolRegistry:
 def build_registry(tools: list[str], solver: bool = True, timeout: float = 5.0) -> ToolRegistry:
     """The registry of a run: the built-in tools, then each `module:function` in `tools` called with the registry
     to register its own (e.g. a Web Search that calls the user's search service)."""
-    import importlib
     registry = default_registry(solver)
     registry.timeout = timeout
     for path in tools:

@@ -119,6 +119,24 @@ def pytest_sessionfinish(session, exitstatus):
             ray.shutdown()
 
 
+@contextlib.contextmanager
+def umask(mask: int):
+    """The body runs under this umask (as a teammate's shell sets it)."""
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def off_umask(root, mask: int) -> dict[str, str]:
+    """What under `root` (not `root` itself) has another mode than a plain create under umask `mask` gives (rw for
+    files, rwx for directories, for everyone less the mask): relative path -> its octal mode."""
+    root = Path(root)
+    return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in root.rglob("*")
+            if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~mask}
+
+
 def run_cli(*argv: str) -> int:
     from rlhf.cli import main
     return main([str(a) for a in argv])

@@ -1,9 +1,11 @@
 """The layering the design card promises, checked on the source: the core imports no Ray and nothing above it, the
-packages import each other without loops, and every config field is read by the command it belongs to."""
+packages and the modules inside each import each other without loops, and every config field is read by the command it
+belongs to."""
 from __future__ import annotations
 
 import ast
 import dataclasses
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ def _layer(module: str) -> str:
     return "rlhf.drivers" if module.startswith("rlhf.drivers") else module.split(".")[0]
 
 
+@lru_cache(maxsize=None)
 def _modules() -> dict[str, Path]:
     found = {}
     for package in PACKAGES:
@@ -33,13 +36,16 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path) -> set[str]:
-    """Every module an import statement names, at module level or inside a function."""
+    """Every module an import statement names, at module level or inside a function (`from rlhf import storage`
+    names rlhf.storage)."""
+    known = _modules()
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & known.keys()
+            names |= submodules or {node.module}
     return names
 
 
@@ -66,6 +72,28 @@ def test_the_packages_import_each_other_without_loops():
         return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges.get(start, ()))
     loops = [layer for layer in edges if reaches(layer, layer)]
     assert not loops, f"import loops through {loops}: {edges}"
+
+
+def test_the_modules_import_each_other_without_loops():
+    """Also through an import inside a function: such a loop hides that neither module can be read, changed or
+    imported without the other; the piece both need belongs in a module under them."""
+    known = _modules()
+    edges = {module: sorted(n for n in _imports(path) if n in known and n != module) for module, path in known.items()}
+    loops, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            loops.append(" -> ".join(path[path.index(module):] + [module]))
+            return
+        if module in done:
+            return
+        for name in edges[module]:
+            visit(name, path + [module])
+        done.add(module)
+
+    for module in sorted(known):
+        visit(module, [])
+    assert not loops, "import loops: " + "; ".join(loops)
 
 
 def _fields(cls: type, prefix: str = "") -> list[tuple[str, str]]:

@@ -6,21 +6,25 @@ import re
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
+from conftest import off_umask, run_cli, umask
 from rlhf.cli import build_parser
 
 
 def test_sample_tokenizer_init_model_and_validate(tmp_path, capsys):
-    assert run_cli("sample", "--out", tmp_path / "data", "--seed", "3") == 0
-    assert run_cli("validate", tmp_path / "data" / "prefs_train.jsonl", "--kind", "preferences") == 0
-    assert "OK" in capsys.readouterr().out
-    assert run_cli("tokenizer", "--data", tmp_path / "data" / "sft_train.jsonl", "--vocab-size", "600",
-                   "--out", tmp_path / "tok") == 0
-    assert run_cli("init-model", "--arch", "llama", "--preset", "tiny", "--tokenizer", tmp_path / "tok",
-                   "--out", tmp_path / "model") == 0
+    with umask(0o022):
+        assert run_cli("sample", "--out", tmp_path / "data", "--seed", "3") == 0
+        assert run_cli("validate", tmp_path / "data" / "prefs_train.jsonl", "--kind", "preferences") == 0
+        assert "OK" in capsys.readouterr().out
+        assert run_cli("tokenizer", "--data", tmp_path / "data" / "sft_train.jsonl", "--vocab-size", "600",
+                       "--out", tmp_path / "tok") == 0
+        assert run_cli("init-model", "--arch", "llama", "--preset", "tiny", "--tokenizer", tmp_path / "tok",
+                       "--out", tmp_path / "model") == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert tok.eos_token == "<eom>" and model.config.vocab_size == len(tok)
+    # Under umask 022 a teammate or a serving process reads all of it: files 644 (model.safetensors too), dirs 755.
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert off_umask(tmp_path, 0o022) == {}
 
 
 def test_help_lists_the_design_commands():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import data
+from rlhf import records
 from rlhf.data import (DataFileError, Preference, load_dialogues, load_preferences, load_prompts, load_records,
                        validate, write_jsonl)
 from rlhf.moss import Dialogue, Turn
@@ -102,7 +102,7 @@ def test_invalid_utf8_names_its_line(tmp_path: Path):
 
 
 def test_overlong_line_is_reported_and_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(data, "MAX_LINE_BYTES", 100)
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 100)
     long = {"turns": [{"human": "x" * 300, "moss": "y"}]}
     path = write_lines(tmp_path / "long.jsonl", [SFT, long, {"turns": []}])
     assert errors_of(load_dialogues, path) == [f"{path}:2: line: longer than 100 bytes",

@@ -14,8 +14,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import off_umask, umask
 from rlhf.checkpoint import (CheckpointError, CheckpointManager, atomic_save_tensors, atomic_write_json, load_rng,
                              read_meta, save_rng)
+from rlhf.config import SFTConfig, save_config
+from rlhf.data import write_jsonl
 from rlhf.metrics import MetricsLogger, Progress, read_metrics
 
 
@@ -184,6 +187,27 @@ def test_a_crashed_checkpoint_is_never_the_latest(tmp_path):
     write_checkpoint(manager, 2)
     assert not stale.exists() and not os.path.exists(tmp)
     assert manager.latest() == str(root / "step_00000002")
+
+
+def test_what_a_run_writes_follows_the_umask(tmp_path):
+    # mkstemp and safetensors create files only their owner can read, and a rename keeps that mode.
+    with umask(0o022):
+        manager = CheckpointManager(str(tmp_path / "ckpt"))
+        tmp = manager.begin(1)
+        os.makedirs(os.path.join(tmp, "policy"))
+        save_rng(os.path.join(tmp, "policy", "rng_rank0.pt"))
+        atomic_save_tensors(os.path.join(tmp, "policy", "weights.safetensors"), {"w": torch.ones(2)})
+        manager.commit(1, tmp, {})
+        write_checkpoint(manager, 1)  # replacing a step moves the old one aside
+        atomic_write_json(str(tmp_path / "placement.json"), {"policy": [0]})
+        save_config(SFTConfig(), str(tmp_path / "config.yaml"))
+        write_jsonl(tmp_path / "data" / "out.jsonl", [{"prompt": "hi"}])
+        logger = MetricsLogger(str(tmp_path / "run"), tensorboard=False)
+        logger.log(1, {"loss": 1.0})
+        logger.truncate_after(0)
+        logger.close()
+    assert off_umask(tmp_path, 0o022) == {}
+    assert os.path.exists(tmp_path / "ckpt" / "step_00000001" / "weights.safetensors")
 
 
 def test_read_meta_of_a_non_checkpoint_is_a_one_line_error(tmp_path):

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import off_umask, run_cli
+from rlhf import files
 from rlhf.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -20,6 +21,7 @@ def test_sft_learns_the_dialogues_and_writes_a_loadable_model(tiny, sft_run):
     assert evals[-1] < 0.3 * evals[0], evals
     for name in ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "final/model.safetensors"):
         assert os.path.exists(f"{sft_run}/{name}"), name
+    assert off_umask(sft_run, files.umask()) == {}  # the weights too: a teammate or a server may read them
 
     # Plain transformers loads the result, and its replies end in <eom>.
     from rlhf.batching import collate_prompts
@@ -72,3 +74,4 @@ def test_reward_model_ranks_held_out_responses(tiny, rm_run, capsys):
     assert {"mean_margin", "reward_mean", "reward_std"} <= set(result)
     with open(f"{rm_run}/final/reward_stats.json") as f:
         assert json.load(f)["std"] > 0
+    assert off_umask(f"{rm_run}/final", files.umask()) == {}  # value_head.safetensors too

@@ -9,16 +9,24 @@ held-out prompts, and the reference scores those answers: the KL to the referenc
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from typing import Any, Optional
 
 import torch
 
+from actors.lm import DPOWorker, ReferenceWorker
 from reward.batches import EncodedList, encode_file
+from rlhf.batching import collate_prompts, experience
 from rlhf.checkpoint import atomic_write_json
 from rlhf.config import DPOConfig, RewardLossConfig
+from rlhf.data import load_preferences
 from rlhf.drivers.runs import RunDir, Supervised, backend_for, one_group_plan, open_run, train_supervised
+from rlhf.generation import fit_generation_cap, lengths_file
+from rlhf.modeling import check_model_dir, load_tokenizer
+from rlhf.moss import tokenize_prompt
 from rlhf.roles import Policy, Reference, Trainer
 
 REFERENCE_FILE = "reference_logprobs.json"
@@ -38,7 +46,6 @@ def summarize_eval(out: dict) -> dict:
 
 def _cached(path: str, splits: dict[str, list[EncodedList]]) -> Optional[dict]:
     """The reference log-probs an earlier attempt of this run wrote, if they fit these lists."""
-    import json
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
@@ -67,15 +74,6 @@ def score_with_reference(run: RunDir, reference: Reference, splits: dict[str, li
 
 def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
     """Train the policy `cfg.model.path` by DPO on the ranked lists of `cfg.data.train`; returns the summary."""
-    import dataclasses
-
-    from actors.lm import DPOWorker, ReferenceWorker
-    from rlhf.batching import collate_prompts
-    from rlhf.data import load_preferences
-    from rlhf.generation import fit_generation_cap, lengths_file
-    from rlhf.modeling import check_model_dir, load_tokenizer
-    from rlhf.moss import tokenize_prompt
-
     check_model_dir(cfg.model.path, "--model")
     backend = backend_for(cfg, backend)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
@@ -120,7 +118,6 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
         out = {f"eval/{k}": v for k, v in summarize_eval(trainer.evaluate(held_out, cfg.dpo.beta).result()).items()}
         if kl_prompts is None:
             return out
-        from rlhf.batching import experience
         exp = experience(kl_prompts, roles["policy"].generate(kl_prompts, cfg.generation).result())
         policy, reference = roles["policy"].logprobs(exp), roles["reference"].logprobs(exp)
         mask = exp["action_mask"].float()

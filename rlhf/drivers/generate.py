@@ -9,8 +9,10 @@ from typing import Optional
 import torch
 
 from rlhf.batching import collate_prompts
-from rlhf.config import GenerateConfig
+from rlhf.config import GenerateConfig, load_config
+from rlhf.data import DataFileError, load_prompts, write_jsonl
 from rlhf.generation import fit_generation_cap, generate_plugin_replies, generate_replies, reply_text
+from rlhf.modeling import check_model_dir, load_causal_lm, load_tokenizer
 from rlhf.moss import EOM, Dialogue, tokenize_prompt
 
 
@@ -19,8 +21,7 @@ def generate_texts(model_path: str, dialogues: Sequence[Dialogue], cfg: Generate
     """Reply texts of the model at model_path to dialogues (prompts, or dialogues whose last reply is dropped), in
     order, sampled as `cfg.generation` says in `cfg.model.dtype`, a plugin model (`cfg.data.plugin`) calling the
     tools of `cfg.plugins`; seeded with `cfg.seed` without disturbing the caller's random state."""
-    from rlhf.modeling import check_model_dir, load_causal_lm, load_tokenizer
-    from rlhf.tools import build_registry
+    from rlhf.tools import build_registry  # imports sympy
 
     check_model_dir(model_path, "model")  # before the tokenizer, so a wrong path is named as the model's
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, cfg.model.trust_remote_code)
@@ -60,9 +61,6 @@ def run_generate(model: str, prompts: str, out: str, config: Optional[str] = Non
     Bad prompt lines are printed as `PATH:LINE: FIELD: ...` and give 1; config and model errors are raised
     for the command line to print in one line.
     """
-    from rlhf.config import load_config
-    from rlhf.data import DataFileError, load_prompts, write_jsonl
-
     cfg = load_config("generate", config, overrides or [])
     try:
         dialogues = load_prompts(prompts, cfg.data.format)

@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rlhf.commands import COMMANDS
 from rlhf.config import ConfigError, load_config
+from rlhf.data import load_prompts
+from rlhf.modeling import init_model
+from rlhf.report import write_report
+from rlhf.sample import parts_of, score_of, write_sample
 
 
 @dataclass
@@ -73,16 +78,12 @@ def _stage_args(out: str, resume: bool) -> bool:
 
 
 def run_pipeline(config: str, output: str, overrides: list[str], resume: bool = False) -> int:
+    # Ray, torch and transformers load when a pipeline runs, not when `rlhf` starts.
     import ray
 
     from actors.runtime import ensure_ray
     from reward.evaluate import evaluate
-    from rlhf.commands import COMMANDS
-    from rlhf.data import load_prompts
     from rlhf.drivers.generate import generate_texts
-    from rlhf.modeling import init_model
-    from rlhf.report import write_report
-    from rlhf.sample import parts_of, score_of, write_sample
     from rlhf.tokenizer import texts_from_files, train_tokenizer
 
     pc = load_pipeline_config(config, overrides)

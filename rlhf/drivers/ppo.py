@@ -9,6 +9,7 @@ run when a rank dies.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -16,14 +17,21 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from actors.lm import PolicyWorker, ReferenceWorker
+from actors.rank import RankSpec
+from actors.rollout import RolloutWorker
 from rlhf import estimators, ppo_math as pm
 from rlhf.batching import Batch, Experience, Rollout, TrainBatch, checked, collate_prompts, collate_sft
-from rlhf.config import PPOConfig
+from rlhf.checkpoint import atomic_write_json
+from rlhf.config import PPOConfig, ranks
 from rlhf.data import load_prompts
 from rlhf.drivers.rollouts import rollout_source
 from rlhf.drivers.runs import (RunDir, Stage, backend_for, checkpoint_at, load_checkpoint, open_run, permutation,
                                recover, resumed, save_checkpoint)
+from rlhf.drivers.sft import encode_dialogues
+from rlhf.generation import carried_lengths, fit_generation_cap, reply_text
 from rlhf.metrics import Progress
+from rlhf.modeling import ModelLoadError, check_model_dir, load_tokenizer
 from rlhf.moss import Dialogue, tokenize_prompt
 from rlhf.preemption import Preempted, on_sigterm, preempted
 from rlhf.roles import PolicyLoss, PPORoles, UpdatePlan, ValueLoss
@@ -35,7 +43,7 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, roles: Optional[PPORoles], tokenizer: Any, prompts: list[Dialogue],
                  prompt_ids: list[list[int]], ptx: Optional[list[dict]], reward_stats: Optional[dict],
                  rules: Optional[dict] = None, eval_rules: Optional[dict] = None):
-        from reward.rules import RewardRules
+        from reward.rules import RewardRules  # reward.rules and rlhf.tools import sympy: only when a run starts
         self.cfg, self.roles, self.tokenizer = cfg, roles, tokenizer
         self.prompts, self.prompt_ids, self.ptx = prompts, prompt_ids, ptx
         self.rules = RewardRules(rules or {}, cfg.ppo.reward_rules, cfg.ppo.reward_model_weight, eval_rules or {})
@@ -261,7 +269,6 @@ class PPOTrainer:
     def rollouts(self, prompts: list[Dialogue], rollout: Batch) -> list:
         """What the rules see of each row: the final reply and, for a plugin policy, its commands and results."""
         from reward.rules import Rollout
-        from rlhf.generation import reply_text
         eom_id = self.tokenizer.convert_tokens_to_ids("<eom>")
         plugin = self.cfg.data.plugin
         commands = rollout.get("commands") or [""] * len(prompts)
@@ -317,9 +324,8 @@ def role_model(cfg: PPOConfig, role: str) -> str:
 def load_reward_setup(cfg: PPOConfig) -> tuple[dict, dict, Optional[dict]]:
     """The run's reward rules, eval rules and the preference model's score statistics, checked before Ray starts:
     a missing --reward, a rule that does not import or a tool that does not load fails here in one line."""
-    from reward.model import load_reward_stats
+    from reward.model import load_reward_stats  # imports transformers
     from reward.rules import load_rules
-    from rlhf.modeling import check_model_dir
     from rlhf.tools import build_registry
     p = cfg.ppo
     reward = cfg.roles.reward.model
@@ -338,13 +344,9 @@ def load_reward_setup(cfg: PPOConfig) -> tuple[dict, dict, Optional[dict]]:
     return rules, eval_rules, stats
 
 
-def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
-    """Every role group the run needs, placed and built; the groups handle for stopping them."""
-    from actors.lm import PolicyWorker, ReferenceWorker
-    from actors.rank import RankSpec
-    from actors.rollout import RolloutWorker
-    from actors.scalar import CriticWorker, RewardWorker
-    from rlhf.roles import Critic, Policy, Reference, Reward, Rollout, WeightSync
+def start_groups(cfg: PPOConfig, backend: Any) -> Any:
+    """Every role group the run needs, placed and built: the backend's groups (`stop()` them)."""
+    from actors.scalar import CriticWorker, RewardWorker  # its reward.model imports transformers
     plan = cfg.derive()
     workers = {"policy": PolicyWorker, "reference": ReferenceWorker, "reward": RewardWorker, "critic": CriticWorker,
                "rollout": RolloutWorker}
@@ -357,29 +359,37 @@ def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
             grad_accum=plan.grad_accum.get(role, 1), total_steps=plan.optimizer_steps,
             plugins=cfg.plugins if role in ("policy", "rollout") and cfg.data.plugin else None,
             temperature=cfg.generation.temperature if role in ("policy", "reference", "rollout") else 1.0))
-    groups = backend.start(specs)
+    return backend.start(specs)
+
+
+def roles_of(cfg: PPOConfig, groups: Any) -> PPORoles:
+    """The run's roles over its started groups; a rollout group of its own joins the policy's weight sync here."""
+    # Here, not at the top, where `Rollout` would read as reward.rules' scored reply (`PPOTrainer.rollouts`).
+    from rlhf.roles import Critic, Policy, Reference, Reward, Rollout, WeightSync
     g = groups.groups
+    return PPORoles(policy=Policy(g["policy"]),
+                    reference=Reference(g["reference"]) if "reference" in g else Reference(g["policy"], True),
+                    reward=Reward(g["reward"]) if "reward" in g else None,
+                    critic=Critic(g["critic"]) if "critic" in g else None, groups=g,
+                    rollout=Rollout(g["rollout"]) if "rollout" in g else None,
+                    sync=WeightSync(g["policy"], g["rollout"], cfg.ppo.weight_sync_bucket_mb) if "rollout" in g
+                    else None)
+
+
+def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
+    """`start_groups` and their `roles_of`, for a caller that drives the roles itself (tests, benchmarks); the groups
+    are stopped when the roles cannot be made."""
+    groups = start_groups(cfg, backend)
     try:
-        roles = PPORoles(policy=Policy(g["policy"]),
-                         reference=Reference(g["reference"]) if "reference" in g else Reference(g["policy"], True),
-                         reward=Reward(g["reward"]) if "reward" in g else None,
-                         critic=Critic(g["critic"]) if "critic" in g else None, groups=g,
-                         rollout=Rollout(g["rollout"]) if "rollout" in g else None,
-                         sync=WeightSync(g["policy"], g["rollout"], cfg.ppo.weight_sync_bucket_mb) if "rollout" in g
-                         else None)
+        return roles_of(cfg, groups), groups
     except BaseException:
         groups.stop()
         raise
-    return roles, groups
 
 
 def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
     """PPO from the policy `cfg.model.path` with the preference model `cfg.roles.reward.model` (unless rules alone
     reward) on the prompts `cfg.data.train`; returns the command's summary."""
-    from rlhf.drivers.sft import encode_dialogues
-    from rlhf.generation import fit_generation_cap
-    from rlhf.modeling import ModelLoadError, check_model_dir, load_tokenizer
-
     check_model_dir(cfg.model.path, "--policy")
     backend = backend_for(cfg, backend)
     for role in ("reference", "critic"):
@@ -406,8 +416,8 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     run = open_run(output, cfg, resume)
     summary: dict = {}
 
-    def train(session: tuple, restarts: int, stage: Stage) -> dict:
-        roles = session[0]
+    def train(groups: Any, restarts: int, stage: Stage) -> dict:
+        roles = roles_of(cfg, groups)
         trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules, eval_rules)
         _record_placement(run.root, roles)
         try:
@@ -418,15 +428,13 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     backend.open(sum(getattr(cfg.roles, r).layout.cpus_per_rank * _ranks(cfg, r) for r in plan.roles))
     try:
         with on_sigterm(cfg.ray.preempt_grace_s):
-            return recover("ppo", run, cfg.ray.max_restarts, lambda: start_roles(cfg, backend),
-                           lambda session: session[1].stop(), train)
+            return recover("ppo", run, cfg.ray.max_restarts, lambda: start_groups(cfg, backend), train)
     finally:
         run.metrics.close()
         backend.close()
 
 
 def _ranks(cfg: PPOConfig, role: str) -> int:
-    from rlhf.config import ranks
     return ranks(getattr(cfg.roles, role).layout)
 
 
@@ -495,7 +503,7 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
     if held_out:
         summary |= evaluate(iterations, "after training")
     stage.now("the save of final/", iterations)
-    from rlhf.generation import carried_lengths  # the starting policy's reply lengths, for a later run's auto
+    # The starting policy's reply lengths go with it, for a later run's `auto` generation cap.
     roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save,
                                  carried_lengths(cfg.model.path)).result()
     return {k: v for k, v in summary.items() if k != "started"} | {"final": run.final}
@@ -508,7 +516,6 @@ CUT_SHORT_ITERATIONS = 3
 def _record_phases(output: str, iteration: int, phases: list[dict]) -> None:
     """What each role did when during the iteration (wall-clock spans, a batch generated ahead included), one line
     per iteration in timeline.jsonl: docs/rollout.md and benchmarks/overlap.py draw it."""
-    import json
     with open(f"{output}/timeline.jsonl", "a") as f:
         f.write(json.dumps({"iteration": iteration, "phases": list(phases)}) + "\n")
     phases.clear()
@@ -516,5 +523,4 @@ def _record_phases(output: str, iteration: int, phases: list[dict]) -> None:
 
 def _record_placement(output: str, roles: PPORoles) -> None:
     """Where each rank ran (node, GPU ids, pid): for the user, and for tests that check the layout."""
-    from rlhf.checkpoint import atomic_write_json
     atomic_write_json(f"{output}/placement.json", roles.placement())

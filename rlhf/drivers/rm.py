@@ -14,8 +14,12 @@ from typing import Any, Optional
 import torch
 
 from reward.batches import EncodedList, encode_file
+from reward.strength import weak_pairs_of_file
+from rlhf.checkpoint import atomic_write_json
 from rlhf.config import RMConfig
 from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
+from rlhf.generation import lengths_file
+from rlhf.modeling import check_model_dir, load_tokenizer
 from rlhf.roles import Trainer
 
 
@@ -38,9 +42,7 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
     `role`, the trained group's name, which its placement group takes (members train side by side under their own);
     `score`, lists the trained group scores before it stops: the summary's `pair_margins` is `[P]` r_better - r_worse
     of their pairs, in order."""
-    from actors.scalar import RMWorker
-    from rlhf.generation import lengths_file
-    from rlhf.modeling import check_model_dir, load_tokenizer
+    from actors.scalar import RMWorker  # its reward.model imports transformers
 
     check_model_dir(cfg.model.path, "--model")
     backend = backend_for(cfg, backend)
@@ -99,7 +101,6 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
 def weak_pairs(cfg: RMConfig, train: list[EncodedList]) -> tuple[list[EncodedList], dict]:
     """The training lists under `rm.weak_pairs` (flip, drop or margin by `rm.preference_strength`), and how many
     pairs each rule touched (said once here, logged once at step 0); as they are when no strength file is given."""
-    from reward.strength import weak_pairs_of_file
     if not cfg.rm.preference_strength:
         if cfg.rm.weak_pairs != "keep":
             raise SystemExit(f"rm.weak_pairs: {cfg.rm.weak_pairs} needs rm.preference_strength, the strength.jsonl "
@@ -119,8 +120,7 @@ def weak_pairs(cfg: RMConfig, train: list[EncodedList]) -> tuple[list[EncodedLis
 def run_rm_eval(model_dir: str, data: str, cfg: RMConfig, write_stats: bool = True) -> int:
     """`rlhf rm-eval`: print one JSON line; keep the reward mean/std in the model directory for PPO's
     normalisation. One process, no Ray."""
-    from reward.evaluate import evaluate
-    from rlhf.checkpoint import atomic_write_json
+    from reward.evaluate import evaluate  # imports transformers
     result = evaluate(model_dir, data, cfg)
     if write_stats and os.path.isdir(model_dir):
         atomic_write_json(os.path.join(model_dir, "reward_stats.json"),

@@ -12,11 +12,17 @@ complete, so it is never taken.
 from __future__ import annotations
 
 import os
+import random
+import shlex
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from actors.faults import fault_point
+from actors.local import LocalBackend
+from actors.rank import RankSpec
 from rlhf import storage
 from rlhf.checkpoint import CheckpointManager, read_meta
 from rlhf.config import ConfigError, command_of, save_config
@@ -81,7 +87,6 @@ def open_run(output: str, cfg: Any, resume: bool) -> RunDir:
 
 def save_checkpoint(run: RunDir, trained: Sequence[Any], step: int, meta: dict) -> str:
     """Every trained role writes its engines into one temp dir; the dir becomes a checkpoint only when all are done."""
-    from actors.faults import fault_point
     tmp = run.checkpoints.begin(step)
     for future in [role.save_checkpoint(tmp) for role in trained]:
         future.result()
@@ -111,10 +116,9 @@ def backend_for(cfg: Any, given: Any = None) -> Any:
     each in this process; then every layout is one rank, so the batch arithmetic of `derive()` matches."""
     if given is None:
         if cfg.ray.in_process:
-            from actors.local import LocalBackend
             given = LocalBackend()
         else:
-            from actors.group import RayBackend
+            from actors.group import RayBackend  # imports Ray: not for a run in this process
             given = RayBackend(cfg.ray, command_of(cfg))
     if given.local:
         layouts = [getattr(cfg.roles, r).layout for r in ("policy", "reference", "reward", "critic")] \
@@ -127,7 +131,6 @@ def backend_for(cfg: Any, given: Any = None) -> Any:
 def one_group_plan(cfg: Any, records: int, what: str) -> tuple[Any, Any]:
     """The plan and the trained group's rank spec of a one-group run (SFT, RM, DPO); too few records for one global
     batch is one line."""
-    from actors.rank import RankSpec
     if records < cfg.train.global_batch_size:
         raise SystemExit(f"{cfg.data.train}: {records} {what} is fewer than train.global_batch_size "
                          f"({cfg.train.global_batch_size})")
@@ -138,7 +141,6 @@ def one_group_plan(cfg: Any, records: int, what: str) -> tuple[Any, Any]:
 
 def permutation(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of an epoch: a function of (seed, epoch) alone, so a resumed run sees the same order."""
-    import random
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
@@ -156,10 +158,11 @@ class Stage:
         self.reached = max(self.reached, step)
 
 
-def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], Any], stop: Callable[[Any], None],
+def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], Any],
             train: Callable[[Any, int, Stage], dict]) -> dict:
-    """`train(session, restarts, stage)` on a `start()`ed session, again on a fresh one after each dead rank. When the
-    rank went with its node, the new groups are placed on what is left if they fit there, after waiting up to
+    """`train(groups, restarts, stage)` on `start()`ed role groups (a backend's, `actors.group.Groups` or
+    `actors.local.LocalGroups`), again on fresh ones after each dead rank; the groups are stopped when it returns or
+    raises. When the rank went with its node, the new groups are placed on what is left if they fit there, after waiting up to
     `ray.node_wait_s` for the cluster to hold them again; otherwise the run stops in one line naming what is missing
     and the command that resumes (every committed checkpoint stays)."""
     stage = Stage()
@@ -167,15 +170,15 @@ def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], An
     held: list = []  # the bundles the groups held when their rank died
     died = ""
     while True:
-        session = None
+        groups = None
         starting = True
         try:
             stage.now("start-up")
             if held:
                 _room_again(command, run, held, died)
-            session = start()
+            groups = start()
             starting = False
-            return train(session, restarts, stage)
+            return train(groups, restarts, stage)
         except RankDied as err:
             restarts += 1
             latest = run.checkpoints.latest()
@@ -186,17 +189,16 @@ def recover(command: str, run: RunDir, max_restarts: int, start: Callable[[], An
             print(f"{command}: {err.who} died during {stage.where}; rebuilding the role groups from "
                   f"{_shown(latest)} (restart {restarts}/{max_restarts})", flush=True)
             died = f"{stage.where}: {err.who} died"
-            if session is not None:
-                from actors.runtime import held_bundles
-                held = held_bundles(session) or held
+            if groups is not None:
+                held = groups.held_bundles() or held
         except ConfigError as err:
             if not (restarts and starting):
                 raise
             # The rebuilt groups could not be placed (the room check passed before the lost node was declared dead).
             raise SystemExit(_lost_line(command, run, died, str(err))) from None
         finally:
-            if session is not None:
-                stop(session)
+            if groups is not None:
+                groups.stop()
 
 
 def _shown(checkpoint: Optional[str]) -> str:
@@ -205,7 +207,7 @@ def _shown(checkpoint: Optional[str]) -> str:
 
 def _room_again(command: str, run: RunDir, held: list, died: str) -> None:
     """Wait (ray.node_wait_s, saying for what) until the cluster could hold the groups again, or stop the run."""
-    from actors.placement import room_for
+    from actors.placement import room_for  # these import Ray, which a run in this process never needs
     from actors.runtime import short_of
     wait_s = run.cfg.ray.node_wait_s if run.cfg is not None else 0.0
     why = room_for(held, wait_s)
@@ -223,8 +225,6 @@ def _lost_line(command: str, run: RunDir, died: str, why: str) -> str:
 
 def resume_command(command: str) -> str:
     """The command line that continues this run: this process's own with --resume when it is `rlhf COMMAND ...`."""
-    import shlex
-    import sys
     argv = sys.argv[1:]
     if os.path.basename(sys.argv[0]) in ("rlhf", "__main__.py") and argv[:1] == [command]:
         return "rlhf " + shlex.join(argv + ([] if "--resume" in argv else ["--resume"]))
@@ -319,8 +319,7 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
     try:
         with on_sigterm(cfg.ray.preempt_grace_s):
             return recover(command, run, cfg.ray.max_restarts,
-                           lambda: backend.start({job.role: (job.worker, spec), **job.others}),
-                           lambda groups: groups.stop(), attempt)
+                           lambda: backend.start({job.role: (job.worker, spec), **job.others}), attempt)
     finally:
         run.metrics.close()
         backend.close()

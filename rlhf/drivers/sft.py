@@ -4,10 +4,13 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
+from actors.lm import SFTWorker
 from rlhf.batching import collate_sft
 from rlhf.config import DataConfig, SFTConfig
 from rlhf.data import load_dialogues
 from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
+from rlhf.generation import lengths_file
+from rlhf.modeling import check_model_dir, load_tokenizer
 from rlhf.moss import tokenize_dialogue
 from rlhf.roles import Trainer
 
@@ -18,10 +21,6 @@ def encode_dialogues(path: str, tokenizer, data: DataConfig) -> list[dict]:
 
 def run_sft(cfg: SFTConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:
     """Train `cfg.model.path` on `cfg.data.train`; returns the summary the command line prints."""
-    from actors.lm import SFTWorker
-    from rlhf.generation import lengths_file
-    from rlhf.modeling import check_model_dir, load_tokenizer
-
     # Everything that can be wrong with the input is found before any rank starts.
     check_model_dir(cfg.model.path, "--model")
     backend = backend_for(cfg, backend)

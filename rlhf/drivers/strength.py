@@ -22,12 +22,12 @@ from rlhf.checkpoint import atomic_write_json
 from rlhf.config import RMConfig, ranks, save_config
 from rlhf.data import write_jsonl
 from rlhf.drivers.rm import run_rm
+from rlhf.modeling import check_model_dir, load_tokenizer
 from rlhf.preemption import on_sigterm
 
 
 def run_strength(cfg: RMConfig, output: str, resume: bool = False) -> dict:
     """Train the ensemble on `cfg.data.train`, score its pairs, write strength.jsonl; returns the summary."""
-    from rlhf.modeling import check_model_dir, load_tokenizer
     check_model_dir(cfg.model.path, "--model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     lists = encode_file(cfg.data.train, tokenizer, cfg.data, cfg.rm)
@@ -83,7 +83,7 @@ def train_members(cfg: RMConfig, members: list[Member], lists: list[EncodedList]
 
     if cfg.ray.in_process:
         return [member(m) for m in members]
-    from actors.runtime import ensure_ray
+    from actors.runtime import ensure_ray  # imports Ray: not for a run in this process
     # Ray starts (or is joined) here, once: each member's run finds it up and leaves it up.
     started = ensure_ray(cfg.ray, len(members) * ranks(cfg.layout) * cfg.layout.cpus_per_rank)
     pool = ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="rm-strength-member")
