@@ -71,7 +71,7 @@ class Command:
     def check_inputs(self, cfg: Any) -> None:
         """Before Ray starts: every model exists and is the kind its role needs, every data file exists; one line
         naming the flag (or key) otherwise."""
-        from rlhf.modeling import check_model_dir, check_model_kind
+        from rlhf.modeling import check_model_dir, check_model_kind  # torch, transformers: not for `rlhf --help`
         by_key = {f.key: f.name for f in self.flags}
         for key, kind in self.models.items():
             path = get_key(cfg, key)

@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf import files
+from rlhf.formats import FORMATS
 
 
 class ConfigError(ValueError):
@@ -668,7 +669,6 @@ def check(cfg: AnyConfig) -> AnyConfig:
         if group.max_tokens_per_micro_batch < 0:
             raise ConfigError(f"{dot or 'train.'}max_tokens_per_micro_batch: must be a number of tokens, or 0 (off), "
                               f"got {group.max_tokens_per_micro_batch}")
-    from rlhf.formats import FORMATS
     if cfg.data.format not in FORMATS:
         raise ConfigError(f"data.format: {cfg.data.format!r} is not one of {', '.join(FORMATS)}")
     if isinstance(cfg, DPOConfig):
