@@ -298,8 +298,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(str(err), flush=True)
         return 0
     except DataFileError as err:
-        for e in err.errors:
-            print(str(e), file=sys.stderr)
+        for line in err.lines():
+            print(line, file=sys.stderr)
         return 1
     except SystemExit as err:  # a trainer refusing its input says why in one line
         if isinstance(err.code, str):

@@ -60,6 +60,22 @@ def validate(path: str | os.PathLike, kind: str, data_format: str = "auto") -> i
         records = load_records(path, kind, data_format)
     except DataFileError as e:
         print(e, file=sys.stderr)
+        if other := _kind_it_reads_as(path, kind, data_format):
+            print(f"{path}: every record reads as {other[0]} ({other[1]}); did you mean --kind {other[0]}?",
+                  file=sys.stderr)
         return 1
     print(_summary(path, kind, records))
     return 0
+
+
+def _kind_it_reads_as(path: str | os.PathLike, kind: str, data_format: str) -> tuple[str, str] | None:
+    """The other kind whose reader takes every record of a file that `kind`'s refused, with its summary; the most
+    specific first (a preference record also reads as its prompt)."""
+    for other in ("preferences", "sft", "prompts"):
+        if other != kind:
+            try:
+                records = load_records(path, other, data_format)
+            except DataFileError:
+                continue
+            return other, _summary(path, other, records).split(": ", 1)[1].removesuffix(", OK")
+    return None

@@ -45,7 +45,26 @@ class DataFileError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return "\n".join(str(e) for e in self.errors)
+        return "\n".join(self.lines())
+
+    def lines(self, shown: int = 10) -> list[str]:
+        """The errors, one a line when they are few; else the first `shown`, then each kind of problem among the
+        rest once, with its count and first lines (a file of the wrong kind fails the same way on every line)."""
+        if len(self.errors) <= 2 * shown:
+            return [str(e) for e in self.errors]
+        lines = [str(e) for e in self.errors[:shown]]
+        rest: dict[tuple[str, str, str], list[int]] = {}
+        for e in self.errors[shown:]:
+            rest.setdefault((e.path, e.field, e.message), []).append(e.line)
+        kinds = list(rest.items())
+        for (path, field, message), at in kinds[:shown]:
+            first = ", ".join(map(str, at[:5])) + (", ..." if len(at) > 5 else "")
+            lines.append(f"{path}: {len(at)} more {'lines' if len(at) > 1 else 'line'} with {field}: {message} "
+                         f"(lines {first})")
+        if len(kinds) > shown:
+            lines.append(f"{kinds[0][0][0]}: and {sum(len(at) for _, at in kinds[shown:])} more errors of "
+                         f"{len(kinds) - shown} other kinds")
+        return lines
 
 
 @dataclass
@@ -204,11 +223,14 @@ def read_objects(path: str | os.PathLike) -> tuple[list[tuple[int, Any]], list[D
                 text = text.removeprefix("\ufeff")
             if not text.strip():
                 continue
+            text = text.rstrip("\r\n")  # an error at the line's end is at its last column, not the next line's first
             try:
                 objects.append((line, json.loads(text)))
             except json.JSONDecodeError as e:
-                hint = "; the line looks truncated" if not text.rstrip().endswith("}") else ""
-                errors.append(DataError(path, line, "line", f"invalid JSON: {e.msg} at column {e.colno}{hint}"))
+                cut = e.pos >= len(text.rstrip()) or text.count('"') % 2 == 1  # ends inside a value, or a string
+                hint = "; the line looks truncated" if cut else ""
+                what = e.msg.removesuffix(" at")  # "Invalid control character at"
+                errors.append(DataError(path, line, "line", f"invalid JSON: {what} at column {e.colno}{hint}"))
     return objects, errors
 
 

@@ -94,6 +94,23 @@ def test_truncated_line_says_so(tmp_path: Path):
     assert error.startswith(f"{path}:2: line: invalid JSON") and "truncated" in error
 
 
+def test_a_line_cut_at_its_end_is_named_at_its_end(tmp_path: Path):
+    cut = json.dumps(SFT)[:-2]  # `{"turns": [{"human": "Hi", "moss": "Hello!"}` with its `]}` lost
+    path = write_lines(tmp_path / "cut.jsonl", [SFT, cut])
+    assert errors_of(load_dialogues, path) == [
+        f"{path}:2: line: invalid JSON: Expecting ',' delimiter at column {len(cut) + 1}; the line looks truncated"]
+
+
+def test_a_file_of_another_kind_is_one_summary_not_a_flood(tmp_path: Path, capsys: pytest.CaptureFixture):
+    path = write_lines(tmp_path / "sft.jsonl", [SFT] * 30)
+    assert validate(path, "preferences") == 1
+    err = capsys.readouterr().err.splitlines()
+    problem = "turns[0].moss: the last turn of a prompt must not have a reply; remove it, the model writes it"
+    assert err == [f"{path}:{n}: {problem}" for n in range(1, 11)] + [
+        f"{path}: 20 more lines with {problem} (lines 11, 12, 13, 14, 15, ...)",
+        f"{path}: every record reads as sft (30 dialogues, 30 turns); did you mean --kind sft?"]
+
+
 def test_invalid_utf8_names_its_line(tmp_path: Path):
     path = tmp_path / "latin1.jsonl"
     latin1 = '{"turns": [{"human": "café", "moss": "x"}]}\n'.encode("latin-1")
