@@ -27,7 +27,7 @@ from rlhf.generation import rollout_replies
 from rlhf.modeling import apply_lora_config, build_causal_lm, load_causal_lm, save_pretrained_atomic
 from rlhf.ppo_math import (entropy_from_logits, kl_loss, logprobs_from_logits, masked_sum, policy_loss,
                            truncated_is_weights)
-from rlhf.roles import PolicyLoss, UpdatePlan
+from rlhf.roles import DPOStep, PolicyLoss, UpdatePlan
 
 
 class CausalLMWorker(RankWorker):
@@ -394,13 +394,18 @@ class SFTWorker(CausalLMWorker):
         return {"loss_sum": torch.cat(losses), "tokens": torch.cat(tokens)}
 
 
+TIE = 1e-4
+"""|implicit reward margin| at or below this is a tie: far below any margin training makes (beta x nats), far above
+the float noise of scoring one pair in two passes."""
+
+
 class DPOWorker(PolicyWorker):
     """A DPO rank: whole ranked lists, each response encoded once per step, the listwise (Plackett-Luce), pairwise
     or IPO loss on the implicit rewards against the reference log-probs the lists carry (`rlhf.dpo_math`)."""
 
     @dispatch(split={"lists": even_items}, reduce={"grad_norm": "first", "lr": "first", **{k: "sum" for k in (
         "loss", "correct", "pairs", "margin_sum", "better_logp_sum", "worse_logp_sum", "encoded")}})
-    def train_step(self, lists: list, num_prompts: int, loss: Any) -> dict:
+    def train_step(self, lists: list, step: DPOStep) -> dict:
         """One optimizer step over this rank's lists, the loss summed over them and divided by the global batch's
         prompt count. Stats are sums over pairs (the log-prob sums over each pair's better and worse response)."""
         self.engine.train()
@@ -410,8 +415,8 @@ class DPOWorker(PolicyWorker):
             logps = self._reply_logps(mb, real)
             pairs = mb["pairs"].to(self.device)
             res = dpo_loss(logps, mb["ref_logps"].to(self.device), pairs, mb["pair_prompt"].to(self.device),
-                           mb["row_prompt"].to(self.device), loss.beta, loss.loss, loss.label_smoothing,
-                           num_prompts=num_prompts, reply_tokens=mb["reply_mask"][:, 1:].sum(1).to(self.device))
+                           mb["row_prompt"].to(self.device), step.beta, step.loss, step.label_smoothing,
+                           num_prompts=step.num_prompts, reply_tokens=mb["reply_mask"][:, 1:].sum(1).to(self.device))
             self.engine.backward_step(res["loss"], real)
             if not real:
                 continue
@@ -438,7 +443,10 @@ class DPOWorker(PolicyWorker):
                 rewards = beta * (policy - ref)
                 pairs = torch.tensor(lst.pairs, dtype=torch.long).view(-1, 2)
                 diff = rewards[pairs[:, 0]] - rewards[pairs[:, 1]]
-                out["correct"].append(int((diff > 0).sum()))
+                # A pair the policy does not separate from the reference's view (the policy at the start, float noise
+                # of separate passes) is a tie, half right, as a coin would be: not a loss.
+                tied = diff.abs() <= TIE
+                out["correct"].append(float((diff > TIE).sum() + 0.5 * tied.sum()))
                 out["pairs"].append(len(diff))
                 out["margins"].append(diff)
                 out["better_logps"].append(policy[pairs[:, 0]])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import ray
@@ -29,6 +30,9 @@ def ensure_ray(cfg: RayConfig, cpus_needed: float) -> bool:
         return True
     # Logical CPUs, not cores: roles that mostly wait (reference, reward) may share a core on a small machine.
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, int(cpus_needed + 0.999))
+    # Ray turns token authentication on for a local cluster and says so on every start; a run's own Ray keeps it on,
+    # and its users are spared the notice.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # address="local": a Ray of this run's own, never one that another process on this machine happens to run.
     ray.init(address="local", num_cpus=num_cpus, namespace=cfg.namespace, include_dashboard=cfg.include_dashboard,
              dashboard_host=cfg.dashboard_host, runtime_env=env, log_to_driver=True)

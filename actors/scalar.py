@@ -20,7 +20,7 @@ from reward.model import ScalarHeadModel, last_index, load_reward_stats
 from rlhf.batching import Batch, Packing, position_ids, trim_left_padding, trim_padding
 from rlhf.modeling import apply_lora_config, atomic_directory, build_causal_lm, write_text_files
 from rlhf.ppo_math import logprobs_from_logits, value_loss
-from rlhf.roles import UpdatePlan, ValueLoss
+from rlhf.roles import RankingStep, UpdatePlan, ValueLoss
 
 
 class ScalarWorker(RankWorker):
@@ -149,8 +149,7 @@ class RMWorker(ScalarWorker):
     @dispatch(split={"lists": even_items},
               reduce={"grad_norm": "first", "rewards": "concat", **{k: "sum" for k in (
                   "loss", "correct", "pairs", "margin_sum", "lm_loss", "encoded")}})
-    def train_step(self, lists: list[EncodedList], num_prompts: int, label_smoothing: float, lm_coef: float,
-                   num_best_tokens: int) -> dict:
+    def train_step(self, lists: list[EncodedList], step: RankingStep) -> dict:
         """One optimizer step over this rank's whole ranked lists, the loss averaged over the global batch's
         prompts (and an LM loss on each prompt's best response when lm_coef > 0)."""
         self.engine.train()
@@ -161,19 +160,19 @@ class RMWorker(ScalarWorker):
             seq = {"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]}
             lm = None
             if self.budget:
-                scores, lm = self._packed_scores(mb, lm_coef > 0, real)
-            elif lm_coef > 0:
+                scores, lm = self._packed_scores(mb, step.lm_coef > 0, real)
+            elif step.lm_coef > 0:
                 values, logits = self._values_and_logits(seq)
                 scores = _last_values(values, mb["attention_mask"].to(self.device))
                 lm = _best_lm_loss(logits, mb, self.device)
             else:
                 scores = _last_values(self._values(trim_padding(seq)), mb["attention_mask"].to(self.device))
             res = ranking_loss(scores, mb["pairs"].to(self.device), mb["pair_prompt"].to(self.device),
-                               mb["margins"].to(self.device), label_smoothing, num_prompts=num_prompts)
+                               mb["margins"].to(self.device), step.label_smoothing, num_prompts=step.num_prompts)
             loss = res["loss"]
             if lm is not None:
-                lm = lm / max(1, num_best_tokens)
-                loss = loss + lm_coef * lm
+                lm = lm / max(1, step.num_best_tokens)
+                loss = loss + step.lm_coef * lm
                 out["lm_loss"] += float(lm.detach()) if real else 0.0
             self.engine.backward_step(loss, real)
             if not real:

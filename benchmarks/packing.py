@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (ROOT, Stopwatch, Workspace, alternate, medians, parser, set_threads,  # noqa: E402
                                table, target, workspace, write_record)
+from rlhf.roles import RankingStep  # noqa: E402
 
 GOAL = 1.5  # packed tokens/s over padded, for each trainer
 FIGURES = ("tokens_per_s", "step_s", "positions_per_token")
@@ -99,7 +100,7 @@ class Side:
                 masks = [trim_padding(mb)["attention_mask"] for mb in micro_batches(batch, self.micro)]
         else:
             best = sum(sum(lst.reply_masks[0][1:]) for lst in records)
-            self.group.call("train_step", records, len(records), 0.0, 0.0, best).result()
+            self.group.call("train_step", records, RankingStep(len(records), 0.0, 0.0, best)).result()
             if self.budget:
                 groups = fill_bins([sum(map(len, lst.rows)) for lst in records], self.budget)
                 masks = [collate_ranked([records[i] for i in g], self.pad_id)["attention_mask"] for g in groups]

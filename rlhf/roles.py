@@ -11,7 +11,7 @@ how its input splits over ranks and how the results reduce (`actors.dispatch`); 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Union
 
 from rlhf.batching import Batch, Experience, TrainBatch
 
@@ -74,6 +74,29 @@ class PolicyLoss:
 class ValueLoss:
     clip_eps: float
     coef: float = 1.0
+
+
+@dataclass(frozen=True)
+class RankingStep:
+    """The settings of one preference-model step (`rlhf rm`)."""
+    num_prompts: int
+    """Ranked lists of the global batch: the ranking loss is averaged over them, whatever rank holds which."""
+    label_smoothing: float
+    lm_coef: float
+    """> 0: plus lm_coef x the LM loss on each list's best response."""
+    num_best_tokens: int
+    """Reply tokens of the global batch's best responses: the LM loss's normaliser."""
+
+
+@dataclass(frozen=True)
+class DPOStep:
+    """The settings of one DPO step (`rlhf dpo`; rlhf.dpo_math)."""
+    num_prompts: int
+    """Ranked lists of the global batch: the loss is summed over them and divided by this."""
+    beta: float
+    loss: str
+    """listwise, pairwise or ipo."""
+    label_smoothing: float = 0.0
 
 
 class _Role:
@@ -186,8 +209,10 @@ class WeightSync:
 class Trainer(_Role):
     """The one trained group of `rlhf sft`, `rlhf rm` and `rlhf dpo`."""
 
-    def train_step(self, batch: Any, *args: Any) -> Future:
-        return self.group.call("train_step", batch, *args)
+    def train_step(self, batch: Any, step: Union[int, RankingStep, DPOStep]) -> Future:
+        """One optimizer step: SFT's rows with the global batch's loss-token count, RM's or DPO's ranked lists with
+        their step's settings."""
+        return self.group.call("train_step", batch, step)
 
     def evaluate(self, batch: Any, *args: Any) -> Future:
         return self.group.call("evaluate", batch, *args)

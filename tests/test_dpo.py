@@ -4,6 +4,7 @@ run reads those scores back, and a LoRA policy saves its adapter."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -35,7 +36,9 @@ def test_dpo_learns_the_ranking_and_scores_each_response_once_with_the_reference
 
     metrics = read_metrics(f"{out}/metrics.jsonl")
     evals = [m for m in metrics if "eval/pairwise_accuracy" in m]
-    assert evals[0]["step"] == 0 and evals[0]["eval/pairwise_accuracy"] < 0.2  # policy = reference: no margins yet
+    # Policy = reference: no margins yet, every pair a tie, half right; and the counts print as counts.
+    assert evals[0]["step"] == 0 and evals[0]["eval/pairwise_accuracy"] == 0.5
+    assert "pairwise_accuracy_start=0.5000" in summary and re.search(r"train_pairs=\d+,", summary), summary
     assert evals[-1]["eval/pairwise_accuracy"] > 0.75 and evals[-1]["eval/mean_margin"] > 0
     # The KL to the reference on the policy's own replies: none before training, bounded after it (a k1 estimate from
     # samples: a policy this close to its reference may read slightly below 0).

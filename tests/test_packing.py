@@ -14,7 +14,7 @@ from rlhf.config import DPOLossConfig, load_config
 from rlhf.data import load_dialogues
 from rlhf.modeling import load_tokenizer
 from rlhf.moss import tokenize_dialogue
-from rlhf.roles import PolicyLoss, UpdatePlan, ValueLoss
+from rlhf.roles import DPOStep, PolicyLoss, RankingStep, UpdatePlan, ValueLoss
 
 BUDGET = 160  # tokens: several micro-batches of unequal row counts for every batch below
 
@@ -164,7 +164,7 @@ def test_preference_model_step_packed_equals_padded(tiny, gradients):
     lists = _lists(tiny)
     best = sum(sum(lst.reply_masks[0][1:]) for lst in lists)
     group = _worker(RMWorker, tiny["base"], micro=2)
-    padded, g_padded, packed, g_packed = _both(group, "train_step", lists, len(lists), 0.1, 0.5, best,
+    padded, g_padded, packed, g_packed = _both(group, "train_step", lists, RankingStep(len(lists), 0.1, 0.5, best),
                                                grads=gradients)
     for key in ("loss", "correct", "pairs", "lm_loss", "encoded"):
         assert packed[key] == pytest.approx(padded[key], rel=1e-5), key
@@ -178,7 +178,9 @@ def test_dpo_step_packed_equals_padded(tiny, gradients):
     from actors.lm import DPOWorker
     lists = _lists(tiny)
     group = _worker(DPOWorker, tiny["base"], micro=2)
-    padded, g_padded, packed, g_packed = _both(group, "train_step", lists, len(lists), DPOLossConfig(),
+    loss = DPOLossConfig()
+    padded, g_padded, packed, g_packed = _both(group, "train_step", lists,
+                                               DPOStep(len(lists), loss.beta, loss.loss, loss.label_smoothing),
                                                grads=gradients)
     for key in ("loss", "correct", "pairs", "margin_sum", "better_logp_sum", "encoded"):
         assert packed[key] == pytest.approx(padded[key], rel=1e-5), key

@@ -14,6 +14,7 @@ from rlhf.batching import chunk, collate_prompts, collate_sft, fill_bins
 from rlhf.config import load_config
 from rlhf.data import load_dialogues, load_prompts
 from rlhf.modeling import load_tokenizer
+from rlhf.roles import RankingStep
 from rlhf.moss import tokenize_dialogue, tokenize_prompt
 
 BUDGET = 120  # tokens: rank 0 takes 4 passes for its 8 dialogues, rank 1 three
@@ -80,7 +81,8 @@ def test_a_zero3_preference_model_with_its_lm_loss_trains_as_zero0_does(tiny, lo
     for zero, budget in ((0, 0), (3, 400)):  # 400 tokens: two or three ranked lists a pass; ZeRO-0 in one process
         groups, group = _start(RMWorker, _spec(tiny["base"], 2 if zero else 1, zero, budget))
         try:
-            steps = [group.call("train_step", lists, len(lists), 0.0, 0.5, best).result() for _ in range(3)]
+            step = RankingStep(len(lists), 0.0, 0.5, best)
+            steps = [group.call("train_step", lists, step).result() for _ in range(3)]
             scores = torch.cat(group.call("evaluate", lists[:4]).result()["rewards"]).tolist()
             out[zero] = [s[k] for s in steps for k in ("loss", "lm_loss")] + scores
         finally:

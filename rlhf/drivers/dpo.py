@@ -27,7 +27,7 @@ from rlhf.drivers.runs import RunDir, Supervised, backend_for, one_group_plan, o
 from rlhf.generation import fit_generation_cap, lengths_file
 from rlhf.modeling import check_model_dir, load_tokenizer
 from rlhf.moss import tokenize_prompt
-from rlhf.roles import Policy, Reference, Trainer
+from rlhf.roles import DPOStep, Policy, Reference, Trainer
 
 REFERENCE_FILE = "reference_logprobs.json"
 
@@ -105,9 +105,10 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     def step(trainer: Trainer, lists: list[EncodedList], epoch: int) -> dict:
         seen["began"] = seen["began"] or time.time()
         began = time.time()
-        out = trainer.train_step(lists, len(lists), cfg.dpo).result()
+        d = cfg.dpo
+        out = trainer.train_step(lists, DPOStep(len(lists), d.beta, d.loss, d.label_smoothing)).result()
         pairs = max(1, out["pairs"])
-        seen["pairs"] += out["pairs"]
+        seen["pairs"] += int(out["pairs"])  # summed over ranks as floats; a count
         return {"train/loss": out["loss"], "train/accuracy": out["correct"] / pairs,
                 "train/mean_margin": out["margin_sum"] / pairs, "train/better_logp": out["better_logp_sum"] / pairs,
                 "train/worse_logp": out["worse_logp_sum"] / pairs, "train/grad_norm": out["grad_norm"],

@@ -26,14 +26,12 @@ from rlhf.checkpoint import atomic_write_json
 from rlhf.config import PPOConfig, ranks
 from rlhf.data import load_prompts
 from rlhf.drivers.rollouts import rollout_source
-from rlhf.drivers.runs import (RunDir, Stage, backend_for, checkpoint_at, load_checkpoint, open_run, permutation,
-                               recover, resumed, save_checkpoint)
+from rlhf.drivers.runs import Loop, RunDir, Stage, backend_for, evaluated, open_run, permutation, recover, run_loop
 from rlhf.drivers.sft import encode_dialogues
 from rlhf.generation import carried_lengths, fit_generation_cap, reply_text
-from rlhf.metrics import Progress
 from rlhf.modeling import ModelLoadError, check_model_dir, load_tokenizer
 from rlhf.moss import Dialogue, tokenize_prompt
-from rlhf.preemption import Preempted, on_sigterm, preempted
+from rlhf.preemption import on_sigterm
 from rlhf.roles import PolicyLoss, PPORoles, UpdatePlan, ValueLoss
 
 
@@ -414,14 +412,14 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
                                         models=(cfg.model.path, cfg.roles.reward.model), fallback=cfg.data.ptx)
     prompt_ids = [tokenize_prompt(d, tokenizer, cfg.data.max_prompt_length, cfg.data.plugin) for d in prompts]
     run = open_run(output, cfg, resume)
-    summary: dict = {}
+    before: dict = {}
 
     def train(groups: Any, restarts: int, stage: Stage) -> dict:
         roles = roles_of(cfg, groups)
         trainer = PPOTrainer(cfg, roles, tokenizer, prompts, prompt_ids, ptx, reward_stats, rules, eval_rules)
         _record_placement(run.root, roles)
         try:
-            return _train(cfg, run, roles, trainer, held_out, summary, stage, restarts)
+            return _train(cfg, run, roles, trainer, held_out, before, stage, restarts)
         finally:
             trainer.source.close()
 
@@ -439,38 +437,23 @@ def _ranks(cfg: PPOConfig, role: str) -> int:
 
 
 def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, held_out: list[Dialogue],
-           summary: dict, stage: Stage, restarts: int) -> dict:
-    """The run from its last complete checkpoint (or the start) to final/: iterations, checkpoints, evaluations.
-    Called again after a rank died, on fresh role groups; `summary` keeps what earlier attempts measured."""
-    latest = run.checkpoints.latest()
-    if latest:
-        stage.now(f"the restore of {latest}")
-        trainer.load_state_dict(load_checkpoint(roles.trained(), latest)["controller"])
-    first = trainer.iteration_done
-    resumed(run, restarts, stage, first, "ppo", "iterations")
+           before: dict, stage: Stage, restarts: int) -> dict:
+    """The run from its last complete checkpoint (or the start) to final/ (`run_loop`): PPO's iteration as its step.
+    Called again after a rank died, on fresh role groups; `before` keeps the evaluation before training."""
+    iterations, skipped_in_row, cut_short = cfg.ppo.iterations, 0, 0
 
-    def evaluate(step: int, when: str) -> dict:
-        """The held-out rule scores of the policy's replies now, logged at `step`."""
-        stage.now(f"the held-out evaluation {when}", step)
-        scores = {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
-        if scores:
-            run.metrics.log(step, scores)
-        return scores
+    def evaluate() -> dict:
+        """The held-out rule scores of the policy's replies now."""
+        return {f"eval/{k}": v for k, v in trainer.rules.evaluate(trainer.replies(held_out)).items()}
 
-    if held_out and not latest and "started" not in summary:
-        summary |= {f"{k}_start": v for k, v in evaluate(0, "before training").items()} | {"started": True}
-    iterations = cfg.ppo.iterations
-    progress = Progress(iterations, desc="ppo", enabled=cfg.logging.progress, initial=trainer.iteration_done,
-                        every_s=cfg.logging.progress_every_s, unit="iteration")
-    skipped_in_row = cut_short = 0
-    while trainer.iteration_done < iterations:
-        if preempted():
-            stage.now(f"the checkpoint of iteration {trainer.iteration_done}", trainer.iteration_done)
-            raise Preempted("ppo", trainer.iteration_done, checkpoint_at(
-                run, roles.trained(), trainer.iteration_done, lambda: {"controller": trainer.state_dict()}))
-        done = trainer.iteration_done + 1
-        stage.now(f"iteration {done}", done)
-        metrics = trainer.iteration(done - 1)
+    def restore(meta: dict) -> int:
+        trainer.load_state_dict(meta["controller"])
+        return trainer.iteration_done
+
+    def step(i: int) -> Optional[dict]:
+        nonlocal skipped_in_row, cut_short
+        done = i + 1
+        metrics = trainer.iteration(i)
         if metrics.get("ppo/skipped"):
             skipped_in_row += 1
             phase = metrics.pop("ppo/skipped_phase")
@@ -480,7 +463,7 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
                                  f"in {phase}; lower the learning rate or check the reward model")
             run.metrics.log(done, metrics)
             _record_phases(run.root, done, trainer.phases)
-            continue
+            return None
         skipped_in_row = 0
         cut_short = cut_short + 1 if metrics["ppo/ended_fraction"] < cfg.ppo.min_ended_fraction else 0
         if cut_short == CUT_SHORT_ITERATIONS:  # once per stretch: the line, and a mark the report shows
@@ -490,23 +473,24 @@ def _train(cfg: PPOConfig, run: RunDir, roles: PPORoles, trainer: PPOTrainer, he
             metrics["ppo/cut_short"] = 1.0
         run.metrics.log(done, metrics)
         _record_phases(run.root, done, trainer.phases)
-        progress.update(1, reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if held_out and cfg.ppo.eval_every and done % cfg.ppo.eval_every == 0 and done < iterations:
-            evaluate(done, f"at iteration {done}")
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < iterations:
-            stage.now(f"the checkpoint of iteration {done}", done)
-            save_checkpoint(run, roles.trained(), done, {"controller": trainer.state_dict()})
-    progress.close()
-    if first < iterations or not latest:  # (the checkpoint resumed from may be pruned by now: never re-read it)
-        stage.now("the final checkpoint", iterations)
-        save_checkpoint(run, roles.trained(), iterations, {"controller": trainer.state_dict()})
-    if held_out:
-        summary |= evaluate(iterations, "after training")
-    stage.now("the save of final/", iterations)
-    # The starting policy's reply lengths go with it, for a later run's `auto` generation cap.
-    roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save,
-                                 carried_lengths(cfg.model.path)).result()
-    return {k: v for k, v in summary.items() if k != "started"} | {"final": run.final}
+            evaluated(run, stage, evaluate, done, f"at iteration {done}")
+        return {"reward": f"{metrics['ppo/reward_raw']:.3f}", "kl": f"{metrics['ppo/kl']:.3f}"}
+
+    def finish(start: dict, after: dict) -> dict:
+        # The starting policy's reply lengths go with it, for a later run's `auto` generation cap.
+        roles.policy.save_pretrained(run.final, cfg.roles.policy.lora.merge_on_save,
+                                     carried_lengths(cfg.model.path)).result()
+        return {f"{k}_start": v for k, v in start.items()} | after | {"final": run.final}
+
+    loop = Loop("ppo", iterations, roles.trained(), restore, meta=lambda i: {"controller": trainer.state_dict()},
+                step=step, finish=finish, evaluate=evaluate if held_out else None, save_every=cfg.train.save_every,
+                prefix="ppo", unit="iterations", every_s=cfg.logging.progress_every_s, progress=cfg.logging.progress,
+                before=before)
+    try:
+        return run_loop(run, stage, restarts, loop)
+    finally:
+        before.update(loop.before)
 
 
 CUT_SHORT_ITERATIONS = 3

@@ -20,7 +20,7 @@ from rlhf.config import RMConfig
 from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
 from rlhf.generation import lengths_file
 from rlhf.modeling import check_model_dir, load_tokenizer
-from rlhf.roles import Trainer
+from rlhf.roles import RankingStep, Trainer
 
 
 def summarize_eval(out: dict) -> dict:
@@ -59,8 +59,9 @@ def run_rm(cfg: RMConfig, output: str, resume: bool = False, backend: Optional[A
         seen["began"] = seen["began"] or time.time()
         best_tokens = sum(sum(lst.reply_masks[0][1:]) for lst in lists)
         began = time.time()
-        out = trainer.train_step(lists, len(lists), cfg.rm.label_smoothing, cfg.rm.lm_loss_coef, best_tokens).result()
-        pairs = out["pairs"]
+        out = trainer.train_step(lists, RankingStep(len(lists), cfg.rm.label_smoothing, cfg.rm.lm_loss_coef,
+                                                    best_tokens)).result()
+        pairs = int(out["pairs"])  # summed over ranks as floats; a count
         seen["pairs"] += pairs
         seen["rewards"].append(out["rewards"])
         metrics = {"train/loss": out["loss"], "train/accuracy": out["correct"] / pairs,

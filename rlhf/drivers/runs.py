@@ -242,8 +242,81 @@ def resumed(run: RunDir, restarts: int, stage: Stage, step: int, prefix: str, un
 
 
 @dataclass
+class Loop:
+    """What a command's training loop differs in; `run_loop` is the loop every command runs (resume, held-out
+    evaluations before and after, preemption, periodic and final checkpoints, progress)."""
+    command: str
+    total: int
+    """Steps (PPO: iterations) of the whole run."""
+    trained: Sequence[Any]
+    """The trained roles, whose engines each checkpoint holds."""
+    restore: Callable[[dict], int]
+    """A checkpoint's meta, its engines already loaded -> the step it resumes at (restoring the controller's state)."""
+    meta: Callable[[int], dict]
+    """The meta of a checkpoint at a step (`step` is added)."""
+    step: Callable[[int], Optional[dict]]
+    """Step i (0-based): train, log what it measured; returns what the progress shows, None when nothing ran."""
+    finish: Callable[[dict, dict], dict]
+    """After the final checkpoint: write final/ from (the evaluations before and after training); the summary."""
+    evaluate: Optional[Callable[[], dict]] = None
+    """Held-out metrics (`eval/...`), or None without a held-out file."""
+    save_every: int = 0
+    prefix: str = "train"
+    """Of the restart metrics: `train/restarts`, `ppo/restarts`."""
+    unit: str = "steps"
+    every_s: float = 30.0
+    progress: bool = True
+    before: dict = field(default_factory=dict)
+    """The evaluation before training, kept across restarts (a restart does not evaluate it again)."""
+
+
+def run_loop(run: RunDir, stage: Stage, restarts: int, loop: Loop) -> dict:
+    """The run from its last complete checkpoint (or the start) to final/. Called again after a rank died, on fresh
+    groups (`recover`)."""
+    latest = run.checkpoints.latest()
+    start = 0
+    if latest:
+        stage.now(f"the restore of {latest}")
+        start = loop.restore(load_checkpoint(loop.trained, latest))
+    resumed(run, restarts, stage, start, loop.prefix, loop.unit)
+    if loop.evaluate and not latest and not loop.before:
+        loop.before = evaluated(run, stage, loop.evaluate, 0, "before training")
+    progress = Progress(loop.total, desc=loop.command, enabled=loop.progress, initial=start, every_s=loop.every_s,
+                        unit=loop.unit[:-1])
+    for step in range(start, loop.total):
+        if preempted():
+            stage.now(f"the checkpoint of {loop.unit[:-1]} {step}", step)
+            raise Preempted(loop.command, step, checkpoint_at(run, loop.trained, step, lambda: loop.meta(step)))
+        done = step + 1
+        stage.now(f"{loop.unit[:-1]} {done}", done)
+        shown = loop.step(step)
+        if shown is None:  # a skipped step (PPO: NaN scores) counts, but neither shows nor checkpoints
+            continue
+        progress.update(1, **shown)
+        if loop.save_every and done % loop.save_every == 0 and done < loop.total:
+            stage.now(f"the checkpoint of {loop.unit[:-1]} {done}", done)
+            save_checkpoint(run, loop.trained, done, loop.meta(done))
+    progress.close()
+    if start < loop.total or not latest:  # (the checkpoint resumed from may be pruned by now: never re-read it)
+        stage.now("the final checkpoint", loop.total)
+        save_checkpoint(run, loop.trained, loop.total, loop.meta(loop.total))
+    after = evaluated(run, stage, loop.evaluate, loop.total, "after training") if loop.evaluate else {}
+    stage.now("the save of final/", loop.total)
+    return loop.finish(loop.before, after)
+
+
+def evaluated(run: RunDir, stage: Stage, evaluate: Callable[[], dict], step: int, when: str) -> dict:
+    """The held-out metrics now, logged at `step`."""
+    stage.now(f"the held-out evaluation {when}", step)
+    metrics = evaluate()
+    if metrics:
+        run.metrics.log(step, metrics)
+    return metrics
+
+
+@dataclass
 class Supervised:
-    """What `rlhf sft` and `rlhf rm` differ in; `train_supervised` runs the rest."""
+    """What `rlhf sft`, `rlhf rm` and `rlhf dpo` differ in; `train_supervised` runs the rest."""
     role: str
     """The trained group's name (the checkpoint tag of its engines)."""
     worker: type
@@ -266,54 +339,39 @@ class Supervised:
 def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: Any, spec: Any, job: Supervised) -> dict:
     """The loop of a one-group training run: seeded epochs of global batches, held-out evaluations, checkpoints,
     final/; resumed from the last complete checkpoint, and recovered (`recover`) when a rank dies."""
-    batch = cfg.train.global_batch_size
-    before: dict = {}
+    batch, t = cfg.train.global_batch_size, cfg.train
     run.metrics.tags["role"] = job.role  # every metric of this loop measures the trained group's steps
+    before: dict = {}
 
     def attempt(groups: Any, restarts: int, stage: Stage) -> dict:
         trainer = Trainer(groups.groups[job.role])
         if job.started:
             stage.now("the preparation of the groups")
             job.started(groups)
-        latest = run.checkpoints.latest()
-        start = int(load_checkpoint([trainer], latest)["step"]) if latest else 0
-        resumed(run, restarts, stage, start, "train")
-        if job.evaluate and start == 0 and not before:
-            stage.now("the held-out evaluation before training")
-            before.update(job.evaluate(trainer))
-            run.metrics.log(0, before)
-        progress = Progress(plan.total_steps, desc=command, enabled=cfg.logging.progress, initial=start,
-                            every_s=cfg.logging.progress_every_s)
-        for step in range(start, plan.total_steps):
-            epoch, index = divmod(step, plan.steps_per_epoch)
-            if preempted():
-                stage.now(f"the checkpoint of step {step}", step)
-                raise Preempted(command, step, checkpoint_at(run, [trainer], step, lambda: {"epoch": epoch}))
-            done = step + 1
-            stage.now(f"step {done}", done)
+
+        def step(i: int) -> dict:
+            epoch, index = divmod(i, plan.steps_per_epoch)
+            done = i + 1
             order = permutation(len(job.records), cfg.seed, epoch)[index * batch:(index + 1) * batch]
-            metrics = job.step(trainer, [job.records[i] for i in order], epoch)
-            evaluated = bool(job.evaluate and cfg.train.eval_every and done % cfg.train.eval_every == 0)
+            metrics = job.step(trainer, [job.records[k] for k in order], epoch)
+            evaluated = bool(job.evaluate and t.eval_every and done % t.eval_every == 0)
             if evaluated:
                 stage.now(f"the held-out evaluation of step {done}", done)
                 metrics |= job.evaluate(trainer)
-            if done % cfg.train.log_every == 0 or done == plan.total_steps or evaluated:
+            if done % t.log_every == 0 or done == plan.total_steps or evaluated:
                 run.metrics.log(done, metrics)
-            progress.update(1, **job.shown(metrics))
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done < plan.total_steps:
-                stage.now(f"the checkpoint of step {done}", done)
-                save_checkpoint(run, [trainer], done, {"epoch": epoch})
-        progress.close()
-        after = {}
-        if job.evaluate:
-            stage.now("the held-out evaluation after training", plan.total_steps)
-            after = job.evaluate(trainer)
-            run.metrics.log(plan.total_steps, after)
-        if start < plan.total_steps or not latest:
-            stage.now("the final checkpoint", plan.total_steps)
-            save_checkpoint(run, [trainer], plan.total_steps, {"epoch": cfg.train.epochs})
-        stage.now("the save of final/", plan.total_steps)
-        return job.finish(trainer, before, after)
+            return job.shown(metrics)
+
+        loop = Loop(command, plan.total_steps, [trainer], restore=lambda meta: int(meta["step"]),
+                    # a checkpoint's epoch: that of the step it resumes at; the final's, the run's last
+                    meta=lambda i: {"epoch": t.epochs if i == plan.total_steps else divmod(i, plan.steps_per_epoch)[0]},
+                    step=step, finish=lambda before, after: job.finish(trainer, before, after),
+                    evaluate=(lambda: job.evaluate(trainer)) if job.evaluate else None, save_every=t.save_every,
+                    every_s=cfg.logging.progress_every_s, progress=cfg.logging.progress, before=before)
+        try:
+            return run_loop(run, stage, restarts, loop)
+        finally:
+            before.update(loop.before)
 
     backend.open(plan.world * cfg.layout.cpus_per_rank * (1 + len(job.others)))
     try:
