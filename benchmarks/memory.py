@@ -66,7 +66,7 @@ def run_stage(args: argparse.Namespace, ws: Workspace, model: str, zero: int) ->
     from actors.rank import RankSpec
     from rlhf.batching import collate_sft
     from rlhf.config import load_config
-    from rlhf.drivers.sft import encode_dialogues
+    from rlhf.data import encode_dialogues
     from rlhf.modeling import load_tokenizer
     cfg = load_config("sft", str(ROOT / "configs/tiny/sft.yaml"), [
         f"seed={args.seed}", "layout.gpus_per_node=2", "layout.cpus_per_rank=1", f"deepspeed.zero_stage={zero}",

@@ -72,7 +72,7 @@ class Side:
             "layout.gpus_per_node=1", "layout.cpus_per_rank=1", "optim.lr=1e-4", "optim.warmup_steps=0"])
         tokenizer = load_tokenizer(model)
         if kind == "sft":
-            from rlhf.drivers.sft import encode_dialogues
+            from rlhf.data import encode_dialogues
             records = encode_dialogues(data, tokenizer, cfg.data)
         else:
             from reward.batches import encode_file

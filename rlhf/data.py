@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from rlhf.formats import load
-from rlhf.moss import Dialogue
+from rlhf.moss import Dialogue, tokenize_dialogue
 from rlhf.records import (KINDS, MAX_LINE_BYTES, DataError, DataFileError, Preference, load_parsed, parse_dialogue,
                           parse_preference, parse_prompt, write_jsonl)
 
@@ -79,3 +80,9 @@ def _kind_it_reads_as(path: str | os.PathLike, kind: str, data_format: str) -> t
                 continue
             return other, _summary(path, other, records).split(": ", 1)[1].removesuffix(", OK")
     return None
+
+
+def encode_dialogues(path: str | os.PathLike, tokenizer: Any, data: Any) -> list[dict]:
+    """The dialogues of a file tokenised for training ({input_ids, loss_mask} each), as the config's `data:` section
+    says (max_length, plugin, format): SFT's records, and PPO-ptx's."""
+    return [tokenize_dialogue(d, tokenizer, data.max_length, data.plugin) for d in load_dialogues(path, data.format)]

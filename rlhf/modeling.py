@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from rlhf import storage
 from rlhf.files import replace_directory
-from rlhf.moss import EOH, EOM, PAD
+from rlhf.moss import CHAT_TEMPLATE, EOH, EOM, PAD
 
 if TYPE_CHECKING:
     import torch
@@ -220,7 +220,8 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> PreTrain
         tokenizer = loader.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=_offline())
     except Exception as error:  # any loader failure becomes one readable line
         raise ModelLoadError(f"could not load a tokenizer from {path_or_id!r} ({_one_line(error)}); "
-                             f"check the path or pass --trust-remote-code for custom tokenizers") from error
+                             f"check the path, or set model.trust_remote_code=true for a tokenizer with code of its "
+                             f"own") from error
     missing = [t for t in (EOH, EOM) if _single_token_id(tokenizer, t) is None]
     if missing:
         raise ModelLoadError(f"tokenizer {path_or_id!r} lacks the MOSS special tokens {' '.join(missing)} as "
@@ -228,6 +229,8 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> PreTrain
     if tokenizer.pad_token is None:
         # Padding is masked out, so any single token works; `<pad>` keeps it distinct from the end token.
         tokenizer.pad_token = PAD if _single_token_id(tokenizer, PAD) is not None else (tokenizer.eos_token or EOM)
+    if not tokenizer.chat_template:  # every model `rlhf` saves renders prompts as it was trained on them
+        tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

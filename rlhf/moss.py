@@ -365,6 +365,46 @@ def trained_spans(dialogue: Dialogue, plugin: bool = False) -> list[list[int]]:
     return spans
 
 
+# --- the chat template: the same text for transformers, vLLM and any server -------------------------------------
+
+CHAT_TEMPLATE = (
+    "{%- set plugin = plugin | default(false) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ m['content'] }}"
+    "{%- elif m['role'] == 'user' -%}{{ '<|Human|>: ' + m['content'] + '<eoh>\n' }}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- set it = m['inner_thoughts'] if m['inner_thoughts'] is defined else none -%}"
+    "{%- set cmd = m['commands'] if m['commands'] is defined else none -%}"
+    "{%- set res = m['results'] if m['results'] is defined else none -%}"
+    "{%- if plugin or it is not none -%}"
+    "{{ '<|Inner Thoughts|>: ' + (it if it is not none else 'None') + '<eot>\n' }}{%- endif -%}"
+    "{%- if plugin or cmd is not none -%}"
+    "{{ '<|Commands|>: ' + (cmd if cmd is not none else 'None') + '<eoc>\n' }}{%- endif -%}"
+    "{%- if plugin or res is not none -%}"
+    "{%- if res is none or res == 'None' -%}{{ '<|Results|>: None<eor>\n' }}"
+    "{%- else -%}{{ '<|Results|>:\n' + res + '\n<eor>\n' }}{%- endif -%}{%- endif -%}"
+    "{{ '<|MOSS|>: ' + m['content'] + '<eom>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt and not plugin -%}{{ '<|MOSS|>:' }}{%- endif -%}"
+)
+"""The MOSS-003 format as a Jinja chat template (saved with every tokenizer `rlhf` writes): a system message is the
+meta instruction, user and assistant messages are the turns, an assistant message's `inner_thoughts`, `commands` and
+`results` are its plugin segments; `plugin=True` (an extra argument of apply_chat_template) renders as the plugin
+model writes. For the dialogues of our JSON it gives `render`'s text byte for byte (tests/test_moss.py)."""
+
+
+def chat_messages(dialogue: Dialogue) -> list[dict]:
+    """A dialogue as chat messages for `CHAT_TEMPLATE` (and any OpenAI-style API); a prompt ends with the user's."""
+    messages = [{"role": "system", "content": dialogue.meta_instruction}] if dialogue.meta_instruction else []
+    for turn in dialogue.turns:
+        messages.append({"role": "user", "content": turn.human})
+        if turn.moss is not None:
+            segments = {k: getattr(turn, k) for k in _PLUGIN_FIELDS if getattr(turn, k) is not None}
+            messages.append({"role": "assistant", "content": turn.moss, **segments})
+    return messages
+
+
 # --- parsing ---------------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rlhf import formats
 from rlhf.data import DataFileError, load_parsed, parse_preference
-from rlhf.moss import EOM, PAD, SPECIAL_TOKENS, Dialogue, render
+from rlhf.moss import CHAT_TEMPLATE, EOM, PAD, SPECIAL_TOKENS, Dialogue, render
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreTrainedTokenizerFast:
@@ -49,6 +49,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
         extra_special_tokens=[t for t in SPECIAL_TOKENS if t != EOM],
         # Cleaning up spaces would break the exact round trip.
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
     os.makedirs(out_dir, exist_ok=True)
     tokenizer.save_pretrained(out_dir)

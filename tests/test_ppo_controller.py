@@ -55,7 +55,7 @@ def test_the_kl_penalty_is_a_loss_term_for_grpo_and_rloo_only():
 
 
 def test_each_minibatch_step_gets_fresh_ptx_rows_the_same_on_a_resume(tiny):
-    from rlhf.drivers.sft import encode_dialogues
+    from rlhf.data import encode_dialogues
     from rlhf.modeling import load_tokenizer
     cfg = load_config("ppo", "configs/tiny/ppo.yaml", [f"data.ptx={tiny['sft_train']}", "ppo.ptx_coef=0.1"])
     ptx = encode_dialogues(cfg.data.ptx, load_tokenizer(tiny["tokenizer"]), cfg.data)

@@ -40,6 +40,24 @@ def model_dirs(tokenizer_dir, tmp_path_factory) -> dict[str, str]:
             for arch in PRESETS}
 
 
+def test_the_saved_chat_template_renders_what_the_model_was_trained_on_byte_for_byte(sample_paths, model_dirs):
+    """transformers (and vLLM, and any server that reads tokenizer_config.json) renders our dialogues exactly as
+    `rlhf.moss.render` does: SFT dialogues, plugin dialogues in both styles, and prompts with the generation prompt."""
+    from rlhf.data import load_dialogues, load_prompts
+    from rlhf.moss import chat_messages, render
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["codegen"])  # plain transformers, from init-model's output
+    assert tokenizer.chat_template
+    cases = [(d, False, False) for d in load_dialogues(sample_paths["sft_train"])[:50]]
+    cases += [(d, plugin, False) for d in load_dialogues(sample_paths["plugin_sft"])[:50] for plugin in (False, True)]
+    cases += [(d, False, True) for d in load_prompts(sample_paths["prompts_eval"])[:30]]
+    cases += [(d, True, True) for d in load_prompts(sample_paths["plugin_prompts"])[:30]]
+    assert any(d.meta_instruction for d, _, _ in cases) and any(d.turns[0].commands for d, _, _ in cases)
+    for dialogue, plugin, prompt in cases:
+        text = tokenizer.apply_chat_template(chat_messages(dialogue), tokenize=False, add_generation_prompt=prompt,
+                                             plugin=plugin)
+        assert text == render(dialogue, plugin), (text, render(dialogue, plugin))
+
+
 def test_special_tokens_are_single_ids_even_inside_text(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     for token in SPECIAL_TOKENS + [PAD]:

@@ -24,10 +24,9 @@ from rlhf import estimators, ppo_math as pm
 from rlhf.batching import Batch, Experience, Rollout, TrainBatch, checked, collate_prompts, collate_sft
 from rlhf.checkpoint import atomic_write_json
 from rlhf.config import PPOConfig, ranks
-from rlhf.data import load_prompts
+from rlhf.data import encode_dialogues, load_prompts
 from rlhf.drivers.rollouts import rollout_source
 from rlhf.drivers.runs import Loop, RunDir, Stage, backend_for, evaluated, open_run, permutation, recover, run_loop
-from rlhf.drivers.sft import encode_dialogues
 from rlhf.generation import carried_lengths, fit_generation_cap, reply_text
 from rlhf.modeling import ModelLoadError, check_model_dir, load_tokenizer
 from rlhf.moss import Dialogue, tokenize_prompt

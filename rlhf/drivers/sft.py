@@ -6,17 +6,12 @@ from typing import Any, Optional
 
 from actors.lm import SFTWorker
 from rlhf.batching import collate_sft
-from rlhf.config import DataConfig, SFTConfig
-from rlhf.data import load_dialogues
+from rlhf.config import SFTConfig
+from rlhf.data import encode_dialogues
 from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
 from rlhf.generation import lengths_file
 from rlhf.modeling import check_model_dir, load_tokenizer
-from rlhf.moss import tokenize_dialogue
 from rlhf.roles import Trainer
-
-
-def encode_dialogues(path: str, tokenizer, data: DataConfig) -> list[dict]:
-    return [tokenize_dialogue(d, tokenizer, data.max_length, data.plugin) for d in load_dialogues(path, data.format)]
 
 
 def run_sft(cfg: SFTConfig, output: str, resume: bool = False, backend: Optional[Any] = None) -> dict:

@@ -9,7 +9,6 @@ in Ray's dashboard which trial they are, and its metrics reach Ray's tagged with
 """
 from __future__ import annotations
 
-import csv
 import json
 import numbers
 import os
@@ -500,16 +499,14 @@ def _report(spec: SweepSpec, results: Any, output: str, local: str) -> int:
     measured = [r for r in rows if isinstance(r[spec.metric], (int, float))]
     measured.sort(key=lambda r: r[spec.metric], reverse=spec.mode == "max")
     ordered = measured + [r for r in rows if r not in measured]
+    import pandas  # with Ray Tune, whose results are data frames too
     columns = ["trial", "status", *keys, "step", spec.metric]
-    shown = [[_cell(r[c]) for c in columns] for r in ordered]
-    widths = [max(len(c), *(len(s[i]) for s in shown)) if shown else len(c) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for s in shown:
-        print("  ".join(v.ljust(w) for v, w in zip(s, widths)))
-    with open(os.path.join(local, "summary.tsv"), "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(columns + ["run_dir"])
-        writer.writerows([_cell(r[c]) for c in columns] + [storage.display(r["_run"])] for r in ordered)
+    table = pandas.DataFrame([[_cell(r[c]) for c in columns] + [storage.display(r["_run"])] for r in ordered],
+                             columns=columns + ["run_dir"])
+    widths = {c: max(len(c), *table[c].str.len()) if len(table) else len(c) for c in columns}
+    print(table[columns].to_string(index=False, justify="left",
+                                   formatters={c: f"{{:<{w}}}".format for c, w in widths.items()}))
+    table.to_csv(os.path.join(local, "summary.tsv"), sep="\t", index=False)
     for r in rows:
         if r["_error"] is not None:
             last = [line.strip() for line in str(r["_error"]).splitlines() if line.strip()][-1:] or ["?"]
