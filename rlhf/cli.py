@@ -148,6 +148,13 @@ def cmd_generate(args) -> int:
     return run_generate(args.model, args.prompts, args.out, args.config, overrides)
 
 
+def cmd_chat(args) -> int:
+    _check_models({"--model": "causal_lm"}, **{"--model": args.model})
+    from rlhf.drivers.chat import run_chat
+    meta = args.meta_instruction.replace("\\n", "\n") if args.meta_instruction is not None else None
+    return run_chat(args.model, args.config, args.set or [], args.plugin, meta)
+
+
 def cmd_config(args) -> int:
     from rlhf.config_docs import run_config
     return run_config(args.name, args.config, args.set or [])
@@ -259,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. "
                    "generation.temperature=1.0 (repeatable)")
     _data_format_arg(p)
+
+    p = add("chat", cmd_chat, "talk to a model in the terminal, in the MOSS format (MOSS sampling defaults)")
+    p.add_argument("--model", required=True, help="the chat model: a directory (a run's final/) or a hub id")
+    p.add_argument("--plugin", action=argparse.BooleanOptionalAction, default=None,
+                   help="a plugin model, which thinks and calls tools (default: as the run's config.yaml beside the "
+                        "model says)")
+    p.add_argument("--meta-instruction", default=None, help="the system text before the turns (\\n for newlines; "
+                   "default: MOSS-003's, with the offered tools for a plugin model)")
+    p.add_argument("--config", help="a config whose generation, model and plugins sections apply (as rlhf generate)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. "
+                   "generation.temperature=1.0 (repeatable)")
 
     from rlhf.config import CONFIGS
     p = add("config", cmd_config, "print a command's resolved config as YAML, each key under its documentation")

@@ -8,7 +8,9 @@ the message names), all together, so a file with errors is never half-used. Unkn
 One record of each format:
 
 moss           this project's schema, or a raw MOSS-003 record (DESIGN.md)
-moss-rlhf      PPO prompts: ["q1", "a1", "q2"], utterances human first (odd: a prompt; even: a dialogue); reward
+moss-rlhf      PPO prompts: ["q1", "a1", "q2"], utterances human first (odd: a prompt; even: a dialogue, or read as
+               prompts, as MOSS-RLHF reads them: roles from the last utterance, the human's, back, so the first is a
+               reply whose question was cut, a turn with an empty human part); reward
                data: {"chosen": ["q1", "a1", "q2", "good"], "rejected": ["q1", "a1", "q2", "bad"]}
 trl            {"prompt": "2+3?", "chosen": "5", "rejected": "6", "margin": 1.0}, margin optional; the same with
                messages ({"prompt": [{"role": "user", "content": "2+3?"}], "chosen": [{"role": "assistant",
@@ -42,8 +44,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rlhf.moss import Dialogue, FieldError, Turn, json_type
-from rlhf.records import (KINDS, DataError, DataFileError, Preference, not_utf8_text, parse_dialogue, parse_preference,
-                          parse_prompt, read_objects, write_jsonl)
+from rlhf.records import (KINDS, DataError, DataFileError, Preference, RanksNothing, not_utf8_text, parse_dialogue,
+                          parse_preference, parse_prompt, read_objects, write_jsonl)
 
 FORMATS = ("auto", "moss", "moss-rlhf", "trl", "hh-rlhf", "ultrafeedback", "nectar", "openai")
 DETECT_SAMPLE = 20
@@ -200,7 +202,9 @@ def _as_kind(record: Record, kind: str | None, field: str) -> Record:
             if len(record.responses) < 2:
                 raise FieldError(field, f"needs at least two responses to rank, got {len(record.responses)}")
             if len(set(record.ranks)) == 1:
-                raise FieldError(field, "all responses are tied, so the record gives no pair")
+                raise RanksNothing(field, "all responses are tied, so the record gives no pair")
+            if len(set(record.responses)) == 1:
+                raise RanksNothing(field, "every response is the same reply, so the record ranks nothing")
             return record
         dialogue = record.prompt.copy()
         dialogue.metadata = {**dialogue.metadata, **record.metadata}
@@ -281,7 +285,7 @@ def read_moss(obj: Any, kind: str | None) -> Record:
     return _MOSS_PARSERS[kind](obj)
 
 
-_CUT_HISTORY = "(MOSS-RLHF reads that as a cut history starting with a reply: drop that first utterance)"
+_CUT_HISTORY = "(MOSS-RLHF reads that as a cut history starting with a reply)"
 
 
 def _utterances(value: Any, field: str) -> list[str]:
@@ -302,8 +306,9 @@ def read_moss_rlhf(obj: Any, kind: str | None) -> Record:
     if isinstance(obj, list):
         utterances = _utterances(obj, "record")
         if kind == "prompts" and len(utterances) % 2 == 0:
-            raise FieldError("record", f"has {len(utterances)} utterances, so it ends with a reply; a prompt has an "
-                                       f"odd number, human first {_CUT_HISTORY}")
+            # MOSS-RLHF gives a prompt's utterances their roles from the last, the human's, back: an even count is a
+            # history cut after a question, starting with MOSS's reply to it (a turn whose human part is lost).
+            return Dialogue([Turn("", moss=utterances[0]), *_alternating(utterances[1:]).turns])
         return _as_kind(_alternating(utterances), kind, "record")
     obj = _record(obj, "with chosen and rejected, or a list of utterances")
     chosen = _utterances(_required(obj, "chosen", "reward data gives chosen and rejected"), "chosen")
@@ -318,7 +323,7 @@ def read_moss_rlhf(obj: Any, kind: str | None) -> Record:
         if a != b:
             raise FieldError(f"rejected[{i}]", "differs from chosen; only the last utterance, the reply, may differ")
     if chosen[-1] == rejected[-1]:
-        raise FieldError("rejected", "the same reply as chosen, so the pair ranks nothing")
+        raise RanksNothing("rejected", "the same reply as chosen, so the pair ranks nothing")
     metadata = _metadata(obj, ("chosen", "rejected"))
     return _as_kind(Preference(_alternating(chosen[:-1]), [chosen[-1], rejected[-1]], [0, 1], None, metadata),
                     kind, "rejected")
@@ -693,13 +698,20 @@ def _load(path: str | os.PathLike, kind: str | None, data_format: str) -> tuple[
         raise DataFileError([DataError(path, 0, "file", "openai records are single conversations with nothing to "
                                                         "rank; read them as sft or prompts, or give preferences in "
                                                         "the trl format (prompt, chosen, rejected)")])
-    records = []
+    records, ranks_nothing = [], []
     for number, obj in objects:
         try:
             records.append(read(obj, kind))
         except FieldError as e:
             where = "" if label is None else f" ({label.format(number)})"
-            errors.append(DataError(path, number, e.field, e.message + where))
+            (ranks_nothing if isinstance(e, RanksNothing) else errors).append(
+                DataError(path, number, e.field, e.message + where))
+    if ranks_nothing and (errors or not records):  # nothing else to train on, or the file is refused anyway
+        errors += ranks_nothing
+    elif ranks_nothing:
+        first = ", ".join(str(e.line) for e in ranks_nothing[:5]) + (", ..." if len(ranks_nothing) > 5 else "")
+        print(f"{path}: skipped {len(ranks_nothing)} of {len(objects)} records that rank nothing (all responses tied, "
+              f"or the same reply twice): {label.split()[0] + 's' if label else 'lines'} {first}", file=sys.stderr)
     if not errors and not records:
         errors.append(DataError(path, 0, "file", "no records; the file is empty"))
     if errors:

@@ -26,6 +26,11 @@ _PREFERENCE_KEYS = ("responses", "ranks", "chosen", "rejected", "margin")
 T = TypeVar("T")
 
 
+class RanksNothing(FieldError):
+    """A well-formed preference that ranks nothing (every response tied, the same reply twice): hub files hold a few,
+    which a load skips with a count instead of refusing the file."""
+
+
 class DataError(Exception):
     """One bad line (or the file itself, at line 0)."""
 
@@ -172,7 +177,7 @@ def _responses_and_ranks(obj: dict) -> tuple[list[str], list[int]]:
             raise FieldError("ranks", f"ranks[{i}]={ranks[i]} is better than ranks[{i - 1}]={ranks[i - 1]} but "
                                       "responses are listed best first; reorder the responses or fix the ranks")
     if ranks[0] == ranks[-1]:
-        raise FieldError("ranks", "all responses are tied, so the record gives no pair")
+        raise RanksNothing("ranks", "all responses are tied, so the record gives no pair")
     return responses, ranks
 
 

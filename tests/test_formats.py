@@ -28,8 +28,10 @@ def history(*turns) -> Dialogue:
 
 # (format, kind, records in the format's documented shape, the records they read as)
 CASES = {
-    "moss-rlhf prompts": ("moss-rlhf", "prompts", [["2+3?"], ["Hi", "Hello!", "2+3?"]],
-                          [Dialogue([Turn("2+3?")]), history(Turn("2+3?"))]),
+    "moss-rlhf prompts": ("moss-rlhf", "prompts", [["2+3?"], ["Hi", "Hello!", "2+3?"], ["Sure, 5.", "And 2+4?"]],
+                          # an even count is a cut history, as MOSS-RLHF reads it: the last utterance is the human's
+                          [Dialogue([Turn("2+3?")]), history(Turn("2+3?")),
+                           Dialogue([Turn("", moss="Sure, 5."), Turn("And 2+4?")])]),
     "moss-rlhf sft": ("moss-rlhf", "sft", [["Hi", "Hello!", "2+3?", "5"]], [history(Turn("2+3?", moss="5"))]),
     "moss-rlhf reward": ("moss-rlhf", "preferences",
                          [{"chosen": ["Hi", "Hello!", "2+3?", "5"], "rejected": ["Hi", "Hello!", "2+3?", "6"]}],
@@ -252,7 +254,7 @@ GOOD = {case: records[0] for case, (_, _, records, _) in CASES.items()}
 
 # (case whose good record goes around the bad one, the bad record, FIELD: the start of the message)
 BAD = {
-    "moss-rlhf prompts": ["Hi", "Hello!"], "moss-rlhf reward": {
+    "moss-rlhf prompts": ["Hi", 5], "moss-rlhf reward": {
         "chosen": ["Hi", "Hello!", "2+3?", "5"], "rejected": ["Hi", "Hey!", "2+3?", "6"]},
     "trl strings": {"prompt": "2+3?", "chosen": "5", "rejected": 6},
     "trl messages": {"prompt": [ASK], "chosen": [say("5")], "rejected": [{"role": "user", "content": "6"}]},
@@ -263,7 +265,7 @@ BAD = {
     "openai with a tool call": {"messages": [ASK, {"role": "tool", "content": "5"}, say("5")]},
 }
 EXPECTED = {
-    "moss-rlhf prompts": "record: has 2 utterances, so it ends with a reply; a prompt has an odd number",
+    "moss-rlhf prompts": "record[1]: expected a string, got int",
     "moss-rlhf reward": "rejected[1]: differs from chosen; only the last utterance",
     "trl strings": "rejected: expected a string or a list of messages, got int",
     "trl messages": "rejected[0]: expected the assistant's reply",
@@ -317,6 +319,29 @@ def test_ties_and_bad_files(tmp_path: Path):
     assert error.startswith(f"{not_parquet}:0: file: cannot read as Parquet: ")
     with pytest.raises(ValueError, match="unknown data format 'csv'"):
         load_preferences(path, "csv")
+
+
+def test_records_that_rank_nothing_are_skipped_with_a_count_but_a_malformed_one_refuses_the_file(tmp_path: Path,
+                                                                                                capsys):
+    """Hub files (HH-RLHF, UltraFeedback) hold a few pairs whose two replies are the same, or lists all tied."""
+    good = {"chosen": "\n\nHuman: 2+3?\n\nAssistant: 5", "rejected": "\n\nHuman: 2+3?\n\nAssistant: 6"}
+    same = {"chosen": "\n\nHuman: 2+3?\n\nAssistant: 5", "rejected": "\n\nHuman: 2+3?\n\nAssistant: 5"}
+    path = write_jsonl(tmp_path / "hh.jsonl", [good, same, good, good, same])
+    assert len(load_preferences(path, "hh-rlhf")) == 3
+    assert capsys.readouterr().err == (f"{path}: skipped 2 of 5 records that rank nothing (all responses tied, or the "
+                                       "same reply twice): lines 2, 5\n")
+    as_array = write_json(tmp_path / "uf.json", [
+        {"instruction": "2+3?", "completions": [{"response": "5", "overall_score": 9}, {"response": "6",
+                                                                                         "overall_score": 9}]},
+        {"instruction": "2+3?", "completions": [{"response": "5", "overall_score": 9}, {"response": "6",
+                                                                                         "overall_score": 2}]}])
+    assert len(load_preferences(as_array, "ultrafeedback")) == 1
+    assert capsys.readouterr().err.endswith("skipped 1 of 2 records that rank nothing (all responses tied, or the same "
+                                            "reply twice): elements 1\n")
+    malformed = write_jsonl(tmp_path / "bad.jsonl", [good, same, {"chosen": 5, "rejected": "x"}])
+    assert errors_of(load_preferences, malformed, "hh-rlhf") == [
+        f"{malformed}:2: rejected: every response is the same reply, so the record ranks nothing",
+        f"{malformed}:3: chosen: expected a string, got int"]
 
 
 def test_validate_takes_the_format(tmp_path: Path, capsys):

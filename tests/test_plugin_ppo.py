@@ -49,6 +49,32 @@ def test_the_sft_plugin_model_writes_well_formed_turns_around_a_scripted_tool(ti
     assert calls >= 12  # it learnt to call the calculator on arithmetic questions
 
 
+def test_rlhf_chat_with_the_plugin_model_runs_its_commands_and_keeps_the_conversation(tiny, plugin_sft, tmp_path):
+    """A person talks to the plugin model in the terminal: it thinks, runs the calculator (its config.yaml says it
+    is a plugin model), reads the result and answers; the next question is asked with the first exchange, plugin
+    segments and all, as its history (/save writes it as a dialogue); /reset starts over."""
+    import io
+    from rlhf.data import load_dialogues, load_prompts
+    from rlhf.drivers.chat import run_chat
+    [first, second] = load_prompts(tiny["plugin_prompts_eval"])[:2]
+    saved = tmp_path / "chat.jsonl"
+    typed = io.StringIO(f"{first.turns[0].human}\n\n{second.turns[0].human}\n/save {saved}\n/reset\n"
+                        f"{first.turns[0].human}\n")  # the input ends: as Ctrl-D
+    shown = io.StringIO()
+    assert run_chat(plugin_sft, None, ["generation.do_sample=false"], None, first.meta_instruction, typed, shown) == 0
+    lines = shown.getvalue().splitlines()
+    assert lines[0].startswith(f"rlhf chat: {plugin_sft} (a plugin model with Calculator, Equation Solver)")
+    runs = [line for line in lines if line.strip().startswith("(runs) Calculate(")]
+    reads = [line for line in lines if line.strip().startswith("(reads) Calculate(") and " => " in line]
+    answers = [line.split("MOSS> ")[1] for line in lines if "MOSS> " in line]
+    assert len(answers) == 3 and len(runs) >= 2 and len(reads) == len(runs), lines
+    assert answers[2] == answers[0]  # greedy, and after /reset the same question without history
+    [conversation] = load_dialogues(str(saved))  # what the model saw: two turns, each with its plugin segments
+    assert [t.human for t in conversation.turns] == [first.turns[0].human, second.turns[0].human]
+    assert [t.moss for t in conversation.turns] == answers[:2] and conversation.turns[0].commands.startswith("Calc")
+    assert conversation.meta_instruction == first.meta_instruction
+
+
 def test_grpo_with_the_answer_reward_raises_held_out_accuracy_over_the_sft_policy(tiny, plugin_sft, tmp_path):
     """The SFT policy calls the calculator but answers with its result only part of the time; GRPO with the
     verifiable answer reward alone (no preference model, no critic) must learn to trust the Results: the

@@ -75,3 +75,23 @@ def test_reward_model_ranks_held_out_responses(tiny, rm_run, capsys):
     with open(f"{rm_run}/final/reward_stats.json") as f:
         assert json.load(f)["std"] > 0
     assert off_umask(f"{rm_run}/final", files.umask()) == {}  # value_head.safetensors too
+
+
+def test_rlhf_chat_answers_each_message_with_the_conversation_as_its_prompt(tiny, sft_run, tmp_path):
+    """Driven as a person types: two messages, a blank line and /quit. The SFT model's run is not a plugin one, so it
+    just answers; /save writes the conversation, which reads back as an SFT dialogue."""
+    import io
+    from rlhf.data import load_dialogues, load_prompts
+    from rlhf.drivers.chat import run_chat
+    [first, second] = load_prompts(tiny["prompts_eval"])[:2]
+    typed = io.StringIO(f"{first.turns[0].human}\n\n{second.turns[0].human}\n/save {tmp_path / 'c.jsonl'}\n/quit\n"
+                        "never read\n")
+    shown = io.StringIO()
+    assert run_chat(f"{sft_run}/final", None, [], None, first.meta_instruction, typed, shown) == 0
+    lines = shown.getvalue().splitlines()
+    assert lines[0].startswith(f"rlhf chat: {sft_run}/final (a chat model)")
+    answers = [line.split("MOSS> ")[1] for line in lines if "MOSS> " in line]
+    assert len(answers) == 2 and all(answers) and not any("(runs)" in line for line in lines)
+    [saved] = load_dialogues(str(tmp_path / "c.jsonl"))
+    assert [(t.human, t.moss) for t in saved.turns] == [(first.turns[0].human, answers[0]),
+                                                        (second.turns[0].human, answers[1])]
