@@ -1,5 +1,6 @@
-"""A rank of a two-rank SFT or RM run killed at a chosen point (`RLHF_FAULT`, see actors/faults.py): the same
-recovery as PPO's rebuilds the group from the last complete checkpoint and the run finishes every step."""
+"""A rank of a two-rank RM run killed at chosen points (`RLHF_FAULT`, see actors/faults.py): the same recovery as
+PPO's rebuilds the group from the last complete checkpoint and the run finishes every step; SIGTERM in SFT; a sweep
+trial whose controller dies."""
 from __future__ import annotations
 
 import pytest
@@ -11,25 +12,22 @@ from rlhf.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("command, role, method, call, restored", [
-    ("sft", "sft", "train_step", 3, 2),  # inside step 3 of a two-rank SFT run: back to the checkpoint of step 2
-    ("rm", "reward", "evaluate", 2, 0),  # in the held-out evaluation of step 2, before its checkpoint: the start
-])
-def test_a_killed_rank_of_a_two_rank_sft_or_rm_run_is_rebuilt_and_the_run_finishes(tiny, tmp_path, monkeypatch,
-                                                                                   command, role, method, call,
-                                                                                   restored):
-    out = tmp_path / command
-    marker = tmp_path / "fault-fired"
-    monkeypatch.setenv("RLHF_FAULT", f"{role}:{method}:{call}:{marker}")
-    data = {"sft": (tiny["sft_train"], tiny["sft_eval"]), "rm": (tiny["prefs_train"], tiny["prefs_eval"])}[command]
-    assert run_cli(command, "--config", f"configs/tiny/{command}.yaml", "--model", tiny["base"], "--data", data[0],
-                   "--set", f"data.eval={data[1]}", "--set", "train.max_steps=4", "--set", "train.save_every=2",
-                   "--set", "train.eval_every=2", "--set", "train.log_every=1", "--set", "logging.progress=false",
+def test_a_rank_of_a_two_rank_run_killed_in_an_evaluation_then_inside_a_step_is_rebuilt_each_time(tiny, tmp_path,
+                                                                                                   monkeypatch):
+    """A two-rank RM run (SFT, RM and DPO share the loop and the recovery, `rlhf.drivers.runs`): rank 0 dies in the
+    held-out evaluation of step 2, before its checkpoint (back to the start); then a rank of the rebuilt group dies
+    inside its third step, step 3 (back to the checkpoint of step 2). The run finishes every step."""
+    out = tmp_path / "rm"
+    in_eval, in_step = tmp_path / "killed-in-evaluation", tmp_path / "killed-in-step"
+    # Calls are counted per process: the first rank's second evaluation, and the rebuilt rank's third step.
+    monkeypatch.setenv("RLHF_FAULT", f"reward:evaluate:2:{in_eval},reward:train_step:3:{in_step}")
+    assert run_cli("rm", "--config", "configs/tiny/rm.yaml", "--model", tiny["base"], "--data", tiny["prefs_train"],
+                   "--set", f"data.eval={tiny['prefs_eval']}", "--set", "train.max_steps=4",
+                   "--set", "train.save_every=2", "--set", "train.eval_every=2", "--set", "train.log_every=1", "--set", "logging.progress=false",
                    "--output", out) == 0
-    assert marker.exists()
+    assert in_eval.exists() and in_step.exists()
     metrics = read_metrics(f"{out}/metrics.jsonl")
-    restarts = [m for m in metrics if "train/restarts" in m]
-    assert len(restarts) == 1 and restarts[0]["step"] == restored and restarts[0]["train/restarts"] == 1
+    assert [(m["step"], m["train/restarts"]) for m in metrics if "train/restarts" in m] == [(0, 1), (2, 2)]
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3, 4]
     assert read_meta(CheckpointManager(str(out / "checkpoints")).latest())["step"] == 4
     assert (out / "final" / "config.json").exists()
