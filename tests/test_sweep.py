@@ -48,6 +48,9 @@ def test_rm_grid_sweep_writes_a_best_config_that_loads(tiny, tmp_path, capsys):
     best = rows[0]  # the table is sorted best first
     assert float(best["eval/pairwise_accuracy"]) >= float(rows[1]["eval/pairwise_accuracy"])
     assert f"best: trial {best['trial']}" in printed
+    # Where to look is the sweep's own directory (each trial's run writes its TensorBoard there), never Ray's
+    # temporary session folder.
+    assert f"TensorBoard: tensorboard --logdir {out}/tune" in printed and "--logdir /tmp/ray" not in printed
 
     # best_config.yaml is the base config plus the best trial's value, ready for `rlhf rm --config`.
     cfg = load_config("rm", f"{out}/best_config.yaml")

@@ -425,6 +425,9 @@ def run_sweep(config_path: str, overrides: list[str], resume: bool, output: str)
     base = _base_config(spec)
     _check_search(spec, where)
 
+    # Every trial's run writes its own TensorBoard under DIR/tune/<trial>/run; Tune's default loggers would write a
+    # second copy in Ray's temporary session folder and print that folder as the place to look.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     from ray import tune  # seconds to import: after the checks
     from actors.group import cluster_has_gpus
     from actors.runtime import ensure_ray
@@ -525,6 +528,7 @@ def _report(spec: SweepSpec, results: Any, output: str, local: str) -> int:
                 f"{spec.metric}={_cell(best[spec.metric])} ({spec.mode}) with {values}\n# Run it: {rerun}\n{to_yaml(cfg)}")
     print(f"best: trial {best['trial']}, {spec.metric}={_cell(best[spec.metric])} with {values}")
     print(f"best config: {storage.display(path)}\nrun it: {rerun}")
+    print(f"TensorBoard: tensorboard --logdir {storage.display(storage.join(output, EXPERIMENT))}")
     return 0
 
 
