@@ -461,6 +461,14 @@ class LoggingConfig:
     progress_every_s seconds."""
     progress_every_s: float = 30.0
     """Seconds between progress lines where output is not a terminal (and one at the last step)."""
+    wandb: bool = False
+    """Also log every metric to Weights & Biases (pip install 'moss-rlhf-ray[wandb]'); the run's config goes with it,
+    and --resume continues the same W&B run."""
+    wandb_project: str = "moss-rlhf-ray"
+    """The W&B project of the run (the run is named after its output directory)."""
+    wandb_mode: str = ""
+    """online, offline (written under the output's wandb/, `wandb sync` later) or disabled; empty: W&B's own choice
+    (WANDB_MODE, else online)."""
 
 
 @dataclass
@@ -628,7 +636,8 @@ def _choices() -> dict[str, tuple]:
     return {"optim.schedule": ("constant", "cosine"), "model.dtype": ("auto", "float32", "bfloat16", "float16"),
             "ppo.estimator": tuple(ESTIMATORS), "ppo.kl_estimator": KL_KINDS, "ppo.kl_controller": KL_CONTROLLERS,
             "ppo.kl_target_unit": ("reply", "token"), "ppo.critic_init": ("reward", "policy"),
-            "dpo.loss": ("listwise", "pairwise", "ipo"), "rm.weak_pairs": ("keep", "flip", "drop", "margin")}
+            "dpo.loss": ("listwise", "pairwise", "ipo"), "rm.weak_pairs": ("keep", "flip", "drop", "margin"),
+            "logging.wandb_mode": ("", "online", "offline", "disabled")}
 
 
 def _one_line(err: Exception) -> str:

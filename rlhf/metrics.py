@@ -141,6 +141,8 @@ class MetricsLogger:
         self._writer: Any = None
         self.on_close: Optional[Callable[[], Any]] = None
         """Called once the file and TensorBoard are closed (a run on an object store uploads them then)."""
+        self.wandb: Any = None
+        """A Weights & Biases run every logged step also goes to (`open_wandb`), or None."""
         if tensorboard:
             self._writer = self._open_writer(purge_step=None)
 
@@ -164,6 +166,8 @@ class MetricsLogger:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, global_step=int(step))
             self._writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=int(step))
         if _exporter is not None:
             _exporter(int(step), values, self.tags)
         if _reporter is not None:
@@ -196,6 +200,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.on_close is not None:
             done, self.on_close = self.on_close, None
             done()
@@ -277,6 +284,29 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+"""Beside the run's metrics: the W&B run's id, which --resume continues."""
+
+
+def open_wandb(root: str, name: str, project: str, mode: str, config: dict, resume: bool) -> Any:
+    """A Weights & Biases run writing under `root`/wandb: the same run again on --resume (its id kept beside the
+    metrics), a new one otherwise. W&B is an optional dependency, imported only here."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("logging.wandb: Weights & Biases is not installed; pip install 'moss-rlhf-ray[wandb]' (or "
+                         "wandb), or set logging.wandb=false") from None
+    id_file = os.path.join(root, WANDB_ID_FILE)
+    run_id = None
+    if resume and os.path.exists(id_file):
+        with open(id_file, encoding="utf-8") as f:
+            run_id = f.read().strip() or None
+    run = wandb.init(project=project, name=name, dir=root, config=config, id=run_id,
+                     resume="allow" if run_id else None, mode=mode or None)
+    files.write_text(id_file, run.id)
+    return run
 
 
 def _duration(seconds: float) -> str:

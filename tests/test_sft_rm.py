@@ -95,3 +95,24 @@ def test_rlhf_chat_answers_each_message_with_the_conversation_as_its_prompt(tiny
     [saved] = load_dialogues(str(tmp_path / "c.jsonl"))
     assert [(t.human, t.moss) for t in saved.turns] == [(first.turns[0].human, answers[0]),
                                                         (second.turns[0].human, answers[1])]
+
+
+def test_an_sft_run_logs_to_weights_and_biases_offline_and_its_resume_continues_the_same_run(tiny, tmp_path):
+    """logging.wandb (off by default): every logged value also goes to a W&B run, here in its offline mode (written
+    under the output's wandb/, nothing sent anywhere); --resume continues that run, not a new one."""
+    import glob
+    out = tmp_path / "sft"
+    base = ["sft", "--config", "configs/tiny/sft.yaml", "--model", tiny["base"], "--data", tiny["sft_train"],
+            "--set", "logging.progress=false", "--set", "train.save_every=2", "--set", "train.log_every=1",
+            "--set", "ray.in_process=true", "--set", "logging.wandb=true", "--set", "logging.wandb_mode=offline",
+            "--output", out]
+    assert run_cli(*base, "--set", "train.max_steps=2") == 0
+    run_id = (out / "wandb_run_id").read_text()
+    assert run_cli(*base, "--set", "train.max_steps=3", "--resume") == 0
+    assert (out / "wandb_run_id").read_text() == run_id
+    runs = glob.glob(f"{out}/wandb/offline-run-*")
+    assert len(runs) == 2 and {p.rsplit("-", 1)[1] for p in runs} == {run_id}  # one W&B run, written twice
+    logged = b"".join(open(p, "rb").read() for p in glob.glob(f"{out}/wandb/offline-run-*/run-{run_id}.wandb"))
+    losses = [m["train/loss"] for m in read_metrics(f"{out}/metrics.jsonl") if "train/loss" in m]
+    assert len(losses) == 3 and b"train/loss" in logged
+    assert all(json.dumps(loss).encode() in logged for loss in losses)  # each value as W&B stores it, as JSON

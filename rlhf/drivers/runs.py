@@ -11,6 +11,7 @@ complete, so it is never taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shlex
@@ -26,7 +27,7 @@ from actors.rank import RankSpec
 from rlhf import storage
 from rlhf.checkpoint import CheckpointManager, read_meta
 from rlhf.config import ConfigError, command_of, save_config
-from rlhf.metrics import MetricsLogger, Progress, run_tags
+from rlhf.metrics import MetricsLogger, Progress, open_wandb, run_tags
 from rlhf.preemption import Preempted, on_sigterm, preempted
 from rlhf.roles import RankDied, Trainer
 
@@ -78,6 +79,10 @@ def open_run(output: str, cfg: Any, resume: bool) -> RunDir:
                             tags=run_tags(command_of(cfg), output.partition("?")[0].rstrip("/")))
     if latest:
         metrics.truncate_after(int(read_meta(latest)["step"]))
+    if cfg.logging.wandb:
+        log = cfg.logging
+        metrics.wandb = open_wandb(root, os.path.basename(output.partition("?")[0].rstrip("/")), log.wandb_project,
+                                   log.wandb_mode, dataclasses.asdict(cfg), resume=latest is not None)
     run = RunDir(root, metrics, checkpoints, latest, output, cfg)
     if root != output:
         run.sync()  # the config is there from the start
