@@ -11,7 +11,7 @@ import torch
 Batch = dict[str, torch.Tensor]
 
 
-class Rollout(TypedDict, total=False):
+class RolloutBatch(TypedDict, total=False):
     """What generation returns for a batch of prompts (the policy's `generate`, a rollout engine's): right-padded
     replies, R tokens wide."""
     response_ids: torch.Tensor
@@ -271,7 +271,7 @@ class Packing:
         return target - 1, target, seg[target]
 
 
-def experience(prompts: Batch, rollout: Rollout) -> Experience:
+def experience(prompts: Batch, rollout: RolloutBatch) -> Experience:
     """Prompt (left-padded) and reply (right-padded) side by side: what every scoring role reads. Attention
     covers plugin Results too (the policy wrote its answer after reading them); actions cover only what it wrote."""
     return {"sequences": torch.cat([prompts["input_ids"], rollout["response_ids"]], 1),

@@ -112,7 +112,7 @@ class _Role:
 
 class Policy(_Role):
     def generate(self, prompts: Batch, generation: Any) -> Future:
-        """Replies to left-padded prompts, a `rlhf.batching.Rollout`: response_ids, action_mask, response_mask [b, R],
+        """Replies to left-padded prompts, a `rlhf.batching.RolloutBatch`: response_ids, action_mask, response_mask [b, R],
         ended [b]."""
         return self.group.call("generate", prompts, generation)
 
@@ -164,7 +164,7 @@ class Rollout:
         self.group = group
 
     def generate(self, prompts: Batch, generation: Any) -> Future:
-        """The policy's `generate` (a `Rollout`), plus `logprobs` [b, R] of the sampled tokens under the engine's
+        """The policy's `generate` (a `RolloutBatch`), plus `logprobs` [b, R] of the sampled tokens under the engine's
         weights, the `version` [b] of those weights and the `span` [b, 2] (wall-clock start and end) of the
         generation."""
         return self.group.call("generate", prompts, generation)

@@ -21,7 +21,7 @@ from actors.lm import PolicyWorker, ReferenceWorker
 from actors.rank import RankSpec
 from actors.rollout import RolloutWorker
 from rlhf import estimators, ppo_math as pm
-from rlhf.batching import Batch, Experience, Rollout, TrainBatch, checked, collate_prompts, collate_sft
+from rlhf.batching import Batch, Experience, RolloutBatch, TrainBatch, checked, collate_prompts, collate_sft
 from rlhf.checkpoint import atomic_write_json
 from rlhf.config import PPOConfig, ranks
 from rlhf.data import encode_dialogues, load_prompts
@@ -144,7 +144,7 @@ class PPOTrainer:
                 and p.train_batch_size >= rows)
 
     def train_batch(self, exp: Experience, scored: dict, advantages: torch.Tensor, returns: torch.Tensor,
-                    rollout: Rollout) -> TrainBatch:
+                    rollout: RolloutBatch) -> TrainBatch:
         """What the update reads of each rollout: the experience, its advantages, and per estimator the rollout's
         log-probs (the ratio's denominator), the reference's (a KL loss term) and the critic's values and returns;
         replies of a rollout group also carry the engine's log-probs (the truncated importance weights)."""

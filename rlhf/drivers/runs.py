@@ -359,11 +359,11 @@ def train_supervised(command: str, cfg: Any, plan: Any, run: RunDir, backend: An
             done = i + 1
             order = permutation(len(job.records), cfg.seed, epoch)[index * batch:(index + 1) * batch]
             metrics = job.step(trainer, [job.records[k] for k in order], epoch)
-            evaluated = bool(job.evaluate and t.eval_every and done % t.eval_every == 0)
-            if evaluated:
+            evaluating = bool(job.evaluate and t.eval_every and done % t.eval_every == 0)
+            if evaluating:
                 stage.now(f"the held-out evaluation of step {done}", done)
                 metrics |= job.evaluate(trainer)
-            if done % t.log_every == 0 or done == plan.total_steps or evaluated:
+            if done % t.log_every == 0 or done == plan.total_steps or evaluating:
                 run.metrics.log(done, metrics)
             return job.shown(metrics)
 
