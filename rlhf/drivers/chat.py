@@ -58,7 +58,10 @@ def run_chat(model: str, config: Optional[str], overrides: list[str], plugin: Op
     dialogue = Dialogue([], meta_instruction)
     while True:
         print("you> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves, as Ctrl-D does
+            line = ""
         if not line or line.strip() == "/quit":
             print("", file=stdout)
             return 0
@@ -69,6 +72,9 @@ def run_chat(model: str, config: Optional[str], overrides: list[str], plugin: Op
             continue
         if message.startswith("/save "):
             path = message.removeprefix("/save ").strip()
+            if not dialogue.turns:
+                print("(nothing to save yet)", file=stdout, flush=True)
+                continue
             write_jsonl(path, [dialogue])  # this project's schema: rlhf validate --kind sft, an SFT file
             print(f"(saved {len(dialogue.turns)} turns to {path})", file=stdout, flush=True)
             continue

@@ -91,50 +91,69 @@ def run_dpo(cfg: DPOConfig, output: str, resume: bool = False, backend: Optional
     lengths = lengths_file(cfg.data.train, tokenizer, cfg.data.format)  # for a later run's max_new_tokens: auto
     # The reference is the starting model, frozen: no optimizer, no LoRA (a LoRA policy's base is that model).
     reference = dataclasses.replace(spec, role=spec.role.frozen(), trainable=False, grad_accum=1, total_steps=1)
-    seen = {"pairs": 0, "began": 0.0, "scored": 0}
-    roles: dict[str, Any] = {}
+    run = open_run(output, cfg, resume)
+    dpo = DPORun(cfg, run, train, held_out, kl_prompts, lengths)
+    others = {"reference": (ReferenceWorker, reference)} if "reference" in cfg.groups() else {}
+    job = Supervised("policy", DPOWorker, train, dpo.step, dpo.evaluate if held_out else None, dpo.finish,
+                     lambda m: {"loss": f"{m['train/loss']:.3f}", "acc": f"{m['train/accuracy']:.2f}"}, others,
+                     dpo.started)
+    return train_supervised("dpo", cfg, plan, run, backend, spec, job)
 
-    def started(groups: Any) -> None:
-        """The reference of this start of the groups, and its log-probs of every response (once per run)."""
+
+class DPORun:
+    """What a DPO run adds to the shared loop (`train_supervised`): the reference's pass over every response, the
+    step on ranked lists, the held-out evaluation (implicit-reward accuracy and the KL to the reference on the
+    policy's own replies), and what it counts for the summary."""
+
+    def __init__(self, cfg: DPOConfig, run: Any, train: list[EncodedList], held_out: list[EncodedList],
+                 kl_prompts: Optional[dict], lengths: dict):
+        self.cfg, self.run, self.train, self.held_out, self.kl_prompts, self.lengths = (
+            cfg, run, train, held_out, kl_prompts, lengths)
+        self.pairs = 0
+        """Pairs trained on, in all."""
+        self.began = 0.0
+        """When the first step began (the summary's train_seconds)."""
+        self.scored = 0
+        """Responses the reference scored (once per run, cached across restarts)."""
+        self.policy: Any = None
+        self.reference: Any = None
+
+    def started(self, groups: Any) -> None:
+        """The roles of this start of the groups, and the reference's log-probs of every response (once per run)."""
         policy = groups.groups["policy"]
-        roles["policy"] = Policy(policy)
-        roles["reference"] = Reference(groups.groups["reference"]) if "reference" in groups.groups else \
+        self.policy = Policy(policy)
+        self.reference = Reference(groups.groups["reference"]) if "reference" in groups.groups else \
             Reference(policy, adapters_off=True)
-        seen["scored"] += score_with_reference(run, roles["reference"], {"train": train, "eval": held_out})
+        self.scored += score_with_reference(self.run, self.reference, {"train": self.train, "eval": self.held_out})
 
-    def step(trainer: Trainer, lists: list[EncodedList], epoch: int) -> dict:
-        seen["began"] = seen["began"] or time.time()
+    def step(self, trainer: Trainer, lists: list[EncodedList], epoch: int) -> dict:
+        self.began = self.began or time.time()
         began = time.time()
-        d = cfg.dpo
+        d = self.cfg.dpo
         out = trainer.train_step(lists, DPOStep(len(lists), d.beta, d.loss, d.label_smoothing)).result()
         pairs = max(1, out["pairs"])
-        seen["pairs"] += int(out["pairs"])  # summed over ranks as floats; a count
+        self.pairs += int(out["pairs"])  # summed over ranks as floats; a count
         return {"train/loss": out["loss"], "train/accuracy": out["correct"] / pairs,
                 "train/mean_margin": out["margin_sum"] / pairs, "train/better_logp": out["better_logp_sum"] / pairs,
                 "train/worse_logp": out["worse_logp_sum"] / pairs, "train/grad_norm": out["grad_norm"],
                 "train/lr": out["lr"], "train/pairs_per_s": out["pairs"] / (time.time() - began),
                 "train/responses_encoded": out["encoded"], "train/epoch": epoch}
 
-    def evaluate(trainer: Trainer) -> dict:
-        out = {f"eval/{k}": v for k, v in summarize_eval(trainer.evaluate(held_out, cfg.dpo.beta).result()).items()}
-        if kl_prompts is None:
+    def evaluate(self, trainer: Trainer) -> dict:
+        out = {f"eval/{k}": v for k, v in
+               summarize_eval(trainer.evaluate(self.held_out, self.cfg.dpo.beta).result()).items()}
+        if self.kl_prompts is None:
             return out
-        exp = experience(kl_prompts, roles["policy"].generate(kl_prompts, cfg.generation).result())
-        policy, reference = roles["policy"].logprobs(exp), roles["reference"].logprobs(exp)
+        exp = experience(self.kl_prompts, self.policy.generate(self.kl_prompts, self.cfg.generation).result())
+        policy, reference = self.policy.logprobs(exp), self.reference.logprobs(exp)
         mask = exp["action_mask"].float()
         ratio = ((policy.result() - reference.result()) * mask).sum(1)  # [b] log pi/pi_ref of each reply
         return out | {"eval/kl": float(ratio.mean()), "eval/response_length": float(mask.sum(1).mean())}
 
-    def finish(trainer: Trainer, before: dict, after: dict) -> dict:
-        seconds = time.time() - seen["began"] if seen["began"] else 0.0
-        trainer.save_pretrained(run.final, cfg.lora.merge_on_save, lengths).result()
+    def finish(self, trainer: Trainer, before: dict, after: dict) -> dict:
+        seconds = time.time() - self.began if self.began else 0.0
+        trainer.save_pretrained(self.run.final, self.cfg.lora.merge_on_save, self.lengths).result()
         start = {f"{k.removeprefix('eval/')}_start": v for k, v in before.items()}
         return start | {k.removeprefix("eval/"): v for k, v in after.items()} | {
-            "train_pairs": seen["pairs"], "train_seconds": seconds, "reference_responses_scored": seen["scored"],
-            "final": run.final}
-
-    run = open_run(output, cfg, resume)
-    others = {"reference": (ReferenceWorker, reference)} if "reference" in cfg.groups() else {}
-    job = Supervised("policy", DPOWorker, train, step, evaluate if held_out else None, finish,
-                     lambda m: {"loss": f"{m['train/loss']:.3f}", "acc": f"{m['train/accuracy']:.2f}"}, others, started)
-    return train_supervised("dpo", cfg, plan, run, backend, spec, job)
+            "train_pairs": self.pairs, "train_seconds": seconds, "reference_responses_scored": self.scored,
+            "final": self.run.final}
