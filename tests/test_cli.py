@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import off_umask, run_cli, umask
@@ -94,3 +96,19 @@ def test_rlhf_config_prints_a_resolved_config_that_loads_back_with_each_keys_doc
     while lines[first - 1].startswith("  # "):
         first -= 1
     assert " ".join(line[4:] for line in lines[first:at]) == " ".join(doc_of(AlgorithmConfig, "kl_target").split())
+
+
+@pytest.mark.slow
+def test_a_command_that_starts_its_own_ray_does_not_print_rays_token_notice(tmp_path):
+    """Ray says on every local start that token authentication is on; a run keeps it on and spares its users the
+    notice (actors.runtime.ensure_ray, the one place a command starts a local Ray)."""
+    import os
+    import subprocess
+    import sys
+    script = ("from actors.runtime import ensure_ray; from rlhf.config import RayConfig; import ray\n"
+              "assert ensure_ray(RayConfig(), 1)\nray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Token authentication" not in result.stdout + result.stderr
