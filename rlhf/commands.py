@@ -106,8 +106,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
              Flag("--reward", "roles.reward.model", "the preference model (rlhf rm's final/); not needed with "
                                                    "ppo.reward_model_weight=0", required=False),
              Flag("--prompts", "data.train", "MOSS prompts (dialogues ending in a human turn)")),
+            # The critic starts as a scalar model: a preference model or a sequence classifier (empty: ppo.critic_init's).
             models={"model.path": "causal_lm", "roles.reward.model": "reward", "roles.reference.model": "causal_lm",
-                    "roles.critic.model": ""},
+                    "roles.critic.model": "reward"},
             files=("data.train", "data.eval", "data.ptx")),
 )}
 """The training commands: `rlhf sft|rm|dpo|ppo`, what `rlhf sweep` searches and `rlhf pipeline` chains."""

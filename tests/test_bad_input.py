@@ -445,6 +445,12 @@ def _(tmp, kit):
     return train("sft", kit, tmp, data=tmp), [at(tmp, 0, "file") + "cannot open: Is a directory"]
 
 
+@case("ppo: a causal LM as the critic's start")
+def _(tmp, kit):
+    return train("ppo", kit, tmp, extra=("--set", f"roles.critic.model={kit['base']}")), [
+        re.escape(f"rlhf ppo: roles.critic.model '{kit['base']}' is not a reward model")]
+
+
 @case("ppo: a prompts file that does not exist")
 def _(tmp, kit):
     path = tmp / "prompts.jsonl"
