@@ -83,17 +83,6 @@ def cmd_render(args) -> int:
     return 0
 
 
-def _check_models(kinds: dict[str, str], **paths: str) -> None:
-    """Model paths are checked before a command starts Ray, so a typo costs seconds, not a cluster start; and so is
-    the kind of model a role needs (rlhf.modeling.check_model_kind; "" any)."""
-    from rlhf.modeling import check_model_dir, check_model_kind
-    for flag, path in paths.items():
-        if path:
-            source = check_model_dir(path, flag)
-            if kinds.get(flag):
-                check_model_kind(source, flag, kinds[flag])
-
-
 def _check_output(output: str, uri_ok: bool = True) -> None:
     """An --output URI that cannot be used (unknown scheme, a store that does not answer, no such bucket) fails here,
     in one line, before a model loads."""
@@ -121,7 +110,8 @@ def cmd_train(args) -> int:
 def cmd_rm_eval(args) -> int:
     cfg = _config(args, "rm")
     cfg.data.format = args.data_format or cfg.data.format
-    _check_models({"--model": "reward"}, **{"--model": args.model})
+    from rlhf.commands import check_model
+    check_model(args.model, "--model", "reward")
     from rlhf.drivers.rm import run_rm_eval
     return run_rm_eval(args.model, args.data, cfg)
 
@@ -132,7 +122,8 @@ def cmd_rm_strength(args) -> int:
     cfg = _config(args, "rm")
     cfg.data.format = args.data_format or cfg.data.format
     cfg.model.path, cfg.data.train = args.model, args.data
-    _check_models({}, **{"--model": args.model})
+    from rlhf.commands import check_model
+    check_model(args.model, "--model")
     from rlhf.drivers.strength import run_strength
     summary = run_strength(cfg, args.output, args.resume)
     print(f"rm-strength: done; {summary['negative']} of {summary['pairs']} pairs ({summary['negative_share']:.1%}) "
@@ -142,14 +133,16 @@ def cmd_rm_strength(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    _check_models({"--model": "causal_lm"}, **{"--model": args.model})
+    from rlhf.commands import check_model
+    check_model(args.model, "--model", "causal_lm")
     from rlhf.drivers.generate import run_generate
     overrides = (args.set or []) + ([f"data.format={args.data_format}"] if args.data_format else [])
     return run_generate(args.model, args.prompts, args.out, args.config, overrides)
 
 
 def cmd_chat(args) -> int:
-    _check_models({"--model": "causal_lm"}, **{"--model": args.model})
+    from rlhf.commands import check_model
+    check_model(args.model, "--model", "causal_lm")
     from rlhf.drivers.chat import run_chat
     meta = args.meta_instruction.replace("\\n", "\n") if args.meta_instruction is not None else None
     return run_chat(args.model, args.config, args.set or [], args.plugin, meta)

@@ -71,14 +71,9 @@ class Command:
     def check_inputs(self, cfg: Any) -> None:
         """Before Ray starts: every model exists and is the kind its role needs, every data file exists; one line
         naming the flag (or key) otherwise."""
-        from rlhf.modeling import check_model_dir, check_model_kind  # torch, transformers: not for `rlhf --help`
         by_key = {f.key: f.name for f in self.flags}
         for key, kind in self.models.items():
-            path = get_key(cfg, key)
-            if path:
-                source = check_model_dir(path, by_key.get(key, key))
-                if kind:
-                    check_model_kind(source, by_key.get(key, key), kind)
+            check_model(get_key(cfg, key), by_key.get(key, key), kind)
         for key in self.files:
             path = get_key(cfg, key)
             if path and not storage.is_uri(path) and not os.path.exists(path):
@@ -112,6 +107,16 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             files=("data.train", "data.eval", "data.ptx")),
 )}
 """The training commands: `rlhf sft|rm|dpo|ppo`, what `rlhf sweep` searches and `rlhf pipeline` chains."""
+
+
+def check_model(path: str, label: str, kind: str = "") -> None:
+    """A model path is checked before a command starts Ray, so a typo costs seconds, not a cluster start; and so is
+    the kind of model its role needs (rlhf.modeling.check_model_kind; "" any). Nothing to check for an empty path."""
+    from rlhf.modeling import check_model_dir, check_model_kind  # torch, transformers: not for `rlhf --help`
+    if path:
+        source = check_model_dir(path, label)
+        if kind:
+            check_model_kind(source, label, kind)
 
 
 def command(name: str, where: str = "") -> Command:
