@@ -1,6 +1,11 @@
 """Bad input never reaches training: each case makes one bad file, config, model or tokenizer, runs the real
-`rlhf` command line in a subprocess, and checks what a user sees: a non-zero exit, one line per error, no
-traceback, and nothing started (no Ray, no output directory, no checkpoint, no model written)."""
+`rlhf` command line, and checks what a user sees: a non-zero exit, one line per error, no traceback, and nothing
+started (no Ray, no output directory, no checkpoint, no model written).
+
+The command line runs in the test's process (`rlhf.cli.main`, what `python -m rlhf` calls), with `ray.init` made to
+raise: an error escaping `main` is the traceback a user would see, and a refused run must never reach Ray. A few
+cases, one per kind of command, run `python -m rlhf` in a fresh process as a user does, where a library's chatter on
+stderr (which pytest's log capture would swallow here) and the exit status of the interpreter itself are seen too."""
 from __future__ import annotations
 
 import json
@@ -25,6 +30,31 @@ def rlhf(*argv) -> subprocess.CompletedProcess:
     env.pop("RAY_ADDRESS", None)  # a refused run must not even join a cluster
     return subprocess.run([sys.executable, "-m", "rlhf", *map(str, argv)], cwd=ROOT, env=env, capture_output=True,
                           text=True, errors="replace", timeout=120)
+
+
+class RayStarted(BaseException):
+    """Raised by `ray.init` in an in-process case; a BaseException, so no `except Exception` of ours hides it."""
+
+
+def rlhf_here(argv, capfd, monkeypatch) -> subprocess.CompletedProcess:
+    """`python -m rlhf ARGV` run as `rlhf.cli.main(ARGV)` in this process, its output captured at the file descriptors."""
+    import ray
+
+    from rlhf.cli import main
+
+    def init(*args, **kwargs):
+        raise RayStarted("a refused run called ray.init")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.chdir(ROOT)
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as err:  # argparse's refusals
+        code = err.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def jsonl(path: Path, *lines) -> Path:
@@ -535,10 +565,16 @@ def _(tmp, kit):
         at(path, 2, "line") + "invalid JSON"]
 
 
+IN_A_FRESH_PROCESS = ("validate sft: every bad line reported", "sft: bad lines in the training file",
+                      "ppo: a causal LM as the critic's start", "sweep: a data file that does not exist (checked "
+                      "before Tune starts)")
+"""One case of each kind of command, run as `python -m rlhf` in a process of its own."""
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_per_error_and_nothing_starts(name, kit, tmp_path):
+def test_bad_input_is_one_line_per_error_and_nothing_starts(name, kit, tmp_path, capfd, monkeypatch):
     argv, expected = CASES[name](tmp_path, kit)
-    result = rlhf(*argv)
+    result = rlhf(*argv) if name in IN_A_FRESH_PROCESS else rlhf_here(argv, capfd, monkeypatch)
     both = result.stdout + result.stderr
     assert result.returncode not in (0, None), both
     assert "Traceback" not in both, both
@@ -583,3 +619,7 @@ def test_no_code_loads_a_pickle_or_remote_code_on_its_own():
             assert "use_safetensors=True" in args, f"{path.name}: from_pretrained({args})"
         assert not re.search(r"\bpickle\.loads?\(", text), path.name
         assert "trust_remote_code=True" not in text, path.name
+
+
+def test_the_fresh_process_cases_exist():
+    assert set(IN_A_FRESH_PROCESS) <= set(CASES)
