@@ -201,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory the model is written to (config.json, model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
 
-    p = add("sample", cmd_sample, "write the bundled synthetic MOSS task (SFT, prompts, ranked preferences)")
+    p = add("sample", cmd_sample, "write the bundled synthetic MOSS task (SFT, prompts, ranked preferences, "
+            "labelled steps)")
     p.add_argument("--out", required=True, help="directory for sft_train/sft_eval, prompts_train/prompts_eval, "
-                   "prefs_train/prefs_eval and the plugin task's .jsonl files")
+                   "prefs_train/prefs_eval and the plugin and step-by-step tasks' .jsonl files")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated task (default 0)")
 
     from rlhf.records import KINDS

@@ -1,8 +1,10 @@
 """Stepwise supervision (process reward models' data): a solution in steps, each labelled good while the solution can
 still reach the right answer, read from TRL's stepwise records, this project's own form and Math-Shepherd's; every bad
-record named PATH:LINE: FIELD:, a step holding the step separator refused, and `rlhf convert` writing our own form."""
+record named PATH:LINE: FIELD:, a step holding the step separator refused, `rlhf convert` writing our own form, and the
+bundled sample's step-by-step arithmetic task with the properties it documents."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from conftest import run_cli
 from rlhf.data import DataFileError, StepSolution, load_dialogues, load_prompts, load_records, load_steps, validate
 from rlhf.formats import convert
 from rlhf.moss import Dialogue, Turn
+from rlhf.sample import STEP_SFT_SLIP_FRACTION, STEP_SLIP_FRACTION, write_sample
 
 META = "You are MOSS.\n"
 STEPS = ["2 + 3 = 5", "5 + 4 = 10", "The answer is 10."]
@@ -203,3 +206,79 @@ def test_render_shows_the_steps_as_the_reply_the_model_writes(tmp_path: Path):
     assert line["text"] == f"{META}<|Human|>: What is 2 + 3 + 4?<eoh>\n<|MOSS|>: {SOLUTION.reply()}<eom>\n"
     assert [line["text"][a:b] for a, b in line["trained"]] == [f" {SOLUTION.reply()}<eom>"]
     assert line["labels"] == LABELS and line["id"] == 7
+
+
+# --- the bundled sample's step-by-step task ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> dict[str, str]:
+    return write_sample(str(tmp_path_factory.mktemp("sample")), seed=0)
+
+
+def _arithmetic(step: str) -> tuple[int, str, int, int]:
+    a, op, b, result = re.fullmatch(r"(\d+) ([-+]) (\d+) = (\d+)", step).groups()
+    return int(a), op, int(b), int(result)
+
+
+def _value(expression: str) -> int:
+    first, *rest = expression.split()
+    return int(first) + sum(int(x) if op == "+" else -int(x) for op, x in zip(rest[::2], rest[1::2]))
+
+
+def _first_wrong(steps: list[str], answer: str) -> int | None:
+    """The index of the first wrong arithmetic step, read from the text alone; every step computes on from the one
+    before (a slipped one too), and the last gives the total as the answer."""
+    total, first_wrong = None, None
+    for i, step in enumerate(steps[:-1]):
+        a, op, b, result = _arithmetic(step)
+        assert total is None or a == total
+        if result != (a + b if op == "+" else a - b) and first_wrong is None:
+            first_wrong = i
+        total = result
+    assert steps[-1] == f"The answer is {total}."
+    assert (str(total) == answer) == (first_wrong is None)
+    return first_wrong
+
+
+def test_the_sample_writes_step_files_that_validate(sample: dict[str, str]):
+    assert {"steps_train", "steps_eval", "steps_sft", "steps_prompts", "steps_prompts_eval"} <= set(sample)
+    train, held_out = load_steps(sample["steps_train"], "moss"), load_steps(sample["steps_eval"], "moss")
+    assert len(train) == 1500 and len(held_out) == 200
+    for solutions, fraction in ((train, STEP_SLIP_FRACTION), (held_out, STEP_SLIP_FRACTION)):
+        slipped = [s for s in solutions if s.first_error is not None]
+        assert len(slipped) == round(fraction * len(solutions)) and 0.3 <= fraction <= 0.4
+        for solution in solutions:
+            # True up to the slip, False from it on; the slip is the first wrong arithmetic step.
+            good = len(solution.steps) if solution.first_error is None else solution.first_error
+            assert solution.labels == [True] * good + [False] * (len(solution.steps) - good)
+            assert _first_wrong(solution.steps, solution.metadata["answer"]) == solution.first_error
+        assert {s.first_error for s in slipped} == {0, 1, 2}  # slips at each arithmetic step, in 3 or 4 steps
+        assert {len(s.steps) for s in solutions} == {3, 4}
+
+
+def test_the_sample_sft_and_prompt_files_for_the_step_task(sample: dict[str, str]):
+    sft = load_dialogues(sample["steps_sft"], "moss")
+    slipped = [d for d in sft if d.metadata["slipped"]]
+    assert len(slipped) == round(STEP_SFT_SLIP_FRACTION * len(sft)) and len(sft) == 1000
+    for dialogue in sft:  # the reply is a solution's steps, one a line
+        steps = dialogue.turns[-1].moss.split("\n")
+        assert (_first_wrong(steps, dialogue.metadata["answer"]) is not None) == dialogue.metadata["slipped"]
+    for name in ("steps_prompts", "steps_prompts_eval"):
+        prompts = load_prompts(sample[name], "moss")
+        assert len(prompts) == 200
+        for prompt in prompts:
+            expression = prompt.metadata["expression"]
+            assert expression in prompt.turns[-1].human
+            assert _value(expression) == int(prompt.metadata["answer"]) >= 0
+
+
+def test_held_out_step_prompts_are_disjoint_from_training(sample: dict[str, str]):
+    def expressions(name: str, load) -> set[str]:
+        return {record.metadata["expression"] for record in load(sample[name], "moss")}
+
+    trained = expressions("steps_train", load_steps) | expressions("steps_sft", load_dialogues) | \
+        expressions("steps_prompts", load_prompts)
+    held_out = expressions("steps_eval", load_steps) | expressions("steps_prompts_eval", load_prompts)
+    assert len(held_out) == 200 and not trained & held_out
+
