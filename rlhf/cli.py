@@ -65,7 +65,8 @@ def cmd_convert(args) -> int:
 
 def cmd_render(args) -> int:
     """One JSON line per record: the exact text the model sees and the character spans it trains on (a preference
-    gives one such pair per response, best first)."""
+    gives one such pair per response, best first; a solution in steps its steps joined as the reply, with its
+    labels)."""
     from rlhf.data import load_records, write_jsonl
     from rlhf.moss import render, trained_spans
 
@@ -76,6 +77,8 @@ def cmd_render(args) -> int:
     if args.kind == "preferences":
         lines = [{**p.metadata, "responses": [rendered(p.prompt.with_reply(r)) for r in p.responses],
                   "ranks": p.ranks} for p in records]
+    elif args.kind == "steps":
+        lines = [{**s.metadata, **rendered(s.dialogue()), "labels": s.labels} for s in records]
     else:
         lines = [{**d.metadata, **rendered(d)} for d in records]
     write_jsonl(args.out, lines)
@@ -198,15 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory the model is written to (config.json, model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
 
-    p = add("sample", cmd_sample, "write the bundled synthetic MOSS task (SFT, prompts, ranked preferences)")
+    p = add("sample", cmd_sample, "write the bundled synthetic MOSS task (SFT, prompts, ranked preferences, "
+            "labelled steps)")
     p.add_argument("--out", required=True, help="directory for sft_train/sft_eval, prompts_train/prompts_eval, "
-                   "prefs_train/prefs_eval and the plugin task's .jsonl files")
+                   "prefs_train/prefs_eval and the plugin and step-by-step tasks' .jsonl files")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated task (default 0)")
 
+    from rlhf.records import KINDS
+    what = "sft dialogues, PPO prompts, ranked preferences or solutions in labelled steps"
     p = add("validate", cmd_validate, "check a data file; every bad line reported as PATH:LINE: FIELD: problem")
     p.add_argument("file", help="the data file (JSONL, JSON, Parquet) or a save_to_disk directory")
-    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True,
-                   help="what the file holds: sft dialogues, PPO prompts or ranked preferences")
+    p.add_argument("--kind", choices=KINDS, required=True, help=f"what the file holds: {what}")
     _data_format_arg(p)
 
     from rlhf.formats import FORMATS
@@ -216,13 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "to native CodeGen safetensors")
     p.add_argument("input", help="data file (JSONL, JSON, Parquet) or save_to_disk directory; or a checkpoint")
     p.add_argument("--out", required=True, help="JSONL in this project's schema; or the model directory")
-    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], default=None,
+    p.add_argument("--kind", choices=KINDS, default=None,
                    help="what to read the records as (default: what they are)")
 
     p = add("render", cmd_render, "write the exact text the model sees per record, with the spans it trains on")
     p.add_argument("file", help="the data file (JSONL, JSON, Parquet) or a save_to_disk directory")
-    p.add_argument("--kind", choices=["sft", "prompts", "preferences"], required=True,
-                   help="what the file holds: sft dialogues, PPO prompts or ranked preferences")
+    p.add_argument("--kind", choices=KINDS, required=True, help=f"what the file holds: {what}")
     p.add_argument("--plugin", action="store_true", help="the MOSS-003-plugin style (as data.plugin: true)")
     _data_format_arg(p)
     p.add_argument("--out", required=True, help="JSONL: {\"text\", \"trained\": [[start, end], ...]} per record")

@@ -37,7 +37,7 @@ class DataConfig:
     """Render in the MOSS-003-plugin style (absent plugin segments written as None)."""
     format: str = "auto"
     """Format of the command's data files: auto (detected per file, said when not this project's), moss, moss-rlhf,
-    trl, hh-rlhf, ultrafeedback, nectar or openai (see `rlhf convert --help`)."""
+    trl, hh-rlhf, ultrafeedback, nectar, openai or math-shepherd (see `rlhf convert --help`)."""
 
 
 @dataclass

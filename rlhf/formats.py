@@ -15,7 +15,9 @@ moss-rlhf      PPO prompts: ["q1", "a1", "q2"], utterances human first (odd: a p
 trl            {"prompt": "2+3?", "chosen": "5", "rejected": "6", "margin": 1.0}, margin optional; the same with
                messages ({"prompt": [{"role": "user", "content": "2+3?"}], "chosen": [{"role": "assistant",
                "content": "5"}], "rejected": [...]}) or with the prompt implicit ({"chosen": [user, assistant],
-               "rejected": [user, assistant]}); {"prompt": ...} alone is a prompt, with "completion" a dialogue
+               "rejected": [user, assistant]}); {"prompt": ...} alone is a prompt, with "completion" a dialogue;
+               stepwise supervision: {"prompt": "2+3+4?", "completions": ["2 + 3 = 5", "5 + 4 = 9"], "labels":
+               [true, true]}, the prompt a string or messages
 hh-rlhf        {"chosen": "\\n\\nHuman: 2+3?\\n\\nAssistant: 5", "rejected": "\\n\\nHuman: 2+3?\\n\\nAssistant: 6"}
 ultrafeedback  {"instruction": "2+3?", "completions": [{"response": "5", "overall_score": 9.0, ...}, ...]}: best
                score first, equal scores tied; or binarized: {"prompt", "chosen", "rejected"} as trl plus
@@ -25,10 +27,17 @@ nectar         {"prompt": "\\n\\nHuman: 2+3?\\n\\nAssistant:", "answers": [{"ans
 openai         {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...]}: an assistant's
                `tool_calls` become its turn's Commands, one `Name("argument")` a line, its content the Inner
                Thoughts; the tool messages the Results (`Calculate("2+3") => 5`); the next assistant message the reply
+math-shepherd  {"input": "2+3+4? Step 1: 2 + 3 = 5 ки\\nStep 2: 5 + 4 = 10 ки", "label": "2+3+4? Step 1: 2 + 3 = 5
+               +\\nStep 2: 5 + 4 = 10 -", "task": "GSM8K"}: each step ends with the tag ки, which label replaces with
+               + (a good step) or - (a bad one); the question is the text before "Step 1:" (without one, up to the
+               first "?"), a step the text up to its tag, stripped, its "Step k:" kept (as TRL's trl-lib/math_shepherd
+               keeps it); a tag inside the question (an annotation slip of a few records) is dropped with its label
 
 A system message is the meta instruction (ending in a newline, as MOSS's does). HH-RLHF and Nectar text is stripped
 of the spaces around each utterance, which the MOSS rendering writes itself. A preference format read as prompts
-gives each record's prompt, read as SFT the prompt with its best response.
+gives each record's prompt, read as SFT the prompt with its best response. A solution in steps read as prompts gives
+its prompt; as SFT or preferences it is refused (its bad steps would be trained on as good). No step may hold the
+step separator (`STEP_SEPARATOR`, or the one a load is given), which joins the steps into the reply.
 """
 
 from __future__ import annotations
@@ -44,10 +53,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from rlhf.moss import Dialogue, FieldError, Turn, json_type
-from rlhf.records import (KINDS, DataError, DataFileError, Preference, RanksNothing, not_utf8_text, parse_dialogue,
-                          parse_preference, parse_prompt, read_objects, write_jsonl)
+from rlhf.records import (KINDS, STEP_SEPARATOR, DataError, DataFileError, Preference, RanksNothing, StepSolution,
+                          has_steps, not_utf8_text, parse_dialogue, parse_preference, parse_prompt, parse_steps,
+                          read_objects, steps_and_labels, write_jsonl)
 
-FORMATS = ("auto", "moss", "moss-rlhf", "trl", "hh-rlhf", "ultrafeedback", "nectar", "openai")
+FORMATS = ("auto", "moss", "moss-rlhf", "trl", "hh-rlhf", "ultrafeedback", "nectar", "openai", "math-shepherd")
 DETECT_SAMPLE = 20
 """Records looked at to detect a format, and to tell a file's kind when converting."""
 
@@ -55,8 +65,10 @@ _SCORE_KEYS = ("overall_score", "score", "rating", "fine-grained_score")
 _DATASET_FILES = ("state.json", "dataset_dict.json")  # what save_to_disk writes into its directory
 _OUR_KEYS = ("meta_instruction", "turns", "chat", "num_turns", "responses", "ranks", "chosen", "rejected", "margin")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_STEP_TAG = "ки"  # Math-Shepherd's end of a step, where its label puts + or -
+_FIRST_STEP = re.compile(r"[Ss]tep 1:")
 
-Record = Dialogue | Preference
+Record = Dialogue | Preference | StepSolution
 
 
 # --- sources: (record number, JSON value) pairs --------------------------------------------------------------
@@ -166,8 +178,13 @@ def detect(obj: Any) -> str | None:
         return None
     if isinstance(obj.get("turns"), list) or isinstance(obj.get("chat"), dict):
         return "moss"
+    if "labels" in obj or (isinstance(obj.get("completions"), list) and  # TRL's stepwise; UltraFeedback's are objects
+                           any(isinstance(c, str) for c in obj["completions"])):
+        return "trl"
     if "completions" in obj or "score_chosen" in obj:
         return "ultrafeedback"
+    if "input" in obj and "label" in obj:
+        return "math-shepherd"
     if "answers" in obj:
         return "nectar"
     chosen = obj.get("chosen")
@@ -196,7 +213,18 @@ def detect_format(objects: list[Any]) -> str | None:
 
 def _as_kind(record: Record, kind: str | None, field: str) -> Record:
     """A record as `kind` (None: as it is): a preference read as prompts gives its prompt, as SFT the prompt with its
-    best response; a dialogue must end the way its kind does. `field` names the record's part errors are about."""
+    best response; a solution in steps read as prompts gives its prompt; a dialogue must end the way its kind does.
+    `field` names the record's part errors are about."""
+    if kind == "steps" and not isinstance(record, StepSolution):
+        raise FieldError(field, "no steps; stepwise supervision gives a solution's steps and a label for each (trl: "
+                                "prompt, completions, labels)")
+    if isinstance(record, StepSolution):
+        if kind in (None, "steps"):
+            return record
+        if kind == "prompts":
+            return record.dialogue().as_prompt()
+        what = "an SFT dialogue (its bad steps would be trained on)" if kind == "sft" else "a ranked list"
+        raise FieldError(field, f"a solution in labelled steps, not {what}; read it as steps, or as prompts")
     if isinstance(record, Preference):
         if kind in (None, "preferences"):
             if len(record.responses) < 2:
@@ -278,6 +306,8 @@ _MOSS_PARSERS: dict[str, Callable[[Any], Record]] = {
 
 
 def read_moss(obj: Any, kind: str | None) -> Record:
+    if kind == "steps" or has_steps(obj):
+        return _as_kind(parse_steps(obj), kind, f"turns[{len(obj['turns']) - 1}].steps")
     if kind is None:
         if isinstance(obj, dict) and any(k in obj for k in ("responses", "chosen", "rejected")):
             return parse_preference(obj)
@@ -502,6 +532,8 @@ def read_trl(obj: Any, kind: str | None) -> Record:
     """TRL's preference (explicit or implicit prompt), prompt-only and prompt-completion records; a `messages`
     record is read as openai's."""
     obj = _record(obj, "with prompt, chosen and rejected")
+    if "completions" in obj or "labels" in obj or kind == "steps":
+        return _as_kind(_stepwise(obj), kind, "completions")
     if "chosen" not in obj and "rejected" not in obj:
         if "prompt" not in obj and "messages" in obj:
             return read_openai(obj, kind)
@@ -543,6 +575,14 @@ def read_trl(obj: Any, kind: str | None) -> Record:
                                                                         _reply(rejected, "rejected")]
     metadata = _metadata(obj, ("prompt", "chosen", "rejected", "margin"))
     return _as_kind(Preference(prompt, responses, [0, 1], _margin(obj), metadata), kind, "rejected")
+
+
+def _stepwise(obj: dict) -> StepSolution:
+    """TRL's stepwise supervision: a prompt, its solution's steps as `completions`, a label each."""
+    prompt = _prompt(_required(obj, "prompt", "a stepwise record has a prompt, completions and labels"), "prompt")
+    steps, labels = steps_and_labels(_required(obj, "completions", "the solution's steps, one string each"),
+                                     obj.get("labels"), "completions", "labels")
+    return StepSolution(prompt, steps, labels, _metadata(obj, ("prompt", "completions", "labels")), "completions[{i}]")
 
 
 # --- hh-rlhf, nectar and ultrafeedback -----------------------------------------------------------------------
@@ -653,11 +693,65 @@ def read_ultrafeedback(obj: Any, kind: str | None) -> Record:
     return _as_kind(preference, kind, "completions")
 
 
+# --- math-shepherd -------------------------------------------------------------------------------------------
+
+
+def read_math_shepherd(obj: Any, kind: str | None) -> Record:
+    """Math-Shepherd's records: `input` is the question and the steps, each ending with the tag ки, and `label` the
+    same text with each tag replaced by + (a good step) or - (a bad one)."""
+    obj = _record(obj, "with input and label")
+    text = _string(_required(obj, "input", "the question and its steps, each ending with the tag ки"), "input")
+    label = _string(_required(obj, "label", "input with each step's tag ки replaced by + or -"), "label")
+    pieces = text.split(_STEP_TAG)
+    tags = len(pieces) - 1
+    if not tags:
+        raise FieldError("input", f"no step tag {_STEP_TAG}; Math-Shepherd ends each step with it")
+    if len(label) != len(text) - tags * (len(_STEP_TAG) - 1):
+        raise FieldError("label", f"{len(label)} characters, but input with each of its {tags} step tags as one + or "
+                                  f"- would be {len(text) - tags * (len(_STEP_TAG) - 1)}; label is input with each tag "
+                                  "replaced by its step's label")
+    spans, labels = [], []  # each step's (start, end) in input, and its label
+    start = at = 0  # in input, in label
+    for k, piece in enumerate(pieces[:-1]):
+        end, at = start + len(piece), at + len(piece)
+        if label[at] not in "+-":
+            raise FieldError("label", f"expected + or - at character {at + 1}, where input has step {k + 1}'s tag "
+                                      f"{_STEP_TAG}, got {label[at]!r}")
+        spans.append((start, end))
+        labels.append(label[at] == "+")
+        start, at = end + len(_STEP_TAG), at + 1
+    question_end = _question_end(text, pieces[0])
+    kept = [k for k, (_, end) in enumerate(spans) if end > question_end]  # a tag in the question is a slip: dropped
+    if not kept:
+        raise FieldError("input", f"no step tag {_STEP_TAG} after the question; each step ends with one")
+    steps = [text[max(spans[k][0], question_end):spans[k][1]].strip() for k in kept]
+    for n, step in enumerate(steps, 1):
+        if not step:
+            raise FieldError(f"input (step {n})", f"empty; every step needs text before its tag {_STEP_TAG}")
+    prompt = Dialogue([Turn(text[:question_end].strip())])
+    solution = StepSolution(prompt, steps, [labels[k] for k in kept], _metadata(obj, ("input", "label")),
+                            "input (step {n})")
+    return _as_kind(solution, kind, "input")
+
+
+def _question_end(text: str, before_first_tag: str) -> int:
+    """Where the question ends: at "Step 1:", else after the first "?" before the first step tag (as TRL's conversion
+    of Math-Shepherd splits them)."""
+    first = _FIRST_STEP.search(text)
+    if first:
+        return first.start()
+    if "?" in before_first_tag:
+        return before_first_tag.index("?") + 1
+    raise FieldError("input", f"cannot tell the question from the first step: no \"Step 1:\", and no \"?\" before "
+                              f"the first step tag {_STEP_TAG}")
+
+
 # --- loading and converting ----------------------------------------------------------------------------------
 
 READERS: dict[str, Callable[[Any, str | None], Record]] = {
     "moss": read_moss, "moss-rlhf": read_moss_rlhf, "trl": read_trl, "hh-rlhf": read_hh_rlhf,
-    "ultrafeedback": read_ultrafeedback, "nectar": read_nectar, "openai": read_openai}
+    "ultrafeedback": read_ultrafeedback, "nectar": read_nectar, "openai": read_openai,
+    "math-shepherd": read_math_shepherd}
 """Each format's reader: a JSON value and a kind (None: the kind the record is) in, a record out, FieldError on bad
 input."""
 
@@ -665,15 +759,21 @@ input."""
 def _kind_of(record: Record) -> str:
     if isinstance(record, Preference):
         return "preferences"
+    if isinstance(record, StepSolution):
+        return "steps"
     return "prompts" if record.is_prompt else "sft"
 
 
-def _load(path: str | os.PathLike, kind: str | None, data_format: str) -> tuple[list[Record], str]:
-    """The records of a file and their kind (`kind`, or when None the kind most of its first records are)."""
+def _load(path: str | os.PathLike, kind: str | None, data_format: str,
+          step_separator: str = STEP_SEPARATOR) -> tuple[list[Record], str]:
+    """The records of a file and their kind (`kind`, or when None the kind most of its first records are); no step of
+    a solution in steps may hold `step_separator`."""
     if data_format not in FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; expected one of {', '.join(FORMATS)}")
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if not step_separator:
+        raise ValueError("the step separator is empty; steps are joined into the reply with it, so give one, e.g. \\n")
     objects, errors, label = read_source(path)
     sample = [obj for _, obj in objects[:DETECT_SAMPLE]]
     if data_format == "auto":
@@ -693,7 +793,7 @@ def _load(path: str | os.PathLike, kind: str | None, data_format: str) -> tuple[
         if kinds:
             kind = max(kinds, key=lambda k: (kinds[k], -KINDS.index(k)))
         else:  # no good record to tell by; the errors come all the same
-            kind = "sft" if data_format in ("moss", "openai") else "preferences"
+            kind = {"moss": "sft", "openai": "sft", "math-shepherd": "steps"}.get(data_format, "preferences")
     if data_format == "openai" and kind == "preferences":
         raise DataFileError([DataError(path, 0, "file", "openai records are single conversations with nothing to "
                                                         "rank; read them as sft or prompts, or give preferences in "
@@ -701,7 +801,10 @@ def _load(path: str | os.PathLike, kind: str | None, data_format: str) -> tuple[
     records, ranks_nothing = [], []
     for number, obj in objects:
         try:
-            records.append(read(obj, kind))
+            record = read(obj, kind)
+            if isinstance(record, StepSolution):
+                record.check_separator(step_separator)
+            records.append(record)
         except FieldError as e:
             where = "" if label is None else f" ({label.format(number)})"
             (ranks_nothing if isinstance(e, RanksNothing) else errors).append(
@@ -720,21 +823,26 @@ def _load(path: str | os.PathLike, kind: str | None, data_format: str) -> tuple[
     return records, kind
 
 
-def load(path: str | os.PathLike, kind: str | None, data_format: str = "auto") -> list[Record]:
-    """The records of a file of one kind ("sft", "prompts" or "preferences"; None: the kind they are) in
-    `data_format` (FORMATS)."""
-    return _load(path, kind, data_format)[0]
+def load(path: str | os.PathLike, kind: str | None, data_format: str = "auto",
+         step_separator: str = STEP_SEPARATOR) -> list[Record]:
+    """The records of a file of one kind (KINDS: "sft", "prompts", "preferences" or "steps"; None: the kind they are)
+    in `data_format` (FORMATS); no step of a solution in steps may hold `step_separator`."""
+    return _load(path, kind, data_format, step_separator)[0]
 
 
 def texts_of(record: Record) -> list[Dialogue]:
-    """The dialogues a record holds: itself, or a preference's prompt with each of its responses."""
-    return [record.prompt.with_reply(r) for r in record.responses] if isinstance(record, Preference) else [record]
+    """The dialogues a record holds: itself, a preference's prompt with each of its responses, or a solution's prompt
+    with its steps as the reply."""
+    if isinstance(record, Preference):
+        return [record.prompt.with_reply(r) for r in record.responses]
+    return [record.dialogue()] if isinstance(record, StepSolution) else [record]
 
 
 def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, data_format: str = "auto",
             kind: str | None = None) -> int:
     """`rlhf convert`: write a file of any format as this project's JSONL; the number of records. `kind` None: the
-    kind the records are (preferences for a ranking, sft or prompts by whether the last turn has a reply)."""
+    kind the records are (preferences for a ranking, steps for labelled steps, sft or prompts by whether the last
+    turn has a reply)."""
     records, _ = _load(in_path, kind, data_format)
     write_jsonl(out_path, records)
     return len(records)

@@ -1,6 +1,6 @@
-"""This project's records as its JSONL files hold them: dialogues (`rlhf.moss.Dialogue`), prompts and ranked
-preferences, each parsed from a JSON object with the field that is wrong named, read a line at a time and written one
-a line.
+"""This project's records as its JSONL files hold them: dialogues (`rlhf.moss.Dialogue`), prompts, ranked
+preferences and solutions in labelled steps, each parsed from a JSON object with the field that is wrong named, read a
+line at a time and written one a line.
 
 A file is read whole and every bad line is reported as `PATH:LINE: FIELD: what is wrong`; a file with any error raises
 one DataFileError and is never half-used. rlhf/formats.py reads other projects' formats into these records, and
@@ -19,9 +19,15 @@ from rlhf import files
 from rlhf.moss import Dialogue, FieldError, json_type
 
 MAX_LINE_BYTES = 8 * 1024 * 1024
-KINDS = ("sft", "prompts", "preferences")
+KINDS = ("sft", "prompts", "preferences", "steps")
+"""What a data file holds (`--kind`): SFT dialogues, prompts, ranked preferences, solutions in labelled steps."""
+
+STEP_SEPARATOR = "\n"
+"""What joins a solution's steps into MOSS's reply, and splits a reply back into steps (`prm.step_separator`'s
+default): a step never contains it."""
 
 _PREFERENCE_KEYS = ("responses", "ranks", "chosen", "rejected", "margin")
+_STEP_KEYS = ("steps", "step_labels")
 
 T = TypeVar("T")
 
@@ -96,6 +102,47 @@ class Preference:
         out.update(responses=list(self.responses), ranks=list(self.ranks))
         if self.margin is not None:
             out["margin"] = self.margin
+        return {**out, **self.metadata}
+
+
+@dataclass
+class StepSolution:
+    """A prompt and a solution in steps, each labelled good (True: the solution can still reach the right answer
+    after it) or bad. The steps joined by the step separator are MOSS's reply to the prompt's last turn."""
+
+    prompt: Dialogue
+    steps: list[str]
+    labels: list[bool]
+    metadata: dict = field(default_factory=dict)
+    step_field: str = field(default="turns[-1].steps[{i}]", compare=False, repr=False)
+    """How an error names step i (0-based) in the record it was read from, e.g. `completions[{i}]` (TRL's)."""
+
+    def reply(self, separator: str = STEP_SEPARATOR) -> str:
+        return separator.join(self.steps)
+
+    def dialogue(self, separator: str = STEP_SEPARATOR) -> Dialogue:
+        """The prompt with the steps as MOSS's reply, and the record's metadata."""
+        dialogue = self.prompt.with_reply(self.reply(separator))
+        dialogue.metadata = {**dialogue.metadata, **self.metadata}
+        return dialogue
+
+    @property
+    def first_error(self) -> int | None:
+        """The index of the first bad step, None when every step is good."""
+        return next((i for i, good in enumerate(self.labels) if not good), None)
+
+    def check_separator(self, separator: str) -> None:
+        """FieldError naming the first step that holds `separator`: joined into one reply, it would split in two."""
+        for i, step in enumerate(self.steps):
+            if separator in step:
+                raise FieldError(self.step_field.format(i=i, n=i + 1),
+                                 f"contains the step separator {separator!r}, so the reply would split into other "
+                                 "steps than the labels are for; remove it from the step, or pick another "
+                                 "prm.step_separator")
+
+    def to_json(self) -> dict:
+        out = self.prompt.to_json()
+        out["turns"][-1].update(steps=list(self.steps), step_labels=list(self.labels))
         return {**out, **self.metadata}
 
 
@@ -181,6 +228,69 @@ def _responses_and_ranks(obj: dict) -> tuple[list[str], list[int]]:
     return responses, ranks
 
 
+def steps_and_labels(steps: Any, labels: Any, steps_field: str, labels_field: str) -> tuple[list[str], list[bool]]:
+    """A solution's steps (one or more strings with text) and their labels (a bool each), checked; the fields name
+    where a record holds them (`completions`, `labels` in TRL's)."""
+    if not isinstance(steps, list):
+        raise FieldError(steps_field, f"expected a list of strings, got {json_type(steps)}")
+    if not steps:
+        raise FieldError(steps_field, "empty; a solution has at least one step")
+    for i, step in enumerate(steps):
+        if not isinstance(step, str):
+            raise FieldError(f"{steps_field}[{i}]", f"expected a string, got {json_type(step)}")
+        if not step.strip():
+            raise FieldError(f"{steps_field}[{i}]", "empty; every step needs text")
+    if labels is None:
+        raise FieldError(labels_field, "missing; one label a step, true while the solution can still reach the "
+                                       "right answer")
+    if not isinstance(labels, list):
+        raise FieldError(labels_field, f"expected a list of true/false, got {json_type(labels)}")
+    if len(labels) != len(steps):
+        raise FieldError(labels_field, f"has {len(labels)} labels but there are {len(steps)} steps; give one a step")
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):
+            raise FieldError(f"{labels_field}[{i}]", f"expected true or false, got {json_type(label)}")
+    return steps, labels
+
+
+def has_steps(obj: Any) -> bool:
+    """Whether a record of this project's schema gives a solution in steps (its last turn has `steps` or
+    `step_labels`), from its keys alone."""
+    turns = obj.get("turns") if isinstance(obj, dict) else None
+    return isinstance(turns, list) and any(isinstance(t, dict) and any(k in t for k in _STEP_KEYS) for t in turns)
+
+
+def parse_steps(obj: Any) -> StepSolution:
+    """A prompt whose last turn gives `steps` and `step_labels` in place of MOSS's reply."""
+    if not isinstance(obj, dict):
+        raise FieldError("record", f"expected a JSON object, got {json_type(obj)}")
+    turns = obj.get("turns")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
+        if "chat" in obj and "turns" not in obj:
+            raise FieldError("chat", "a raw MOSS-003 record has no steps; give turns, the last with steps and "
+                                     "step_labels")
+        parse_prompt(obj)  # says what is wrong with the turns
+        raise FieldError("turns", "expected a list of turns, the last an object with steps and step_labels")
+    last = len(turns) - 1
+    for i, turn in enumerate(turns[:-1]):
+        for key in _STEP_KEYS:
+            if isinstance(turn, dict) and key in turn:
+                raise FieldError(f"turns[{i}].{key}", "only the last turn has steps; earlier turns are the "
+                                                      "conversation so far, each with its moss reply")
+    turn = dict(turns[-1])
+    if "steps" not in turn:
+        raise FieldError(f"turns[{last}].steps", "missing; the last turn of a stepwise record gives steps and "
+                                                 "step_labels")
+    if turn.get("moss") is not None:
+        raise FieldError(f"turns[{last}].moss", "not allowed beside steps: the reply is the steps joined by the step "
+                                                "separator (prm.step_separator); remove moss")
+    steps, labels = steps_and_labels(turn.pop("steps"), turn.pop("step_labels", None), f"turns[{last}].steps",
+                                     f"turns[{last}].step_labels")
+    prompt = parse_prompt({**obj, "turns": [*turns[:-1], turn]})
+    metadata, prompt.metadata = prompt.metadata, {}
+    return StepSolution(prompt, steps, labels, metadata, f"turns[{last}].steps[{{i}}]")
+
+
 # --- files -----------------------------------------------------------------------------------------------
 
 
@@ -258,7 +368,7 @@ def load_parsed(path: str | os.PathLike, parse_record: Callable[[Any], T]) -> li
 
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict | Dialogue | Preference]) -> None:
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict | Dialogue | Preference | StepSolution]) -> None:
     """Write records one a line, atomically: readers see the old file or the whole new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with files.replacing(os.fspath(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:

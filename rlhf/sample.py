@@ -4,17 +4,20 @@ A prompt asks about one topic word (or an arithmetic expression); a reply earns 
 (or the right answer) and 0.5 for thanking the user. SFT replies mix all four qualities on purpose, so an SFT
 policy is mediocre and PPO has room to raise `rule_score`. Arithmetic questions under the plugin meta
 instruction carry their `answer`: the plugin SFT dialogues always call the calculator but more often guess than
-use its result, which gives PPO with the verifiable answer reward room too. Everything is deterministic for a seed.
+use its result, which gives PPO with the verifiable answer reward room too. A step-by-step arithmetic task gives
+process reward models their data: solutions in labelled steps, some with one slipped step, SFT dialogues whose replies
+are such solutions, and prompts with their `answer`. Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
 import sys
 
-from rlhf.data import write_jsonl
+from rlhf.data import STEP_SEPARATOR, StepSolution, write_jsonl
 from rlhf.moss import Dialogue, Turn, build_meta_instruction
 
 EN_TOPICS = ["apples", "rivers", "music", "chess", "coffee", "tigers", "snow", "stars",
@@ -73,6 +76,16 @@ TRUST_FRACTION = 0.4
 ZH_FRACTION = 0.3
 MULTI_TURN_FRACTION = 0.15
 EVAL_FRACTION = 0.2
+# The step-by-step task: `a + b - c` over one-digit operands (every such expression, and 600 of four operands), no
+# running total negative; one step a line, "3 + 4 = 7", then "The answer is 7.". A slipped solution gets one sum
+# wrong, off by 1 to 3, and carries on consistently from it, so its labels are True up to the slip and False from it
+# on (the right answer is out of reach). The PRM's data slips often enough for both labels to be common; the SFT
+# data mostly does not, so an SFT policy writes mostly right solutions and PPO with process rewards has room.
+STEP_OPERANDS = range(1, 10)
+FOUR_OPERAND_EXPRESSIONS = 600
+STEP_EVAL_EXPRESSIONS = 200
+STEP_SLIP_FRACTION = 0.35
+STEP_SFT_SLIP_FRACTION = 0.25
 
 
 # --- the rule ----------------------------------------------------------------------------------------------
@@ -299,11 +312,95 @@ def _plugin_chat(rng: random.Random, pool: _Pool) -> Dialogue:
     return dialogue
 
 
+# --- the step-by-step task ----------------------------------------------------------------------------------
+
+Expression = tuple[int, tuple[tuple[str, int], ...]]  # the first operand, then (operator, operand) pairs
+
+
+def _running_totals(expression: Expression) -> list[int]:
+    first, rest = expression
+    totals = [first]
+    for op, x in rest:
+        totals.append(totals[-1] + x if op == "+" else totals[-1] - x)
+    return totals
+
+
+def _expression_text(expression: Expression) -> str:
+    first, rest = expression
+    return " ".join([str(first), *(f"{op} {x}" for op, x in rest)])
+
+
+def _step_expressions(rng: random.Random) -> tuple[list[Expression], list[Expression]]:
+    """Every three-operand expression and FOUR_OPERAND_EXPRESSIONS four-operand ones, no running total negative,
+    split into train and STEP_EVAL_EXPRESSIONS held out."""
+    def every(n: int) -> list[Expression]:
+        found = []
+        for operands in itertools.product(STEP_OPERANDS, repeat=n):
+            for ops in itertools.product("+-", repeat=n - 1):
+                expression = (operands[0], tuple(zip(ops, operands[1:])))
+                if min(_running_totals(expression)) >= 0:
+                    found.append(expression)
+        return found
+
+    expressions = every(3) + rng.sample(every(4), FOUR_OPERAND_EXPRESSIONS)
+    rng.shuffle(expressions)
+    return expressions[STEP_EVAL_EXPRESSIONS:], expressions[:STEP_EVAL_EXPRESSIONS]
+
+
+def _step_prompt(rng: random.Random, expression: Expression) -> Dialogue:
+    text = _expression_text(expression)
+    human = rng.choice(_MATH_PROMPTS["en"]).format(e=text)
+    return Dialogue([Turn(human=human)], SAMPLE_META_INSTRUCTION,
+                    {"task": "steps", "expression": text, "answer": str(_running_totals(expression)[-1])})
+
+
+def _step_solution(rng: random.Random, expression: Expression, slip: bool) -> StepSolution:
+    """A solution, one arithmetic step a line and the answer last; with `slip`, one arithmetic step is off by 1 to 3
+    and the later steps compute on from it, so their labels are False from the slip on."""
+    totals = _running_totals(expression)
+    _, rest = expression
+    slip_at = rng.randrange(len(rest)) if slip else len(rest) + 1  # the first bad step; past the end: none
+    delta = 0
+    if slip:  # off by 1 to 3, no running total from the slip on below zero
+        delta = rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if min(totals[slip_at + 1:]) + d >= 0])
+    written = [total + (delta if i > slip_at else 0) for i, total in enumerate(totals)]
+    steps = [f"{written[k]} {op} {x} = {written[k + 1]}" for k, (op, x) in enumerate(rest)]
+    steps.append(f"The answer is {written[-1]}.")
+    prompt = _step_prompt(rng, expression)
+    metadata, prompt.metadata = prompt.metadata, {}
+    return StepSolution(prompt, steps, [k < slip_at for k in range(len(steps))], metadata)
+
+
+def _step_solutions(rng: random.Random, expressions: list[Expression], slip_fraction: float) -> list[StepSolution]:
+    """One solution per expression, exactly round(slip_fraction * n) of them slipped."""
+    slipped = set(rng.sample(range(len(expressions)), round(slip_fraction * len(expressions))))
+    return [_step_solution(rng, e, i in slipped) for i, e in enumerate(expressions)]
+
+
+def _step_sft_dialogue(solution: StepSolution) -> Dialogue:
+    """What an SFT policy learns to write: the solution's steps joined, one a line, as the reply."""
+    dialogue = solution.dialogue(STEP_SEPARATOR)
+    dialogue.metadata["slipped"] = solution.first_error is not None
+    return dialogue
+
+
+def _step_files(rng: random.Random, n_steps: int, n_prompts: int) -> dict[str, list]:
+    train, held_out = _step_expressions(rng)
+    sft = _step_solutions(rng, [rng.choice(train) for _ in range(n_steps * 2 // 3)], STEP_SFT_SLIP_FRACTION)
+    return {
+        "steps_train": _step_solutions(rng, [rng.choice(train) for _ in range(n_steps)], STEP_SLIP_FRACTION),
+        "steps_eval": _step_solutions(rng, held_out, STEP_SLIP_FRACTION),
+        "steps_sft": [_step_sft_dialogue(s) for s in sft],
+        "steps_prompts": [_step_prompt(rng, rng.choice(train)) for _ in range(n_prompts)],
+        "steps_prompts_eval": [_step_prompt(rng, e) for e in held_out],
+    }
+
+
 # --- files -------------------------------------------------------------------------------------------------
 
 
 def write_sample(out_dir: str, seed: int = 0, n_sft: int = 600, n_prompts: int = 200,
-                 n_prefs: int = 400) -> dict[str, str]:
+                 n_prefs: int = 400, n_steps: int = 1500) -> dict[str, str]:
     """Write the sample's JSONL files into out_dir and return their paths by name."""
     rng = random.Random(seed)
     train, held_out = _split_pools(rng)
@@ -322,6 +419,8 @@ def write_sample(out_dir: str, seed: int = 0, n_sft: int = 600, n_prompts: int =
         "plugin_sft": plugin_sft,
         "plugin_prompts": [_math_prompt(rng, rng.choice(math_train)) for _ in range(n_prompts)],
         "plugin_prompts_eval": [_math_prompt(rng, e) for e in math_eval],
+        # A generator of its own, so the step task leaves every file above as it was before the task was added.
+        **_step_files(random.Random(f"{seed}:steps"), n_steps, n_prompts),
     }
     paths = {}
     for name, records in files.items():

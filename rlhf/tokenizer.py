@@ -15,7 +15,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from rlhf import formats
-from rlhf.data import DataFileError, load_parsed, parse_preference
+from rlhf.data import DataFileError, load_parsed, parse_preference, parse_steps
+from rlhf.records import has_steps
 from rlhf.moss import CHAT_TEMPLATE, EOM, PAD, SPECIAL_TOKENS, Dialogue, render
 
 
@@ -57,10 +58,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
 
 
 def _texts_of_record(obj: object) -> list[str]:
-    """Rendered MOSS text of one record of any kind; raises FieldError on bad input."""
+    """Rendered MOSS text of one record of any kind (steps joined as the reply); raises FieldError on bad input."""
     if isinstance(obj, dict) and ("responses" in obj or "chosen" in obj):
         preference = parse_preference(obj)
         dialogues = [preference.prompt.with_reply(r) for r in preference.responses]
+    elif has_steps(obj):
+        dialogues = [parse_steps(obj).dialogue()]  # the steps as the reply
     else:
         dialogues = [Dialogue.from_json(obj)]  # an SFT dialogue or a prompt
     return [text for dialogue in dialogues for text in _rendered(dialogue)]
@@ -72,7 +75,7 @@ def _rendered(dialogue: Dialogue) -> list[str]:
 
 
 def texts_from_files(paths: list[str], data_format: str = "auto") -> Iterator[str]:
-    """Rendered MOSS text of every record in data files of any kind (SFT, prompts, preferences): this project's
+    """Rendered MOSS text of every record in data files of any kind (SFT, prompts, preferences, steps): this project's
     JSONL record by record (a file may mix kinds), a file in another named format (`rlhf.formats`) as a whole."""
     for path in paths:
         if data_format in ("auto", "moss"):

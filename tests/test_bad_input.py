@@ -209,6 +209,54 @@ def _(tmp, kit):
     ]
 
 
+@case("validate steps: every bad line reported")
+def _(tmp, kit):
+    def steps(*steps, labels=None, **turn) -> dict:
+        return {"turns": [{"human": "What is 2 + 3?", "steps": list(steps),
+                           "step_labels": [True] * len(steps) if labels is None else labels, **turn}]}
+
+    path = jsonl(tmp / "steps.jsonl",
+                 steps("2 + 3 = 5", "The answer is 5."),
+                 SFT,                                                           # 2 a reply, no steps
+                 steps("2 + 3 = 5", "The answer is 5.", labels=[True]),        # 3 a label short
+                 steps("2 + 3\n= 5", "The answer is 5."),                      # 4 a step holding the separator
+                 steps("2 + 3 = 6", labels=["bad"]),                            # 5 wrong type
+                 steps("2 + 3 = 5", moss="2 + 3 = 5"),                          # 6 a reply beside the steps
+                 steps())                                                       # 7 no step
+    return ["validate", path, "--kind", "steps"], [
+        at(path, 2, r"turns[0].steps") + "missing",
+        at(path, 3, r"turns[0].step_labels") + "has 1 labels but there are 2 steps",
+        at(path, 4, r"turns[0].steps[0]") + "contains the step separator",
+        at(path, 5, r"turns[0].step_labels[0]") + "expected true or false, got string",
+        at(path, 6, r"turns[0].moss") + "not allowed beside steps",
+        at(path, 7, r"turns[0].steps") + "empty",
+    ]
+
+
+@case("validate steps: TRL's stepwise records")
+def _(tmp, kit):
+    trl = jsonl(tmp / "trl.jsonl",
+                {"prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5"], "labels": [True]},
+                {"prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5", "5\n"], "labels": [True, True]},
+                {"prompt": "What is 2 + 3?", "completions": ["2 + 3 = 5"], "labels": [1]})
+    return ["validate", trl, "--kind", "steps", "--data-format", "trl"], [
+        at(trl, 2, r"completions[1]") + "contains the step separator",
+        at(trl, 3, r"labels[0]") + "expected true or false, got int",
+    ]
+
+
+@case("validate steps: Math-Shepherd records")
+def _(tmp, kit):
+    path = jsonl(tmp / "shepherd.jsonl",
+                 {"input": "2 + 3? Step 1: 2 + 3 = 5 ки", "label": "2 + 3? Step 1: 2 + 3 = 5 +", "task": "GSM8K"},
+                 {"input": "2 + 3? Step 1: 2 + 3 = 5 ки", "label": "2 + 3? Step 1: 2 + 3 = 5 ки"},  # 2 tag kept
+                 {"input": "2 + 3: 2 + 3 = 5 ки", "label": "2 + 3: 2 + 3 = 5 -"})  # 3 no question to tell
+    return ["validate", path, "--kind", "steps", "--data-format", "math-shepherd"], [
+        at(path, 2, "label") + r"\d+ characters, but input with each of its 1 step tags as one \+ or - would be",
+        at(path, 3, "input") + "cannot tell the question from the first step",
+    ]
+
+
 @case("validate: empty file")
 def _(tmp, kit):
     path = tmp / "empty.jsonl"

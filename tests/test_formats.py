@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.data import DataFileError, Preference, load_dialogues, load_preferences, load_prompts, load_records, validate
+from rlhf.data import (DataFileError, Preference, StepSolution, load_dialogues, load_preferences, load_prompts,
+                       load_records, validate)
 from rlhf.formats import FORMATS, convert
 from rlhf.moss import Dialogue, Turn
 from rlhf.tools import default_registry, parse_command
@@ -47,6 +48,9 @@ CASES = {
     "trl prompt-only": ("trl", "prompts", [{"prompt": [ASK]}], [Dialogue([Turn("2+3?")])]),
     "trl prompt-completion": ("trl", "sft", [{"prompt": "2+3?", "completion": "5"}],
                               [Dialogue([Turn("2+3?", moss="5")])]),
+    "trl stepwise": ("trl", "steps", [{"prompt": "2+3+4?", "completions": ["2 + 3 = 5", "5 + 4 = 10"],
+                                       "labels": [True, False], "id": 3}],
+                     [StepSolution(Dialogue([Turn("2+3+4?")]), ["2 + 3 = 5", "5 + 4 = 10"], [True, False], {"id": 3})]),
     "hh-rlhf": ("hh-rlhf", "preferences",
                 [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+3?\n\nAssistant: 5",
                   "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+3?\n\nAssistant: 6"}],
@@ -82,6 +86,11 @@ CASES = {
         [Dialogue([Turn("2+3?", inner_thoughts="I should calculate it.", commands='Calculate("2+3")',
                         results='Calculate("2+3") => 5', moss="2+3 is 5.")], "You are MOSS.\n",
                   {"tools": [{"type": "function", "function": {"name": "Calculate"}}]})]),
+    "math-shepherd": ("math-shepherd", "steps",
+                      [{"input": "2+3+4? Step 1: 2 + 3 = 5 ки\nStep 2: 5 + 4 = 10 ки",
+                        "label": "2+3+4? Step 1: 2 + 3 = 5 +\nStep 2: 5 + 4 = 10 -", "task": "GSM8K"}],
+                      [StepSolution(Dialogue([Turn("2+3+4?")]), ["Step 1: 2 + 3 = 5", "Step 2: 5 + 4 = 10"],
+                                    [True, False], {"task": "GSM8K"})]),
 }
 
 
@@ -263,6 +272,8 @@ BAD = {
                                                              {"response": "6", "overall_score": "low"}]},
     "nectar": {"prompt": "\n\nHuman: 2+3?\n\nAssistant:", "answers": [{"answer": "5", "rank": 1}, {"answer": "6"}]},
     "openai with a tool call": {"messages": [ASK, {"role": "tool", "content": "5"}, say("5")]},
+    "trl stepwise": {"prompt": "2+3?", "completions": ["2 + 3 = 5"], "labels": ["+"]},
+    "math-shepherd": {"input": "2+3? Step 1: 2 + 3 = 5 ки", "label": "2+3? Step 1: 2 + 3 = 5 ?"},
 }
 EXPECTED = {
     "moss-rlhf prompts": "record[1]: expected a string, got int",
@@ -273,6 +284,8 @@ EXPECTED = {
     "ultrafeedback": "completions[1].overall_score: expected a number, got string",
     "nectar": "answers[1].rank: missing",
     "openai with a tool call": "messages[1]: a tool result with no tool call before it",
+    "trl stepwise": "labels[0]: expected true or false, got string",
+    "math-shepherd": "label: expected + or - at character 24, where input has step 1's tag ки, got '?'",
 }
 
 
@@ -305,7 +318,7 @@ def test_ties_and_bad_files(tmp_path: Path):
     unknown = write_jsonl(tmp_path / "text.jsonl", [{"text": "Hello"}])
     assert errors_of(load_dialogues, unknown) == [
         f"{unknown}:0: file: cannot tell the data format from its first records; pass --data-format with one of "
-        "moss, moss-rlhf, trl, hh-rlhf, ultrafeedback, nectar, openai"]
+        "moss, moss-rlhf, trl, hh-rlhf, ultrafeedback, nectar, openai, math-shepherd"]
     chats = write_jsonl(tmp_path / "chats.jsonl", CASES["openai with a tool call"][2])
     [error] = errors_of(load_preferences, chats, "openai")
     assert error.startswith(f"{chats}:0: file: openai records are single conversations with nothing to rank")

@@ -9,16 +9,20 @@ import re
 
 import pytest
 
-from rlhf.data import load_dialogues, load_preferences, load_prompts
+from rlhf.data import load_dialogues, load_preferences, load_prompts, load_steps
 from rlhf.moss import Dialogue, Turn, render
 from reward.rules import answer_reward
 from rlhf.sample import (EN_TOPICS, ZH_TOPICS, prompt_key, rule_score, run_sample, score_responses,
                          write_sample)
+from rlhf.tokenizer import texts_from_files
 
 LOADERS = {"sft_train": load_dialogues, "sft_eval": load_dialogues, "plugin_sft": load_dialogues,
            "prompts_train": load_prompts, "prompts_eval": load_prompts, "plugin_prompts": load_prompts,
            "plugin_prompts_eval": load_prompts,
-           "prefs_train": load_preferences, "prefs_eval": load_preferences}
+           "prefs_train": load_preferences, "prefs_eval": load_preferences,
+           "steps_train": load_steps, "steps_eval": load_steps, "steps_sft": load_dialogues,
+           "steps_prompts": load_prompts, "steps_prompts_eval": load_prompts}
+"""Every file `rlhf sample` writes; the step-by-step task's files are checked further in tests/test_steps_data.py."""
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def test_files_load_with_the_data_loaders(sample):
     assert sizes["sft_train"] == 600 and sizes["prompts_train"] == 200 and sizes["prefs_train"] == 400
     assert all(n > 0 for n in sizes.values())
     total_bytes = sum(open(p, "rb").seek(0, 2) for p in paths.values())
-    assert total_bytes < 1_000_000
+    assert total_bytes < 2_000_000
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path, sample):
@@ -156,3 +160,25 @@ def test_run_sample_prints_a_summary(tmp_path, capsys):
     assert run_sample(str(tmp_path / "s"), seed=3) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "sample:" in out and str(tmp_path / "s") in out
+
+
+def test_the_step_task_replies_end_with_the_answer_the_answer_rule_reads(sample):
+    """PPO's `answer` rule on the step SFT replies: the slipped ones miss the prompt's answer, the others give it."""
+    _, records = sample
+    sft = records["steps_sft"]
+    assert [answer_reward(d.metadata, d.turns[-1].moss) for d in sft] == [float(not d.metadata["slipped"]) for d in sft]
+    for solution in records["steps_train"]:
+        assert answer_reward(solution.metadata, solution.reply()) == float(solution.first_error is None)
+
+
+def test_the_demo_tokenizer_corpus_holds_every_word_of_the_step_task(sample):
+    """The demo's tokenizer trains on sft_train, prefs_train and plugin_sft, left as they were (so the demo is too):
+    every word and symbol of the step task's text is in that text, so its merges serve the step task as well."""
+    paths, _ = sample
+
+    def words(names: tuple[str, ...]) -> set[str]:
+        text = "".join(texts_from_files([paths[name] for name in names]))
+        return set(re.findall(r"[A-Za-z]+|[^\sA-Za-z0-9]", text))
+
+    step_words = words(("steps_train", "steps_eval", "steps_sft", "steps_prompts"))
+    assert {"answer", "+", "-", "="} <= step_words <= words(("sft_train", "prefs_train", "plugin_sft"))
