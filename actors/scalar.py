@@ -1,6 +1,8 @@
-"""The scalar-head roles: the reward (a frozen preference model), the critic, and the preference-model trainer.
+"""The scalar-head roles: the reward (a frozen preference model), the critic, and the preference-model and
+process-reward-model trainers.
 
-All three hold a `reward.model.ScalarHeadModel`: one value per position, the reward read at a dialogue's last token.
+All hold a `reward.model.ScalarHeadModel`: one value per position, the reward read at a dialogue's last token, a
+step's score at the step's last token.
 With a token budget (`max_tokens_per_micro_batch`) micro-batches are rows packed end to end without padding
 (`rlhf.batching.Packing`); every value is the padded path's.
 """
@@ -15,16 +17,20 @@ from actors.engine import (check_packable, deepspeed_config, load_partitioned, p
                            say_unloaded)
 from actors.rank import RankWorker
 from reward.batches import EncodedList
-from reward.losses import ranking_loss
+from reward.losses import ranking_loss, step_loss
 from reward.model import ScalarHeadModel, last_index, load_reward_stats
-from rlhf.batching import Batch, Packing, position_ids, trim_left_padding, trim_padding
+from reward.steps import EncodedSteps, at_steps, collate_steps
+from rlhf.batching import Batch, Packing, fill_bins, position_ids, trim_left_padding, trim_padding
 from rlhf.modeling import apply_lora_config, atomic_directory, build_causal_lm, write_text_files
 from rlhf.ppo_math import logprobs_from_logits, value_loss
-from rlhf.roles import RankingStep, UpdatePlan, ValueLoss
+from rlhf.roles import PRMStep, RankingStep, UpdatePlan, ValueLoss
 
 
 class ScalarWorker(RankWorker):
-    """What the three scalar roles share: the model (LoRA on its backbone when trained so) and its values."""
+    """What the scalar roles share: the model (LoRA on its backbone when trained so) and its values."""
+
+    CLASSIFIER = "sequence"
+    """The transformers classifier final/ also loads as (`reward.model.CLASSIFIERS`)."""
 
     def build(self) -> torch.nn.Module:
         spec = self.spec
@@ -90,6 +96,21 @@ class ScalarWorker(RankWorker):
         mb = trim_left_padding(mb)
         values = self._values({"input_ids": mb["sequences"], "attention_mask": mb["attention_mask"]})
         return values[:, -width - 1:-1]
+
+    @dispatch(reduce="first")
+    def save_pretrained(self, out_dir: str, stats: Optional[dict] = None, merge_lora: bool = True,
+                        extra_files: Optional[dict] = None) -> None:
+        """All ranks call this; rank 0 writes the LM (merged when LoRA), the head, the stats, the tokenizer and
+        `extra_files` (name -> text): a directory that also loads as the role's transformers classifier
+        (`CLASSIFIER`, `reward.model`), whose pad token is the tokenizer's."""
+        def write() -> None:
+            with atomic_directory(out_dir) as tmp:
+                self.engine.module.save_pretrained(tmp, stats=stats, merge_lora=merge_lora,
+                                                   pad_token_id=self.tokenizer.pad_token_id,
+                                                   classifier=self.CLASSIFIER)
+                self.tokenizer.save_pretrained(tmp)
+                write_text_files(tmp, extra_files)
+        self.engine.write_on_rank0(self.rank, write)
 
 
 class RewardWorker(ScalarWorker):
@@ -233,19 +254,58 @@ class RMWorker(ScalarWorker):
                     offset += len(lst.rows)
         return out
 
-    @dispatch(reduce="first")
-    def save_pretrained(self, out_dir: str, stats: Optional[dict] = None, merge_lora: bool = True,
-                        extra_files: Optional[dict] = None) -> None:
-        """All ranks call this; rank 0 writes the LM (merged when LoRA), the head, the stats, the tokenizer and
-        `extra_files` (name -> text): a directory that also loads as a sequence classifier (`reward.model`), whose
-        pad token is the tokenizer's."""
-        def write() -> None:
-            with atomic_directory(out_dir) as tmp:
-                self.engine.module.save_pretrained(tmp, stats=stats, merge_lora=merge_lora,
-                                                   pad_token_id=self.tokenizer.pad_token_id)
-                self.tokenizer.save_pretrained(tmp)
-                write_text_files(tmp, extra_files)
-        self.engine.write_on_rank0(self.rank, write)
+class PRMWorker(ScalarWorker):
+    """A process-reward-model rank: each solution encoded once, every step's score (the logit that the solution can
+    still reach the right answer) read at the step's last token."""
+
+    CLASSIFIER = "token"
+
+    def _solution_steps(self, items: list[EncodedSteps], train: bool = True, by_length: bool = True):
+        """Micro-batches of solutions, each with whether it is real: `micro_batch_size` solutions each, or with a
+        token budget (`max_tokens_per_micro_batch`) solutions packed end to end."""
+        pad = self.tokenizer.pad_token_id
+        if not self.budget:
+            ordered = sorted(items, key=lambda e: len(e.ids)) if by_length else list(items)
+            micro = self.spec.role.micro_batch_size
+            return ((collate_steps(ordered[i:i + micro], pad), True) for i in range(0, len(ordered), micro))
+        groups = fill_bins([len(e.ids) for e in items], self.budget, in_order=not by_length)
+        return self.engine.micro_steps([collate_steps([items[i] for i in group], pad) for group in groups], train)
+
+    def _step_logits(self, mb: Batch, real: bool = True) -> torch.Tensor:
+        """[b, S] scores at the steps' last tokens (0 past a row's steps)."""
+        if self.budget:
+            return self._packed_values(mb, "input_ids", mb["step_index"], real)
+        seq = trim_padding({"input_ids": mb["input_ids"], "attention_mask": mb["attention_mask"]})
+        return at_steps(self._values(seq), mb["step_index"])
+
+    @dispatch(split={"items": even_items},
+              reduce={"grad_norm": "first", **{k: "sum" for k in ("loss", "correct", "steps", "encoded")}})
+    def train_step(self, items: list[EncodedSteps], step: PRMStep) -> dict:
+        """One optimizer step over this rank's solutions, the loss averaged over the global batch's labelled steps."""
+        self.engine.train()
+        encoded_before = self.sequences_encoded
+        out = {"loss": 0.0, "correct": 0.0, "steps": 0.0}
+        for mb, real in self._solution_steps(items):
+            res = step_loss(self._step_logits(mb, real), mb["labels"].to(self.device), mb["step_mask"].to(self.device),
+                            step.num_steps)
+            self.engine.backward_step(res["loss"], real)
+            if real:
+                out["loss"] += float(res["loss"].detach())
+                out["correct"] += float(res["correct"])
+                out["steps"] += float(res["steps"])
+        return out | {"encoded": self.sequences_encoded - encoded_before, "grad_norm": self.engine.grad_norm()}
+
+    @dispatch(split={"items": padded_items}, reduce="concat")
+    def evaluate(self, items: list[EncodedSteps]) -> dict:
+        """Per solution, in order: the probability that each of its steps is good."""
+        self.engine.eval()
+        probabilities: list[torch.Tensor] = []
+        with torch.no_grad():
+            for mb, real in self._solution_steps(items, train=False, by_length=False):
+                p = torch.sigmoid(self._step_logits(mb, real).float()).cpu()  # a repeat too: ZeRO-3 runs in lockstep
+                if real:
+                    probabilities += [row[:int(n)] for row, n in zip(p, mb["step_mask"].sum(1))]
+        return {"probabilities": probabilities}
 
 
 def _last_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -66,3 +66,14 @@ def ranking_loss(
         accuracy = (diff > 0).float().mean()
         mean_margin = diff.mean()
     return {"loss": loss, "accuracy": accuracy, "mean_margin": mean_margin, "num_pairs": num_pairs}
+
+
+def step_loss(logits: Tensor, labels: Tensor, mask: Tensor, num_steps: int) -> dict:
+    """A process reward model's loss: binary cross-entropy of each labelled step's score (the logit of "the solution
+    can still reach the right answer") against its label, summed over the micro-batch's steps and divided by the
+    labelled steps of the whole global batch (`num_steps`), so a step's gradient is the same however ranks and
+    micro-batches split it. Also the steps predicted right (good at probability >= 0.5, logit >= 0)."""
+    mask = mask.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    right = ((logits >= 0).float() == labels.float()).float() * mask
+    return {"loss": (bce * mask).sum() / max(1, num_steps), "correct": right.sum(), "steps": mask.sum()}

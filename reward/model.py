@@ -64,22 +64,37 @@ def _new_head(hidden_size: int) -> torch.nn.Linear:
     return head
 
 
-def seq_cls_layout(config: Any) -> tuple[str, list[str], set[str]] | None:
-    """transformers' sequence classifier for `config`'s architecture, read off an empty (meta) instance: its class
-    name, its head's weight names and its backbone's; None when transformers has none (CodeGen)."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+CLASSIFIERS = ("sequence", "token")
+"""The transformers classifiers a scalar-head model's directory also loads as: a preference model a sequence
+classifier (its score at the last token), a process reward model a token classifier (a score at every token)."""
 
-    if getattr(config, "model_type", None) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+
+def seq_cls_layout(config: Any, classifier: str = "sequence") -> tuple[str, list[str], set[str]] | None:
+    """transformers' sequence (or token) classifier for `config`'s architecture, read off an empty (meta) instance:
+    its class name, its head's weight names and its backbone's; None when transformers has none (CodeGen)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                                                        MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES)
+
+    auto, names = {"sequence": (AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+                   "token": (AutoModelForTokenClassification, MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES)}[classifier]
+    if getattr(config, "model_type", None) not in names:
         return None
     config = copy.deepcopy(config)
     config.num_labels = 1
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto.from_config(config)
     prefix = f"{model.base_model_prefix}."
     keys = list(model.state_dict())
     head = [k for k in keys if not k.startswith(prefix)]
     return type(model).__name__, head, {k for k in keys if k.startswith(prefix)}
+
+
+def saved_classifier(config: Any) -> str:
+    """Which classifier a saved directory's config names beside its causal LM: "token" for a process reward model's
+    `*ForTokenClassification`, else "sequence"."""
+    return "token" if any(a.endswith("ForTokenClassification") for a in getattr(config, "architectures", None) or ()) \
+        else "sequence"
 
 
 def _read_tensors(path: str, names: list[str]) -> dict[str, Tensor]:
@@ -212,11 +227,12 @@ class ScalarHeadModel(torch.nn.Module):
         return self._values(hidden), logits
 
     def save_pretrained(self, out_dir: str, stats: dict | None = None, merge_lora: bool = True,
-                        pad_token_id: int | None = None) -> None:
+                        pad_token_id: int | None = None, classifier: str = "sequence") -> None:
         """An HF model directory (safetensors; LoRA merged in) that loads as a causal LM and, where transformers has
         one, as a sequence classifier (see the module's docstring), plus `value_head.safetensors` and optional reward
         stats; with LoRA also the adapter in PEFT's format with the head in `adapter/` (and, without merge_lora, only
-        that). pad_token_id is the tokenizer's, which the classifier needs to find each row's last token.
+        that). pad_token_id is the tokenizer's, which the classifier needs to find each row's last token; a process
+        reward model's view is the token `classifier`.
 
         The tokenizer is the caller's to save; out_dir is expected to be a temp dir renamed into place later.
         """
@@ -229,7 +245,7 @@ class ScalarHeadModel(torch.nn.Module):
             save_file(head, os.path.join(adapter, HEAD_FILE))
         if self.peft is None or merge_lora:
             state = merged_state_dict(self.lm) or dict(self.lm.state_dict())  # a new dict: saving consumes it
-            config = self._classifier_view(state, head, pad_token_id)
+            config = self._classifier_view(state, head, pad_token_id, classifier)
             self.lm.save_pretrained(out_dir, state_dict=state)
             if config is not None:
                 config.save_pretrained(out_dir)  # after the LM's own, which names only its class
@@ -238,12 +254,12 @@ class ScalarHeadModel(torch.nn.Module):
             with open(os.path.join(out_dir, STATS_FILE), "w", encoding="utf-8") as f:
                 json.dump(stats, f, indent=2)
 
-    def _classifier_view(self, state: dict[str, Tensor], head: dict[str, Tensor],
-                         pad_token_id: int | None) -> Any | None:
-        """Put the head into `state` under the name transformers' sequence classifier gives it and return the config
-        that names both classes; None, with `state` untouched, when there is no such classifier or it could not give
-        this head's scores exactly."""
-        layout = seq_cls_layout(self.config)
+    def _classifier_view(self, state: dict[str, Tensor], head: dict[str, Tensor], pad_token_id: int | None,
+                         classifier: str = "sequence") -> Any | None:
+        """Put the head into `state` under the name transformers' sequence (or token) classifier gives it and return
+        the config that names both classes; None, with `state` untouched, when there is no such classifier or it
+        could not give this head's scores exactly."""
+        layout = seq_cls_layout(self.config, classifier)
         if layout is None:
             return None
         name, head_keys, backbone = layout
@@ -308,7 +324,7 @@ def _saved_head(path: str, lm: PreTrainedModel, unused: set[str], missing: set[s
     """The head saved with the causal LM just loaded from `path` ({"weight", "bias"}), from value_head.safetensors or
     the classifier's weights that the LM left `unused`; None when there is none. Shows transformers' load report
     when it says more than that one class's head is not the other's."""
-    layout = seq_cls_layout(lm.config)
+    layout = seq_cls_layout(lm.config, saved_classifier(lm.config))
     classifier_keys = [k for k in layout[1] if k in unused] if layout else []
     classifier = _classifier_head(path, classifier_keys)
     tensors = _head_file(path)

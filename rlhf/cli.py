@@ -119,6 +119,15 @@ def cmd_rm_eval(args) -> int:
     return run_rm_eval(args.model, args.data, cfg)
 
 
+def cmd_prm_eval(args) -> int:
+    cfg = _config(args, "prm")
+    cfg.data.format = args.data_format or cfg.data.format
+    from rlhf.commands import check_model
+    check_model(args.model, "--model", "reward")
+    from rlhf.drivers.prm import run_prm_eval
+    return run_prm_eval(args.model, args.data, cfg)
+
+
 def cmd_rm_strength(args) -> int:
     """An ensemble of preference models on Ray; each pair's preference strength into OUTPUT/strength.jsonl."""
     _check_output(args.output, uri_ok=False)
@@ -244,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the preference model (rlhf rm's final/, or a sequence classifier)")
     p.add_argument("--data", required=True, help="held-out ranked preferences, as `rlhf rm` reads them")
     p.add_argument("--config", help="an rm config whose data and model sections apply (default: the defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    _data_format_arg(p)
+
+    p = add("prm-eval", cmd_prm_eval, "print step_accuracy, first_error_accuracy and steps of a process reward "
+            "model as JSON")
+    p.add_argument("--model", required=True, help="the process reward model (rlhf prm's final/)")
+    p.add_argument("--data", required=True, help="held-out solutions in labelled steps, as `rlhf prm` reads them")
+    p.add_argument("--config", help="a prm config whose data, model and prm sections apply (default: the defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     _data_format_arg(p)
 

@@ -91,6 +91,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                                            "a scalar head is added"),
              Flag("--data", "data.train", "ranked preferences: a prompt and K responses, best first")),
             models={"model.path": ""}),
+    Command("prm", "train a process reward model from solutions whose steps are labelled", "rlhf.drivers.prm:run_prm",
+            (Flag("--model", "model.path", "the model the process reward model starts from (usually the SFT's "
+                                           "final/); a scalar head is added, read at each step's last token"),
+             Flag("--data", "data.train", "solutions in labelled steps (TRL's prompt/completions/labels, this "
+                                          "project's steps/step_labels, Math-Shepherd's; see --data-format)")),
+            models={"model.path": ""}),
     Command("dpo", "listwise DPO of the policy from ranked responses (reference scored once on Ray)",
             "rlhf.drivers.dpo:run_dpo",
             (Flag("--model", "model.path", "the policy to start from (also the reference)"),
@@ -106,7 +112,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
                     "roles.critic.model": "reward"},
             files=("data.train", "data.eval", "data.ptx")),
 )}
-"""The training commands: `rlhf sft|rm|dpo|ppo`, what `rlhf sweep` searches and `rlhf pipeline` chains."""
+"""The training commands: `rlhf sft|rm|prm|dpo|ppo`, what `rlhf sweep` searches and `rlhf pipeline` chains."""
 
 
 def check_model(path: str, label: str, kind: str = "") -> None:

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rlhf import files
+from rlhf import files, key_reads
 from rlhf.formats import FORMATS
 
 
@@ -184,6 +184,14 @@ class RewardLossConfig:
 
 
 @dataclass
+class ProcessRewardConfig:
+    """The `prm:` section: how a solution's steps are read (`rlhf prm`, `rlhf prm-eval`)."""
+    step_separator: str = "\n"
+    """What joins a solution's steps into MOSS's reply, and splits a reply back into steps; the PRM reads each step's
+    score at its last token. Written into final/ (prm.json), so PPO and best-of-N split replies the same way."""
+
+
+@dataclass
 class DPOLossConfig:
     loss: str = "listwise"
     """listwise (Plackett-Luce over the whole ranking), pairwise (DPO over every pair) or ipo."""
@@ -259,7 +267,8 @@ class RoleConfig:
 
     def frozen(self, model: str = "") -> "FrozenRoleConfig":
         """The same ranks as a role that only scores (DPO's reference, laid out as its policy)."""
-        return FrozenRoleConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RoleConfig)}, model=model)
+        role = FrozenRoleConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RoleConfig)}, model=model)
+        return key_reads.carry(role, self)
 
 
 @dataclass
@@ -493,7 +502,7 @@ class SFTConfig(RunConfig):
 
     def role(self) -> TrainedRoleConfig:
         """The trained group as a role, as PPO's policy is described."""
-        return TrainedRoleConfig(layout=self.layout, deepspeed=RoleDeepSpeedConfig(**dataclasses.asdict(self.deepspeed)),
+        return TrainedRoleConfig(layout=self.layout, deepspeed=key_reads.converted(self.deepspeed, RoleDeepSpeedConfig),
                                  optim=self.optim, lora=self.lora, micro_batch_size=self.train.micro_batch_size,
                                  max_tokens_per_micro_batch=self.train.max_tokens_per_micro_batch)
 
@@ -527,6 +536,15 @@ class RMConfig(SFTConfig):
 
     def groups(self) -> tuple[str, ...]:
         return ("reward",)
+
+
+@dataclass
+class PRMConfig(SFTConfig):
+    """`rlhf prm`: SFT's sections and how steps are read; a binary loss over every labelled step."""
+    prm: ProcessRewardConfig = field(default_factory=ProcessRewardConfig)
+
+    def groups(self) -> tuple[str, ...]:
+        return ("prm",)
 
 
 @dataclass
@@ -617,15 +635,17 @@ class PPOPlan:
     """Micro-batches a rank of the policy / critic runs per optimizer step."""
 
 
-CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
-                            "generate": GenerateConfig}
-"""The config class of each command that takes --config (rm-eval and rm-strength read rm's); what each training
-command does with it is its record in rlhf.commands."""
+CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "prm": PRMConfig, "dpo": DPOConfig,
+                            "ppo": PPOConfig, "generate": GenerateConfig}
+"""The config class of each command that takes --config (rm-eval and rm-strength read rm's, prm-eval prm's); what
+each training command does with it is its record in rlhf.commands."""
 
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ROLE_NAMES = ("policy", "reference", "reward", "critic", "rollout")
-AnyConfig = Union[SFTConfig, RMConfig, DPOConfig, PPOConfig, GenerateConfig]
+AnyConfig = Union[SFTConfig, RMConfig, PRMConfig, DPOConfig, PPOConfig, GenerateConfig]
+key_reads.watch(c for c in list(globals().values())
+                if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == __name__)
 
 
 def _choices() -> dict[str, tuple]:
@@ -687,6 +707,8 @@ def check(cfg: AnyConfig) -> AnyConfig:
             raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
         if cfg.dpo.label_smoothing and cfg.dpo.loss == "ipo":
             raise ConfigError("dpo.label_smoothing: not defined for the ipo loss; set it to 0 or pick listwise/pairwise")
+    if isinstance(cfg, PRMConfig) and not cfg.prm.step_separator:
+        raise ConfigError("prm.step_separator: must not be empty; it splits a reply into its steps")
     if isinstance(cfg, (PPOConfig, DPOConfig, GenerateConfig)):
         _check_generation(cfg.generation)
     if isinstance(cfg, PPOConfig):
@@ -869,7 +891,8 @@ def load_config(command: str, path: Optional[str] = None, overrides: Optional[li
         key = getattr(err, "full_key", None)
         msg = _one_line(getattr(err, "msg", None) or err).split(" full_key:")[0]
         raise ConfigError(f"{where}{key + ': ' if key else ''}{msg}") from None
-    return check(cfg)
+    key_reads.stamp(check(cfg), command)
+    return cfg
 
 
 def _owner(key: str, command: str) -> Optional[str]:
@@ -975,6 +998,11 @@ def set_key(cfg: Any, key: str, value: Any) -> None:
 
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def as_dict(cfg: Any) -> dict:
+    """The config as plain dicts and values, to show or record it (W&B's run config): not a use of its keys."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def save_config(cfg: Any, path: str) -> None:

@@ -8,7 +8,6 @@ every iteration hands the controller batches of the same shape (see DESIGN.md, "
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from rlhf import key_reads
 from rlhf.batching import collate_prompts, pad
 from rlhf.config import UNTRANSFORMED, GenerationConfig
 from rlhf.data import load_parsed, parse_dialogue, parse_preference
@@ -197,7 +197,11 @@ later run's `max_new_tokens: auto` finds it with the model."""
 
 def lengths_file(path: str, tokenizer: Any, data_format: str = "auto") -> dict[str, str]:
     """{LENGTHS_FILE: its text} for a model trained on `path`: its replies' covering length (in the model's tokens)."""
-    lengths = reply_lengths(path, tokenizer, data_format)
+    return lengths_of(reply_lengths(path, tokenizer, data_format), path)
+
+
+def lengths_of(lengths: Sequence[int], path: str) -> dict[str, str]:
+    """{LENGTHS_FILE: its text} for a model trained on `path`, whose replies have these lengths."""
     record = {"covering_length": covering_length(lengths) if lengths else 0, "cover": REPLY_COVER,
               "longest": max(lengths, default=0), "replies": len(lengths), "data": path}
     return {LENGTHS_FILE: json.dumps(record, indent=1) + "\n"}
@@ -246,7 +250,7 @@ def fit_generation_cap(generation: GenerationConfig, tokenizer: Any, source: str
     if cap == "auto":
         print(f"{command}: generation.max_new_tokens=auto: {needed} tokens, enough for {REPLY_COVER:.0%} of {where}",
               flush=True)
-        return dataclasses.replace(generation, max_new_tokens=needed)
+        return key_reads.replaced(generation, max_new_tokens=needed)
     if cap < needed:
         print(f"{command}: generation.max_new_tokens={cap} is below {needed}, the length of {REPLY_COVER:.0%} of "
               f"{where}; replies cut there never reach <eom> (set generation.max_new_tokens={needed} or auto)",

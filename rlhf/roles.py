@@ -89,6 +89,13 @@ class RankingStep:
 
 
 @dataclass(frozen=True)
+class PRMStep:
+    """The settings of one process-reward-model step (`rlhf prm`)."""
+    num_steps: int
+    """Labelled steps of the global batch: the loss is averaged over them, whatever rank holds which."""
+
+
+@dataclass(frozen=True)
 class DPOStep:
     """The settings of one DPO step (`rlhf dpo`; rlhf.dpo_math)."""
     num_prompts: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ HEAVIEST_FIRST = (
     "test_storage.py", "test_strength.py", "test_vllm_engine.py", "test_sweep.py", "test_faults.py", "test_pipeline.py",
     "test_zero3_init.py", "test_ppo_resume.py", "test_faults_trainers.py", "test_ppo_layouts.py", "test_actor_groups.py",
     "test_dashboard.py", "test_bad_input.py", "test_lost_node.py", "test_placement.py", "test_reward_interop.py", "test_rollout.py",
-    "test_ppo_controller.py", "test_dpo.py", "test_ray_jobs.py")
+    "test_ppo_controller.py", "test_dpo.py", "test_prm.py", "test_ray_jobs.py")
 """`make test` hands whole files to its two workers (`--dist loadfile --no-loadscope-reorder`) in this order, the
 longest first, so neither waits on the other's session fixture at the start nor runs a long file alone at the end."""
 
@@ -111,12 +112,62 @@ def local_ray():
     yield
 
 
+def pytest_configure(config):
+    """The whole session's processes (xdist workers, Ray workers, commands run as subprocesses) record the config
+    keys they read (`rlhf.key_reads`) into one directory, for the dead-key check at the end."""
+    from rlhf import key_reads
+    if not hasattr(config, "workerinput") and not key_reads.enabled():
+        os.environ[key_reads.ENV] = tempfile.mkdtemp(prefix="rlhf-key-reads-")
+        config.key_reads_dir = os.environ[key_reads.ENV]
+
+
+KEYS_READ_ONLY_WITH_CUDA = {"deepspeed.offload_optimizer", "deepspeed.offload_param"}
+"""Keys the code reads only on a CUDA device (actors/engine.py: there is nothing to offload to on CPU); the GPU tests
+(tests/test_gpu.py) are where they are used."""
+
+
+def unread_keys(read: set[str]) -> list[str]:
+    """Every key (a dotted path of a training command's config) that no process of the session read at that path in
+    any command; e.g. `roles.reference.optim.lr` is read only if a reference group's optimizer was, whatever other
+    `.lr` was read. The same path in two commands' configs is one setting read by the same code, so one command's run
+    that reads it is enough."""
+    from rlhf.commands import COMMANDS
+    from rlhf.config import config_keys
+    paths = {key.partition(":")[2] for key in read}
+    unread = []
+    for command in COMMANDS.values():
+        keys = config_keys(command.config)
+        leaves = [k for k in keys if not any(other.startswith(k + ".") for other in keys)]
+        unread += [k for k in leaves if k not in paths and k not in unread and k not in KEYS_READ_ONLY_WITH_CUDA]
+    return unread
+
+
+def _whole_suite(session, exitstatus) -> bool:
+    option = session.config.option
+    return (exitstatus == 0 and session.config.args_source is pytest.Config.ArgsSource.TESTPATHS
+            and not option.keyword and not option.markexpr and not option.deselect and not getattr(option, "lf", False))
+
+
 def pytest_sessionfinish(session, exitstatus):
+    """Shut the shared Ray down; after a whole, green suite, fail it if a config key is read by no command run."""
     import sys
     if "ray" in sys.modules:
         import ray
         if ray.is_initialized():
             ray.shutdown()
+    directory = getattr(session.config, "key_reads_dir", None)
+    if directory and _whole_suite(session, exitstatus):
+        from rlhf import key_reads
+        unread = unread_keys(key_reads.collected(directory))
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if unread:
+            reporter.write_line(f"dead config keys: no command run in the suite read {', '.join(unread)} "
+                                "(rlhf/key_reads.py); remove the key, or test what reads it", red=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        else:
+            reporter.write_line("dead config keys: none (every key of every command was read by a run)")
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

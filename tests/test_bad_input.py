@@ -120,7 +120,7 @@ def train(command: str, kit: dict, tmp: Path, *, data: str | Path | None = None,
           extra: tuple = ()) -> list:
     """argv of a training command whose every part is good unless given."""
     data_flag, default_data = {"sft": ("--data", kit["sft_train"]), "rm": ("--data", kit["prefs_train"]),
-                               "ppo": ("--prompts", kit["prompts_train"])}[command]
+                               "prm": ("--data", kit["steps_train"]), "ppo": ("--prompts", kit["prompts_train"])}[command]
     model_args = ["--policy", model or kit["base"], "--reward", kit["reward"]] if command == "ppo" \
         else ["--model", model or kit["base"]]
     return [command, "--config", f"configs/tiny/{command}.yaml", *model_args, data_flag, data or default_data,
@@ -510,6 +510,24 @@ def _(tmp, kit):
 def _(tmp, kit):
     path = jsonl(tmp / "sft.jsonl", SFT, {"turns": []}, {"turns": [{"human": "Hi"}]})
     return train("sft", kit, tmp, data=path), [at(path, 2, "turns") + "empty", at(path, 3, "turns[0].moss")]
+
+
+@case("prm: a step that holds the step separator, and a missing label")
+def _(tmp, kit):
+    good = {"turns": [{"human": "What is 2 + 3?", "steps": ["2 + 3 = 5", "The answer is 5."],
+                       "step_labels": [True, True]}]}
+    short = {"turns": [{"human": "What is 1 + 1?", "steps": ["1 + 1 = 2", "So 2."], "step_labels": [True]}]}
+    path = jsonl(tmp / "steps.jsonl", good, short)
+    sep = jsonl(tmp / "eval.jsonl", good)
+    return train("prm", kit, tmp, data=path, extra=("--set", f"data.eval={sep}", "--set", "prm.step_separator=+")), [
+        at(path, 1, "turns[0].steps[0]") + "contains the step separator '\\+'",
+        at(path, 2, "turns[0].step_labels") + "has 1 labels but there are 2 steps"]
+
+
+@case("prm-eval: a preference file given as steps")
+def _(tmp, kit):
+    path = jsonl(tmp / "prefs.jsonl", {**PROMPT, "responses": ["a", "b"]})
+    return ["prm-eval", "--model", kit["reward"], "--data", path], [at(path, 1, "turns[1].steps") + "missing"]
 
 
 @case("sft: bad held-out file")

@@ -33,7 +33,7 @@ def test_help_lists_the_design_commands():
     text = build_parser().format_help()
     listed = re.findall(r"^    (\S+)", text, re.MULTILINE)  # a command's name starts its line; its help may wrap
     assert sorted(listed) == sorted(["tokenizer", "init-model", "sample", "validate", "convert", "render", "sft", "rm",
-                                     "rm-eval", "rm-strength", "dpo", "ppo", "generate", "chat", "config", "sweep",
+                                     "rm-eval", "rm-strength", "prm", "prm-eval", "dpo", "ppo", "generate", "chat", "config", "sweep",
                                      "pipeline"])
 
 

@@ -1,6 +1,7 @@
 """Reward models that other tools load, and any causal LM as policy, reward model and critic.
 
-A saved preference model loads with transformers' `AutoModelForSequenceClassification` and scores as ours does; a
+A saved preference model loads with transformers' `AutoModelForSequenceClassification` and scores as ours does, a
+saved process reward model with `AutoModelForTokenClassification` (a score at every token, its bias kept); a
 hub-style sequence classifier loads as our reward model and critic; CodeGen, which transformers has no classifier
 for, keeps its value head file; and Qwen2 and GPT-NeoX models go through `rlhf rm` and `rlhf ppo` as all three
 roles.
@@ -12,7 +13,8 @@ import os
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
 
 from conftest import run_cli
 from reward.model import HEAD_FILE, ScalarHeadModel
@@ -83,6 +85,23 @@ def test_a_saved_reward_model_loads_as_transformers_sequence_classifier_with_our
         plain = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(plain, model.lm(input_ids=ids, attention_mask=mask).logits)
         torch.testing.assert_close(ScalarHeadModel.from_pretrained(out)(ids, mask), model(ids, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_saved_process_reward_model_loads_as_transformers_token_classifier_with_our_scores(arch, tmp_path):
+    model = trained_looking(arch)
+    with torch.no_grad():
+        model.head.bias.fill_(0.3)  # a process reward model's binary loss trains the bias, which this view keeps
+    out = str(tmp_path / "prm")
+    model.save_pretrained(out, pad_token_id=PAD, classifier="token")
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["architectures"][1].endswith("ForTokenClassification") and len(config["id2label"]) == 1
+    ids, mask = padded("right")
+    with torch.no_grad():
+        ours = model(ids, mask)
+        theirs = AutoModelForTokenClassification.from_pretrained(out).eval()(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(theirs.squeeze(-1) * mask, ours * mask, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ScalarHeadModel.from_pretrained(out)(ids, mask), ours, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", CLASSIFIED)

@@ -11,7 +11,6 @@ complete, so it is never taken.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shlex
@@ -26,7 +25,7 @@ from actors.local import LocalBackend
 from actors.rank import RankSpec
 from rlhf import storage
 from rlhf.checkpoint import CheckpointManager, read_meta
-from rlhf.config import ConfigError, command_of, save_config
+from rlhf.config import ConfigError, as_dict, command_of, save_config
 from rlhf.metrics import MetricsLogger, Progress, open_wandb, run_tags
 from rlhf.preemption import Preempted, on_sigterm, preempted
 from rlhf.roles import RankDied, Trainer
@@ -82,7 +81,7 @@ def open_run(output: str, cfg: Any, resume: bool) -> RunDir:
     if cfg.logging.wandb:
         log = cfg.logging
         metrics.wandb = open_wandb(root, os.path.basename(output.partition("?")[0].rstrip("/")), log.wandb_project,
-                                   log.wandb_mode, dataclasses.asdict(cfg), resume=latest is not None)
+                                   log.wandb_mode, as_dict(cfg), resume=latest is not None)
     run = RunDir(root, metrics, checkpoints, latest, output, cfg)
     if root != output:
         run.sync()  # the config is there from the start

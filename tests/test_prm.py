@@ -1,0 +1,116 @@
+"""The process reward model (issue 33): steps found in a reply's own tokens, its loss and metrics as pure functions,
+and `rlhf prm` / `rlhf prm-eval` on the bundled step task."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reward.losses import step_loss
+from reward.steps import EncodedSteps, Pieces, collate_steps, encode_solution, step_ends, step_metrics
+from rlhf.data import load_steps
+from rlhf.records import StepSolution
+from rlhf.moss import Dialogue
+
+
+def pieces_of(texts: list[str]):
+    """A vocabulary where token i is texts[i]."""
+    return lambda token: texts[token]
+
+
+@pytest.mark.parametrize("texts, expected", [
+    (["9 + 4", " = 13", "\n", "13 + 3", " = 16", "\n", "The answer", " is 16."], [1, 4, 7]),
+    (["a", ".\n", "b"], [1, 2]),                   # a token holding a step's end and the separator ends the step
+    (["a", "\nb", " c"], [0, 2]),                  # a token holding the separator and the next step's start
+    (["a", "\n", "\n", "b", "\n"], [0, 3]),        # no step between two separators, none after the last
+    (["a ", " ", "\n", "b"], [0, 3]),              # trailing white space is not the step's end
+    (["\n", "\n"], []),
+])
+def test_a_step_ends_at_the_token_holding_its_last_character(texts, expected):
+    assert step_ends(list(range(len(texts))), pieces_of(texts), "\n") == expected
+
+
+def test_a_separator_of_several_characters_split_over_tokens():
+    texts = ["x = 1", " к", "и", " y = 2", " ки"]
+    assert step_ends(list(range(len(texts))), pieces_of(texts), " ки") == [0, 3]
+
+
+def test_a_bundled_solution_is_encoded_with_one_end_per_labelled_step(tiny):
+    from rlhf.modeling import load_tokenizer
+    tokenizer = load_tokenizer(tiny["tokenizer"])
+    solutions = load_steps(tiny["steps_train"])
+    pieces = Pieces(tokenizer)
+    encoded = [encode_solution(s, tokenizer, 256, False, "\n", pieces) for s in solutions[:50]]
+    assert all(e is not None for e in encoded)
+    for solution, e in zip(solutions, encoded):
+        assert len(e.ends) == len(solution.steps) and e.labels == solution.labels
+        for step, end, next_start in zip(solution.steps, e.ends, [*e.ends[1:], len(e.ids)]):
+            upto = tokenizer.decode(e.ids[e.reply_start:end + 1])
+            assert upto.rstrip().endswith(step), (upto, step)  # the step's text ends at its end token
+        assert tokenizer.decode(e.ids[-1:]) == "<eom>"
+
+
+def test_a_solution_longer_than_the_limit_is_left_out(tiny):
+    from rlhf.modeling import load_tokenizer
+    tokenizer = load_tokenizer(tiny["tokenizer"])
+    solution = StepSolution(Dialogue.from_json({"turns": [{"human": "What is 1 + 2?"}]}), ["1 + 2 = 3"] * 40,
+                            [True] * 40)
+    assert encode_solution(solution, tokenizer, 64, False, "\n") is None
+    assert encode_solution(solution, tokenizer, 2048, False, "\n") is not None
+
+
+def test_the_loss_of_a_global_batch_does_not_depend_on_how_it_is_split():
+    torch.manual_seed(0)
+    items = [EncodedSteps(list(range(10 + i)), sorted(torch.randperm(10)[:1 + i % 3].tolist()),
+                          [bool(x) for x in torch.randint(0, 2, (1 + i % 3,))]) for i in range(6)]
+    logits_of = {i: torch.randn(3) for i in range(6)}
+
+    def loss(parts: list[list[int]]) -> float:
+        total = sum(len(e.ends) for e in items)
+        out = 0.0
+        for part in parts:
+            batch = collate_steps([items[i] for i in part], 0)
+            logits = torch.stack([logits_of[i][:batch["step_index"].shape[1]] for i in part])
+            out += float(step_loss(logits, batch["labels"], batch["step_mask"], total)["loss"])
+        return out
+
+    whole = loss([list(range(6))])
+    assert loss([[0, 1], [2, 3], [4, 5]]) == pytest.approx(whole, rel=1e-6)
+    assert loss([[5], [0, 2, 4], [1, 3]]) == pytest.approx(whole, rel=1e-6)
+
+
+def test_step_and_first_error_accuracy():
+    labels = [[True, True, False], [True, True], [False, False]]
+    found = [[0.9, 0.2, 0.1],   # steps: 2 of 3 right; first predicted bad 1, labelled 2: wrong
+             [0.6, 0.7],        # 2 of 2; none bad either way: right
+             [0.4, 0.8]]        # 1 of 2; first bad 0 both: right
+    metrics = step_metrics(found, labels)
+    assert metrics["step_accuracy"] == pytest.approx(5 / 7)
+    assert metrics["first_error_accuracy"] == pytest.approx(2 / 3)
+    assert (metrics["steps"], metrics["solutions"]) == (7, 3)
+
+
+@pytest.mark.slow
+def test_prm_on_two_ranks_packed_with_lora_writes_a_model_that_prm_eval_scores_as_the_run_did(tiny, tmp_path,
+                                                                                               capsys):
+    from conftest import run_cli
+    from rlhf.metrics import read_metrics
+    out = tmp_path / "prm"
+    assert run_cli("prm", "--config", "configs/tiny/prm.yaml", "--model", tiny["base"], "--data", tiny["steps_train"],
+                   "--set", f"data.eval={tiny['steps_eval']}", "--set", "train.max_steps=6",
+                   "--set", "train.max_tokens_per_micro_batch=512", "--set", "lora.enabled=true",
+                   "--set", "deepspeed.zero_stage=2", "--set", "logging.progress=false", "--output", out) == 0
+    evals = [m for m in read_metrics(str(out / "metrics.jsonl")) if "eval/step_accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 6]
+    assert evals[-1]["eval/solutions"] == 200 and evals[-1]["eval/steps"] > 400
+    final = out / "final"
+    assert json.loads((final / "prm.json").read_text()) == {"step_separator": "\n"}
+    assert json.loads((final / "reply_lengths.json").read_text())["replies"] == 1500
+    capsys.readouterr()
+    # One process, padded rows, the LoRA merged into final/: the same step probabilities as the run's two packed ranks
+    # (a step whose probability sits on 0.5 may flip).
+    assert run_cli("prm-eval", "--model", final, "--data", tiny["steps_eval"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (printed["steps"], printed["solutions"]) == (evals[-1]["eval/steps"], 200)
+    assert abs(printed["step_accuracy"] - evals[-1]["eval/step_accuracy"]) <= 2 / printed["steps"]
