@@ -13,7 +13,7 @@ import torch
 from rlhf.batching import Batch, pad
 from rlhf.config import DataConfig, RewardLossConfig
 from rlhf.data import Preference, load_preferences
-from rlhf.moss import tokenize_dialogue
+from rlhf.moss import Dialogue, tokenize_dialogue
 
 
 @dataclass
@@ -46,20 +46,34 @@ class _MemoEncoder:
         return list(self.known[key])
 
 
+def encode_scored(dialogue: Dialogue, tokenizer, max_length: int, plugin: bool) -> tuple[list[int], list[int], int]:
+    """A whole dialogue as a preference model reads it: its ids and reply mask up to the last reply's last token, and
+    where its last turn begins. Every scoring of a dialogue by text (training, `rlhf rm-eval`, best-of-N) encodes
+    through here."""
+    enc = tokenize_dialogue(dialogue, tokenizer, max_length, plugin)
+    ids, mask = enc["input_ids"], enc["loss_mask"]
+    # The reward is read at the reply's last token (<eom>), as in PPO; drop the context newline after it.
+    end = max(i for i, m in enumerate(mask) if m) + 1 if any(mask) else len(ids)
+    return ids[:end], mask[:end], enc["last_turn_start"]
+
+
 def encode_preference(pref: Preference, tokenizer, max_length: int, plugin: bool, fixed_margin: float,
                       use_record_margin: bool) -> EncodedList:
     rows, masks, starts = [], [], []
     encoder = _MemoEncoder(tokenizer)
     for response in pref.responses:
-        enc = tokenize_dialogue(pref.prompt.with_reply(response), encoder, max_length, plugin)
-        ids, mask = enc["input_ids"], enc["loss_mask"]
-        # The reward is read at the reply's last token (<eom>), as in PPO; drop the context newline after it.
-        end = max(i for i, m in enumerate(mask) if m) + 1 if any(mask) else len(ids)
-        rows.append(ids[:end])
-        masks.append(mask[:end])
-        starts.append(enc["last_turn_start"])
+        ids, mask, start = encode_scored(pref.prompt.with_reply(response), encoder, max_length, plugin)
+        rows.append(ids)
+        masks.append(mask)
+        starts.append(start)
     margin = fixed_margin + (pref.margin or 0.0 if use_record_margin else 0.0)
     return EncodedList(rows, masks, pref.pairs(), margin, starts)
+
+
+def collate_rows(rows: Sequence[Sequence[int]], pad_id: int) -> Batch:
+    """Encoded dialogues to input_ids and attention_mask [N, L], right-padded: a row's score is read at its last
+    attended token."""
+    return {"input_ids": pad(rows, pad_id), "attention_mask": pad([[1] * len(r) for r in rows], 0)}
 
 
 def collate_ranked(lists: Sequence[EncodedList], pad_id: int) -> Batch:
@@ -78,8 +92,7 @@ def collate_ranked(lists: Sequence[EncodedList], pad_id: int) -> Batch:
             pair_prompt.append(p)
             margins.append(margin)
     batch = {
-        "input_ids": pad(rows, pad_id),
-        "attention_mask": pad([[1] * len(r) for r in rows], 0),
+        **collate_rows(rows, pad_id),
         "loss_mask": pad(masks, 0),
         "pairs": torch.tensor(pairs, dtype=torch.long).view(-1, 2),
         "pair_prompt": torch.tensor(pair_prompt, dtype=torch.long),

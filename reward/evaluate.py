@@ -5,7 +5,7 @@ import torch
 
 from reward.batches import collate_ranked, encode_file
 from reward.model import ScalarHeadModel
-from rlhf.batching import position_ids
+from reward.scorer import PreferenceScorer
 from rlhf.config import RMConfig
 from rlhf.modeling import check_model_dir, load_tokenizer
 
@@ -13,19 +13,19 @@ from rlhf.modeling import check_model_dir, load_tokenizer
 def evaluate(model_dir: str, data: str, cfg: RMConfig, batch_size: int = 8) -> dict:
     check_model_dir(model_dir, "--model")
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir, cfg.model.trust_remote_code)
-    lists = encode_file(data, tokenizer, cfg.data, cfg.rm)
-    model = ScalarHeadModel.from_pretrained(model_dir, torch.float32, cfg.model.trust_remote_code).eval()
+    lists = encode_file(data, tokenizer, cfg.data, cfg.rm)  # a bad line is named before the model loads
+    model = ScalarHeadModel.from_pretrained(model_dir, torch.float32, cfg.model.trust_remote_code)
+    scorer = PreferenceScorer(model, tokenizer, cfg.data)  # the one place a score is read, best-of-N's too
     correct = pairs = 0
     margins, rewards = [], []
-    with torch.no_grad():
-        for i in range(0, len(lists), batch_size):
-            mb = collate_ranked(lists[i:i + batch_size], tokenizer.pad_token_id)
-            scores = model.score(mb["input_ids"], mb["attention_mask"], position_ids(mb["attention_mask"])).float()
-            diff = scores[mb["pairs"][:, 0]] - scores[mb["pairs"][:, 1]]
-            correct += int((diff > 0).sum())
-            pairs += len(diff)
-            margins.append(diff)
-            rewards.append(scores)
+    for i in range(0, len(lists), batch_size):
+        mb = collate_ranked(lists[i:i + batch_size], tokenizer.pad_token_id)
+        scores = scorer.score_ids(mb["input_ids"], mb["attention_mask"])
+        diff = scores[mb["pairs"][:, 0]] - scores[mb["pairs"][:, 1]]
+        correct += int((diff > 0).sum())
+        pairs += len(diff)
+        margins.append(diff)
+        rewards.append(scores)
     r = torch.cat(rewards)
     return {"pairwise_accuracy": correct / max(1, pairs), "pairs": pairs,
             "mean_margin": float(torch.cat(margins).mean()) if pairs else 0.0,

@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
     check_model(args.model, "--model", "causal_lm")
     from rlhf.drivers.generate import run_generate
     overrides = (args.set or []) + ([f"data.format={args.data_format}"] if args.data_format else [])
-    return run_generate(args.model, args.prompts, args.out, args.config, overrides)
+    return run_generate(args.model, args.prompts, args.out, args.config, overrides, args.best_of, args.scorer or "")
 
 
 def cmd_chat(args) -> int:
@@ -271,10 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="member-K/ runs, strength.jsonl, strength.json, strength.png")
     _train_args(p)
 
-    p = add("generate", cmd_generate, "write one reply per prompt (MOSS sampling defaults)")
+    p = add("generate", cmd_generate, "write one reply per prompt (MOSS sampling defaults; --best-of N --scorer DIR: "
+            "the best of N by a preference model)")
     p.add_argument("--model", required=True, help="the chat model: a directory (a run's final/) or a hub id")
     p.add_argument("--prompts", required=True, help="MOSS prompts (dialogues ending in a human turn)")
-    p.add_argument("--out", required=True, help="JSONL: each prompt's record with its reply")
+    p.add_argument("--out", required=True, help="JSONL: each prompt's record with its reply (`response`); with "
+                   "--best-of also its `score` and `candidates`, each sample's {response, score} in the order drawn")
+    p.add_argument("--best-of", type=int, metavar="N", help="sample N replies per prompt and keep the one --scorer "
+                   "ranks highest; the first k samples are the same for any N >= k, and --best-of 1 is the plain reply")
+    p.add_argument("--scorer", metavar="DIR", help="what ranks best-of-N's replies: a preference model (rlhf rm's "
+                   "final/, or a *ForSequenceClassification with one label), reading each whole dialogue with its own "
+                   "tokenizer at the reply's <eom>, as rlhf rm-eval does")
     p.add_argument("--config", help="a config whose generation, data, model and plugins sections apply (e.g. "
                    "configs/tiny/generate.yaml); other sections are ignored with a line")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. "

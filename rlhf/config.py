@@ -32,7 +32,8 @@ class DataConfig:
     eval: str = ""
     """Held-out file of the same kind; empty means no evaluation."""
     max_length: int = 512
-    """Tokens per training sequence (PPO: per PPO-ptx dialogue); longer dialogues lose their oldest turns."""
+    """Tokens per training sequence (PPO: per PPO-ptx dialogue; generate: per dialogue its --scorer reads); longer
+    dialogues lose their oldest turns."""
     plugin: bool = False
     """Render in the MOSS-003-plugin style (absent plugin segments written as None)."""
     format: str = "auto"

@@ -251,6 +251,16 @@ def load_causal_lm(path_or_id: str, dtype: str = "float32", trust_remote_code: b
                              f"an HF directory with safetensors weights (convert .bin checkpoints first)") from error
 
 
+def inference_placement(dtype: str) -> tuple[str, str]:
+    """(device, dtype) of a model that only infers, in this process (`rlhf generate`'s policy and scorer): the GPU when
+    there is one, and `model.dtype: auto` as bfloat16 on a GPU that has it, else float32."""
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
 def build_causal_lm(path_or_id: str, dtype: str, trust_remote_code: bool,
                     construction: contextlib.AbstractContextManager) -> PreTrainedModel:
     """The causal LM of an HF directory built from its config.json inside `construction`, for a loader that fills

@@ -455,6 +455,41 @@ def _(tmp, kit):
         re.escape(f"rlhf generate: --model path '{tmp / 'no-model'}' does not exist")]
 
 
+def best_of(tmp: Path, kit: dict, *flags) -> list:
+    """argv of `rlhf generate` whose model and prompts are good, with these best-of flags."""
+    return ["generate", "--model", kit["base"], "--prompts", kit["prompts_eval"], "--out", tmp / "out", *flags]
+
+
+@case("generate: --scorer path does not exist")
+def _(tmp, kit):
+    return best_of(tmp, kit, "--best-of", "2", "--scorer", tmp / "no-scorer"), [
+        re.escape(f"rlhf generate: --scorer path '{tmp / 'no-scorer'}' does not exist")]
+
+
+@case("generate: a causal LM without a reward head as --scorer")
+def _(tmp, kit):
+    return best_of(tmp, kit, "--best-of", "2", "--scorer", kit["base"]), [
+        re.escape(f"rlhf generate: --scorer '{kit['base']}' is not a reward model: config.json names "
+                  "CodeGenForCausalLM and there is no value_head.safetensors")]
+
+
+@case("generate: --best-of 0")
+def _(tmp, kit):
+    return best_of(tmp, kit, "--best-of", "0", "--scorer", kit["reward"]), [
+        re.escape("rlhf generate: --best-of 0: give the number of replies to sample per prompt, 1 or more")]
+
+
+@case("generate: --scorer without --best-of")
+def _(tmp, kit):
+    return best_of(tmp, kit, "--scorer", kit["reward"]), [re.escape("rlhf generate: --scorer ranks sampled replies; "
+                                                                    "give --best-of N too")]
+
+
+@case("generate: --best-of 4 without --scorer")
+def _(tmp, kit):
+    return best_of(tmp, kit, "--best-of", "4"), [re.escape("rlhf generate: --best-of 4 needs --scorer DIR")]
+
+
 @case("rm-eval: model path does not exist")
 def _(tmp, kit):
     return ["rm-eval", "--model", tmp / "no-model", "--data", kit["prefs_eval"]], [

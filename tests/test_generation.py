@@ -194,6 +194,89 @@ def test_run_generate_reports_bad_prompt_lines(tiny, tmp_path, capsys):
     assert not out.exists()
 
 
+# --- best-of-N: N samples per prompt, the one a scorer ranks highest kept -------------------------------------
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8").read().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def other_scorer(tiny, tmp_path_factory) -> str:
+    """A preference model that shares nothing with tiny's policy: another architecture (Llama) and another tokenizer
+    (500 tokens, trained on the SFT data alone), with its random head."""
+    import shutil
+    from reward.model import ScalarHeadModel
+    from rlhf.modeling import init_model, load_tokenizer
+    from rlhf.tokenizer import texts_from_files, train_tokenizer
+    root = tmp_path_factory.mktemp("other_scorer")
+    train_tokenizer(texts_from_files([tiny["sft_train"]]), 500, str(root / "tok"))
+    init_model("llama", "tiny", str(root / "tok"), str(root / "base"), seed=1)
+    ScalarHeadModel.from_pretrained(str(root / "base")).save_pretrained(
+        str(root / "rm"), pad_token_id=load_tokenizer(str(root / "tok")).pad_token_id)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(root / "base" / name, root / "rm" / name)
+    return str(root / "rm")
+
+
+def test_best_of_n_keeps_the_reply_its_scorer_ranks_highest_scored_as_rm_eval_scores_it(tiny, other_scorer, tmp_path):
+    """Each line keeps its record and has the kept reply, its score and every candidate's; the kept one is the
+    candidates' argmax, and each candidate's score is what rm-eval's scoring reads for that dialogue in the scorer's
+    own tokens (the policy's ids mean nothing to it)."""
+    from reward.batches import collate_ranked, encode_preference
+    from reward.model import ScalarHeadModel
+    from rlhf.batching import position_ids
+    from rlhf.modeling import load_tokenizer
+    from rlhf.records import Preference
+    records = [json.loads(line) for line in open(tiny["prompts_eval"], encoding="utf-8").read().splitlines()[:4]]
+    records[1]["note"] = "kept"
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "best.jsonl"
+    assert run_generate(tiny["base"], str(source), str(out), None, ["generation.max_new_tokens=8"], best_of=3,
+                        scorer=other_scorer) == 0
+    lines = _lines(out)
+    assert [{k: v for k, v in line.items() if k not in ("response", "score", "candidates")} for line in lines] == \
+        [{"meta_instruction": "", **r} for r in records]
+    replies = [[c["response"] for c in line["candidates"]] for line in lines]
+    scores = [[c["score"] for c in line["candidates"]] for line in lines]
+    for line, texts, mine in zip(lines, replies, scores):
+        assert len(texts) == 3 and len(set(texts)) > 1
+        assert (line["response"], line["score"]) == (texts[mine.index(max(mine))], max(mine))
+
+    tokenizer = load_tokenizer(other_scorer)
+    assert len(tokenizer) != len(load_tokenizer(tiny["tokenizer"]))
+    lists = [encode_preference(Preference(prompt, texts), tokenizer, 512, False, 0.0, False)
+             for prompt, texts in zip(load_prompts(str(source)), replies)]
+    batch = collate_ranked(lists, tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = ScalarHeadModel.from_pretrained(other_scorer).eval().score(
+            batch["input_ids"], batch["attention_mask"], position_ids(batch["attention_mask"]))
+    torch.testing.assert_close(torch.tensor(scores).flatten(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_best_of_n_with_the_trained_preference_model_never_scores_below_one_sample(tiny, sft_run, rm_run, tmp_path):
+    """The SFT policy on held-out prompts, ranked by the preference model trained from it. Best-of-1 is the plain
+    reply, and best-of-4's candidates begin with it (one seed, the random state going on from round to round): so,
+    with no luck involved, the kept score of 4 samples is never below that of 1, and the scorer's choice shows."""
+    from conftest import run_cli
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(open(tiny["prompts_eval"], encoding="utf-8").readlines()[:4]), encoding="utf-8")
+    policy, scorer, cap = f"{sft_run}/final", f"{rm_run}/final", ["generation.max_new_tokens=16"]
+    assert run_generate(policy, str(prompts), str(tmp_path / "plain.jsonl"), None, cap) == 0
+    assert run_generate(policy, str(prompts), str(tmp_path / "one.jsonl"), None, cap, best_of=1, scorer=scorer) == 0
+    assert run_cli("generate", "--model", policy, "--prompts", prompts, "--out", tmp_path / "four.jsonl", "--set",
+                   cap[0], "--best-of", "4", "--scorer", scorer) == 0
+    plain, one, four = (_lines(tmp_path / f"{name}.jsonl") for name in ("plain", "one", "four"))
+    assert [p["response"] for p in plain] == [o["response"] for o in one] == [f["candidates"][0]["response"]
+                                                                              for f in four]
+    for o, f in zip(one, four):
+        assert o["candidates"] == [{"response": o["response"], "score": o["score"]}]
+        assert f["candidates"][0]["score"] == pytest.approx(o["score"], abs=1e-5)  # the same dialogue, another batch
+        assert f["score"] == max(c["score"] for c in f["candidates"]) >= f["candidates"][0]["score"]
+    assert sum(f["score"] > f["candidates"][0]["score"] + 0.1 for f in four) >= 2  # the scorer chose (fixed seeds)
+
+
 def test_trimming_all_pad_left_columns_and_keeping_only_reply_logits_change_nothing(policy):
     """What the PPO passes do to save work: drop prompt columns that are padding in every row, and ask the model
     for the reply positions' logits only. The reply's log-probs must not move."""
