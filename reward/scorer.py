@@ -1,6 +1,7 @@
 """What ranks a prompt's sampled replies (`rlhf generate --best-of N --scorer DIR`): a scorer gives each whole dialogue
-one number, higher is better. A preference model is the one kind now; it reads a dialogue as `rlhf rm-eval` and PPO's
-reward role do, at the last reply's `<eom>`, re-tokenized with its own tokenizer (which may not be the policy's).
+one number, higher is better, re-tokenized with its own tokenizer (which may not be the policy's). A preference model
+reads a dialogue as `rlhf rm-eval` and PPO's reward role do, at the last reply's `<eom>`; a process reward model scores
+each step of the reply (`rlhf prm-eval`'s reading) and gives the reply its weakest step's probability of being good.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from torch import Tensor
 
 from reward.batches import collate_rows, encode_scored
 from reward.model import ScalarHeadModel
+from reward.steps import EncodedSteps, Pieces, at_steps, collate_steps, encode_reply, saved_separator
 from rlhf.batching import position_ids
 from rlhf.commands import check_model
 from rlhf.config import DataConfig, ModelConfig
 from rlhf.modeling import inference_placement, load_tokenizer
+from rlhf.records import STEP_SEPARATOR
 from rlhf.moss import Dialogue
 
 
@@ -60,9 +63,46 @@ class PreferenceScorer:
         return scores
 
 
+class ProcessScorer(PreferenceScorer):
+    """A process reward model (`rlhf prm`'s final/): a reply's steps split as the model was trained to split them (its
+    prm.json), each step's probability of being good read at its last token; the reply's score is the smallest
+    (Math-Shepherd's min: a solution is as good as its weakest step), 0 for a reply with no step."""
+
+    def __init__(self, model: ScalarHeadModel, tokenizer: Any, data: DataConfig, separator: str,
+                 batch_size: int = 16) -> None:
+        super().__init__(model, tokenizer, data, batch_size)
+        self.separator = separator
+        self.pieces = Pieces(tokenizer)
+
+    @classmethod
+    def load(cls, model: ModelConfig, data: DataConfig) -> ProcessScorer:
+        scorer = PreferenceScorer.load(model, data)
+        return cls(scorer.model, scorer.tokenizer, data, saved_separator(model.path) or STEP_SEPARATOR)
+
+    def step_probabilities(self, dialogues: Sequence[Dialogue]) -> list[list[float]]:
+        """Each dialogue's reply: the probability that each of its steps is good, in order."""
+        return self.probabilities_of([encode_reply(d, self.tokenizer, self.data.max_length, self.data.plugin,
+                                                   self.separator, self.pieces)[0] for d in dialogues])
+
+    @torch.no_grad()
+    def probabilities_of(self, rows: Sequence[EncodedSteps]) -> list[list[float]]:
+        """The same, of dialogues already encoded with their steps' ends (`reward.steps`)."""
+        found: list[list[float]] = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = collate_steps(rows[start:start + self.batch_size], self.tokenizer.pad_token_id)
+            ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            p = torch.sigmoid(at_steps(self.model(ids, mask, position_ids(mask)).float(), batch["step_index"])).cpu()
+            found += [row[:int(n)].tolist() for row, n in zip(p, batch["step_mask"].sum(1))]
+        return found
+
+    def score(self, dialogues: Sequence[Dialogue]) -> list[float]:
+        return [min(p, default=0.0) for p in self.step_probabilities(dialogues)]
+
+
 def load_scorer(model: ModelConfig, data: DataConfig) -> Scorer:
     """The scorer the directory `model.path` holds, checked before anything loads (one line naming --scorer when it
-    does not exist or scores nothing). One kind now, a preference model; a process reward model (scoring a reply's
-    steps, aggregated by their min or the last) is the next, told apart here by what its directory holds."""
+    does not exist or scores nothing): a process reward model when it has prm.json, else a preference model."""
     check_model(model.path, "--scorer", "reward")
+    if saved_separator(model.path) is not None:
+        return ProcessScorer.load(model, data)
     return PreferenceScorer.load(model, data)

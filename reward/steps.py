@@ -15,7 +15,7 @@ import torch
 
 from rlhf.batching import Batch, pad
 from rlhf.data import load_steps
-from rlhf.moss import EOM, tokenize_dialogue
+from rlhf.moss import EOM, Dialogue, tokenize_dialogue
 from rlhf.records import StepSolution
 
 
@@ -78,20 +78,27 @@ def reply_span(ids: Sequence[int], loss_mask: Sequence[int], eom_id: int) -> tup
     return start, stop
 
 
+def encode_reply(dialogue: Dialogue, tokenizer, max_length: int, plugin: bool, separator: str,
+                 pieces: Optional[Pieces] = None) -> tuple[EncodedSteps, bool]:
+    """A dialogue (its last turn with a reply) with where its reply's steps end, no labels; and whether it was cut at
+    max_length (as `tokenize_dialogue` cuts), when its steps are those that end before the cut."""
+    enc = tokenize_dialogue(dialogue, tokenizer, max_length, plugin)
+    ids = enc["input_ids"]
+    start, stop = reply_span(ids, enc["loss_mask"], tokenizer.convert_tokens_to_ids(EOM))
+    ends = [start + e for e in step_ends(ids[start:stop], pieces or Pieces(tokenizer), separator)]
+    end = max((i for i, m in enumerate(enc["loss_mask"]) if m), default=len(ids) - 1) + 1  # through <eom>
+    return EncodedSteps(ids[:end], ends, [], start), enc["truncated"]
+
+
 def encode_solution(solution: StepSolution, tokenizer, max_length: int, plugin: bool, separator: str,
                     pieces: Optional[Pieces] = None) -> Optional[EncodedSteps]:
     """A solution's dialogue with where its steps end; None when it does not fit in max_length, or when the tokenizer
     merges a step's end with the next one's start, so the reply's tokens do not give one end a labelled step."""
-    enc = tokenize_dialogue(solution.dialogue(separator), tokenizer, max_length, plugin)
-    if enc["truncated"]:
+    encoded, truncated = encode_reply(solution.dialogue(separator), tokenizer, max_length, plugin, separator, pieces)
+    if truncated or len(encoded.ends) != len(solution.labels) or len(set(encoded.ends)) != len(encoded.ends):
         return None
-    ids = enc["input_ids"]
-    start, stop = reply_span(ids, enc["loss_mask"], tokenizer.convert_tokens_to_ids(EOM))
-    ends = [start + e for e in step_ends(ids[start:stop], pieces or Pieces(tokenizer), separator)]
-    if len(ends) != len(solution.labels) or len(set(ends)) != len(ends):
-        return None
-    end = max(i for i, m in enumerate(enc["loss_mask"]) if m) + 1  # through <eom>, as a reward model reads it
-    return EncodedSteps(ids[:end], ends, list(solution.labels), start)
+    encoded.labels = list(solution.labels)
+    return encoded
 
 
 def encode_steps_file(path: str, tokenizer, max_length: int, plugin: bool, data_format: str,

@@ -2,6 +2,7 @@
 and `rlhf prm` / `rlhf prm-eval` on the bundled step task."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -114,3 +115,50 @@ def test_prm_on_two_ranks_packed_with_lora_writes_a_model_that_prm_eval_scores_a
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (printed["steps"], printed["solutions"]) == (evals[-1]["eval/steps"], 200)
     assert abs(printed["step_accuracy"] - evals[-1]["eval/step_accuracy"]) <= 2 / printed["steps"]
+
+
+def test_best_of_n_with_a_process_reward_model_keeps_the_reply_whose_weakest_step_is_strongest(tiny, tmp_path):
+    """A process reward model (its directory has prm.json) as `--scorer`: each reply is split as prm-eval splits a
+    solution, and its score is its least likely good step."""
+    import shutil
+    from reward.model import ScalarHeadModel
+    from reward.scorer import PreferenceScorer, ProcessScorer, load_scorer
+    from reward.steps import prm_file
+    from rlhf.config import load_config
+    from rlhf.drivers.generate import run_generate
+    from rlhf.modeling import write_text_files
+    torch.manual_seed(3)
+    model = ScalarHeadModel.from_pretrained(tiny["base"])
+    with torch.no_grad():
+        model.head.weight.normal_()
+    prm = tmp_path / "prm"
+    model.save_pretrained(str(prm), classifier="token")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny['base']}/{name}", prm / name)
+    cfg = load_config("generate")
+    reward_only = load_scorer(dataclasses.replace(cfg.model, path=str(prm)), cfg.data)
+    assert type(reward_only) is PreferenceScorer  # without prm.json it is read as a preference model
+    write_text_files(str(prm), prm_file("\n"))
+    scorer = load_scorer(dataclasses.replace(cfg.model, path=str(prm)), cfg.data)
+    assert isinstance(scorer, ProcessScorer)
+
+    solutions = load_steps(tiny["steps_eval"])[:3]
+    dialogues = [s.dialogue("\n") for s in solutions]
+    found = scorer.step_probabilities(dialogues)
+    assert [len(p) for p in found] == [len(s.steps) for s in solutions]
+    assert scorer.score(dialogues) == [min(p) for p in found]
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(open(tiny["steps_prompts_eval"], encoding="utf-8").readlines()[:6]), encoding="utf-8")
+    out = tmp_path / "best.jsonl"
+    assert run_generate(tiny["base"], str(prompts), str(out), None,
+                        ["generation.max_new_tokens=24"], best_of=3, scorer=str(prm)) == 0
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 6
+    for line in lines:
+        scores = [c["score"] for c in line["candidates"]]
+        assert line["score"] == max(scores) and all(0.0 <= s <= 1.0 for s in scores)
+        prompt = Dialogue.from_json({"turns": [{"human": line["turns"][0]["human"]}],
+                                     "meta_instruction": line["meta_instruction"]})
+        alone = scorer.score([prompt.with_reply(line["response"])])[0]
+        assert alone == pytest.approx(line["score"], abs=1e-5)

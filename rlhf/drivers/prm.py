@@ -11,9 +11,8 @@ import json
 import time
 from typing import Any, Optional
 
-import torch
-
 from reward.steps import EncodedSteps, encode_steps_file, prm_file, saved_separator, step_metrics
+from rlhf import key_reads
 from rlhf.config import PRMConfig
 from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
 from rlhf.generation import lengths_of
@@ -72,25 +71,16 @@ def run_prm(cfg: PRMConfig, output: str, resume: bool = False, backend: Optional
     return train_supervised("prm", cfg, plan, run, backend, spec, job)
 
 
-def evaluate_steps(model_dir: str, data: str, cfg: PRMConfig, batch_size: int = 8) -> dict:
+def evaluate_steps(model_dir: str, data: str, cfg: PRMConfig) -> dict:
     """`rlhf prm-eval`'s numbers, in one process (no Ray): the model's step probabilities on a stepwise file, split
-    as the model was trained to split (its prm.json, else `prm.step_separator`)."""
-    from reward.model import ScalarHeadModel  # imports transformers
-    from reward.steps import at_steps, collate_steps
-    from rlhf.batching import position_ids
+    as the model was trained to split (its prm.json, else `prm.step_separator`), read as best-of-N reads them."""
+    from reward.scorer import ProcessScorer  # imports transformers
 
     check_model_dir(model_dir, "--model")
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_dir, cfg.model.trust_remote_code)
-    solutions = encode(cfg, data, tokenizer, saved_separator(model_dir) or cfg.prm.step_separator)
-    model = ScalarHeadModel.from_pretrained(model_dir, torch.float32, cfg.model.trust_remote_code).eval()
-    found = []
-    with torch.no_grad():
-        for i in range(0, len(solutions), batch_size):
-            mb = collate_steps(solutions[i:i + batch_size], tokenizer.pad_token_id)
-            values = model(mb["input_ids"], mb["attention_mask"], position_ids(mb["attention_mask"]))
-            p = torch.sigmoid(at_steps(values, mb["step_index"]))
-            found += [row[:int(n)].tolist() for row, n in zip(p, mb["step_mask"].sum(1))]
-    return step_metrics(found, [e.labels for e in solutions])
+    model = key_reads.replaced(cfg.model, path=model_dir)
+    scorer = ProcessScorer.load(model, cfg.data)
+    solutions = encode(cfg, data, scorer.tokenizer, saved_separator(model_dir) or cfg.prm.step_separator)
+    return step_metrics(scorer.probabilities_of(solutions), [e.labels for e in solutions])
 
 
 def run_prm_eval(model_dir: str, data: str, cfg: PRMConfig) -> int:
