@@ -17,12 +17,13 @@ def test_a_rank_of_a_two_rank_run_killed_in_an_evaluation_then_inside_a_step_is_
     """A two-rank RM run (SFT, RM and DPO share the loop and the recovery, `rlhf.drivers.runs`): rank 0 dies in the
     held-out evaluation of step 2, before its checkpoint (back to the start); then a rank of the rebuilt group dies
     inside its third step, step 3 (back to the checkpoint of step 2). The run finishes every step."""
-    out = tmp_path / "rm"
+    out, held_out = tmp_path / "rm", tmp_path / "prefs_eval.jsonl"
+    held_out.write_text("".join(open(tiny["prefs_eval"], encoding="utf-8").readlines()[:24]), encoding="utf-8")
     in_eval, in_step = tmp_path / "killed-in-evaluation", tmp_path / "killed-in-step"
     # Calls are counted per process: the first rank's second evaluation, and the rebuilt rank's third step.
     monkeypatch.setenv("RLHF_FAULT", f"reward:evaluate:2:{in_eval},reward:train_step:3:{in_step}")
     assert run_cli("rm", "--config", "configs/tiny/rm.yaml", "--model", tiny["base"], "--data", tiny["prefs_train"],
-                   "--set", f"data.eval={tiny['prefs_eval']}", "--set", "train.max_steps=4",
+                   "--set", f"data.eval={held_out}", "--set", "train.max_steps=4",
                    "--set", "train.save_every=2", "--set", "train.eval_every=2", "--set", "train.log_every=1", "--set", "logging.progress=false",
                    "--output", out) == 0
     assert in_eval.exists() and in_step.exists()

@@ -1,5 +1,5 @@
-"""A node lost mid-run on a simulated three-node cluster (a head and two workers with a GPU each, with no CUDA
-behind them): the policy's two ranks must spread over the workers, so losing one loses a rank and half the GPUs."""
+"""A node lost mid-run on a simulated two-node cluster (a head and a worker with a GPU each, with no CUDA behind
+them): the policy's two ranks must spread over both, so losing the worker loses a rank and half the GPUs."""
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +24,8 @@ def cluster():
     from ray.cluster_utils import Cluster
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **NO_DASHBOARD})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=1, **NO_DASHBOARD) for _ in range(2)]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, **NO_DASHBOARD})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1, **NO_DASHBOARD)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
@@ -36,7 +36,7 @@ def cluster():
 
 
 def test_a_lost_node_stops_the_run_in_one_line_and_resume_finishes_once_the_node_is_back(tiny, cluster, tmp_path):
-    """The worker of one policy rank goes away after the first checkpoint: the rebuilt policy needs two GPUs and the
+    """The worker node of one policy rank goes away after the first checkpoint: the rebuilt policy needs two GPUs and the
     cluster has one, so after ray.node_wait_s the run stops naming what is short and the command that resumes, with
     its checkpoints intact; with a node back, --resume finishes every iteration."""
     cluster, workers = cluster
@@ -57,7 +57,7 @@ def test_a_lost_node_stops_the_run_in_one_line_and_resume_finishes_once_the_node
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert first.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "no checkpoint in 240 s"
-        cluster.remove_node(workers[1])
+        cluster.remove_node(workers[0])
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -97,23 +97,24 @@ def test_prm_on_two_ranks_packed_with_lora_writes_a_model_that_prm_eval_scores_a
                                                                                                capsys):
     from conftest import run_cli
     from rlhf.metrics import read_metrics
-    out = tmp_path / "prm"
+    out, held_out = tmp_path / "prm", tmp_path / "steps_eval.jsonl"
+    held_out.write_text("".join(open(tiny["steps_eval"], encoding="utf-8").readlines()[:64]), encoding="utf-8")
     assert run_cli("prm", "--config", "configs/tiny/prm.yaml", "--model", tiny["base"], "--data", tiny["steps_train"],
-                   "--set", f"data.eval={tiny['steps_eval']}", "--set", "train.max_steps=6",
+                   "--set", f"data.eval={held_out}", "--set", "train.max_steps=6",
                    "--set", "train.max_tokens_per_micro_batch=512", "--set", "lora.enabled=true",
                    "--set", "deepspeed.zero_stage=2", "--set", "logging.progress=false", "--output", out) == 0
     evals = [m for m in read_metrics(str(out / "metrics.jsonl")) if "eval/step_accuracy" in m]
     assert [m["step"] for m in evals] == [0, 6]
-    assert evals[-1]["eval/solutions"] == 200 and evals[-1]["eval/steps"] > 400
+    assert evals[-1]["eval/solutions"] == 64 and evals[-1]["eval/steps"] > 150
     final = out / "final"
     assert json.loads((final / "prm.json").read_text()) == {"step_separator": "\n"}
     assert json.loads((final / "reply_lengths.json").read_text())["replies"] == 1500
     capsys.readouterr()
     # One process, padded rows, the LoRA merged into final/: the same step probabilities as the run's two packed ranks
     # (a step whose probability sits on 0.5 may flip).
-    assert run_cli("prm-eval", "--model", final, "--data", tiny["steps_eval"]) == 0
+    assert run_cli("prm-eval", "--model", final, "--data", held_out) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (printed["steps"], printed["solutions"]) == (evals[-1]["eval/steps"], 200)
+    assert (printed["steps"], printed["solutions"]) == (evals[-1]["eval/steps"], 64)
     assert abs(printed["step_accuracy"] - evals[-1]["eval/step_accuracy"]) <= 2 / printed["steps"]
 
 
