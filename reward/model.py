@@ -18,6 +18,10 @@ scores agree when the pad token is not one a scored text ends with (`<pad>` for 
 
 A `*ForSequenceClassification` checkpoint with one label (a hub reward model) loads as this class too: its backbone
 as the causal LM (with a new LM head when it has none, used only by the LM loss) and its `score` as the head.
+
+A process reward model (`rlhf prm`) is saved the same way with the token classifier in place of the sequence
+classifier (`*ForTokenClassification`, one label, its `score` with a bias, which the step loss trains): a logit at
+every token, read at each step's last token. Which view a directory holds is in its config's `architectures`.
 """
 from __future__ import annotations
 

@@ -76,16 +76,20 @@ TRUST_FRACTION = 0.4
 ZH_FRACTION = 0.3
 MULTI_TURN_FRACTION = 0.15
 EVAL_FRACTION = 0.2
-# The step-by-step task: `a + b - c` over one-digit operands (every such expression, and 600 of four operands), no
-# running total negative; one step a line, "3 + 4 = 7", then "The answer is 7.". A slipped solution gets one sum
-# wrong, off by 1 to 3, and carries on consistently from it, so its labels are True up to the slip and False from it
-# on (the right answer is out of reach). The PRM's data slips often enough for both labels to be common; the SFT
+# The step-by-step task: `a + b - c` over one-digit operands (every such expression, and 600 of four operands), every
+# running total a digit (0 to 9); one step a line, "3 + 4 = 7", then "The answer is 7.". A slipped solution gets one
+# sum wrong, off by 1 to 3 (the answer itself, where no sum can slip and keep every total a digit), and carries on
+# consistently from it, so its labels are True up to the slip and False from it on (the right answer is out of reach). The PRM's data slips often enough for both labels to be common; the SFT
 # data mostly does not, so an SFT policy writes mostly right solutions and PPO with process rewards has room.
 STEP_OPERANDS = range(1, 10)
 FOUR_OPERAND_EXPRESSIONS = 600
 STEP_EVAL_EXPRESSIONS = 200
 STEP_SLIP_FRACTION = 0.35
 STEP_SFT_SLIP_FRACTION = 0.25
+STEP_MAX_TOTAL = 9
+"""Every running total, slipped or not, is one digit: 90 sums (a + b and a - b within 0..9) that a tiny model learns
+to check, and no two-digit number that would give a slip away."""
+_SLIPS = (-3, -2, -1, 1, 2, 3)
 
 
 # --- the rule ----------------------------------------------------------------------------------------------
@@ -338,7 +342,7 @@ def _step_expressions(rng: random.Random) -> tuple[list[Expression], list[Expres
         for operands in itertools.product(STEP_OPERANDS, repeat=n):
             for ops in itertools.product("+-", repeat=n - 1):
                 expression = (operands[0], tuple(zip(ops, operands[1:])))
-                if min(_running_totals(expression)) >= 0:
+                if 0 <= min(_running_totals(expression)) and max(_running_totals(expression)) <= STEP_MAX_TOTAL:
                     found.append(expression)
         return found
 
@@ -359,13 +363,15 @@ def _step_solution(rng: random.Random, expression: Expression, slip: bool) -> St
     and the later steps compute on from it, so their labels are False from the slip on."""
     totals = _running_totals(expression)
     _, rest = expression
-    slip_at = rng.randrange(len(rest)) if slip else len(rest) + 1  # the first bad step; past the end: none
-    delta = 0
-    if slip:  # off by 1 to 3, no running total from the slip on below zero
-        delta = rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if min(totals[slip_at + 1:]) + d >= 0])
+    slip_at, delta = len(rest) + 1, 0  # the first bad step (past the end: none) and how far off it is
+    if slip:  # off by 1 to 3, every running total from the slip on still a digit; else the answer misreported
+        fits = [(k, d) for k in range(len(rest)) for d in _SLIPS
+                if all(0 <= t + d <= STEP_MAX_TOTAL for t in totals[k + 1:])]
+        slip_at, delta = rng.choice(fits) if fits else \
+            (len(rest), rng.choice([d for d in _SLIPS if 0 <= totals[-1] + d <= STEP_MAX_TOTAL]))
     written = [total + (delta if i > slip_at else 0) for i, total in enumerate(totals)]
     steps = [f"{written[k]} {op} {x} = {written[k + 1]}" for k, (op, x) in enumerate(rest)]
-    steps.append(f"The answer is {written[-1]}.")
+    steps.append(f"The answer is {written[-1] + (delta if slip_at == len(rest) else 0)}.")
     prompt = _step_prompt(rng, expression)
     metadata, prompt.metadata = prompt.metadata, {}
     return StepSolution(prompt, steps, [k < slip_at for k in range(len(steps))], metadata)
