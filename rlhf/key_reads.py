@@ -5,8 +5,9 @@ Then every config `load_config` returns carries its key path on each section, an
 from the project's code appends `command:key` to a file of this process in that directory, each key once. Ray
 workers inherit the variable and the configs they are sent keep their paths (they travel in the instance's
 `__dict__`), so reads on every rank count. What is not a use does not count: the config's own checks, and printing or
-saving a config (OmegaConf reads it from its own code; `config.as_dict` is the project's way to a plain dict). A section copied
-with `dataclasses.replace` loses its paths: copy one with `replaced`, and a section built from another with `carry`.
+saving a config (OmegaConf reads it from its own code; `config.as_dict` is the project's way to a plain dict). A
+section copied with `dataclasses.replace` loses its paths: copy one with `replaced`, and a section built from another
+with `carry` (or `converted`).
 """
 from __future__ import annotations
 
