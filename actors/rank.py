@@ -50,6 +50,9 @@ class RankSpec:
     """Optimizer steps of the run (the learning-rate schedule's length)."""
     plugins: Optional[PluginsConfig] = None
     """A plugin policy: its rollouts run these tools between their two passes."""
+    train_backbone: bool = True
+    """False: a trained scalar role trains its head alone, the LM it starts from kept as it is (a process reward
+    model whose score reads the LM's own log-probs, `prm.train_backbone`)."""
     temperature: float = 1.0
     """The rollouts' sampling temperature: the log-probs of sampled replies are of softmax(logits / temperature),
     the distribution they were drawn from (the policy, its reference and the rollout engine of an RL run)."""

@@ -19,7 +19,7 @@ from actors.rank import RankWorker
 from reward.batches import EncodedList
 from reward.losses import ranking_loss, step_loss
 from reward.model import ScalarHeadModel, last_index, load_reward_stats
-from reward.steps import EncodedSteps, at_steps, collate_steps
+from reward.steps import EncodedSteps, at_steps, collate_steps, step_features
 from rlhf.batching import Batch, Packing, fill_bins, position_ids, trim_left_padding, trim_padding
 from rlhf.modeling import apply_lora_config, atomic_directory, build_causal_lm, write_text_files
 from rlhf.ppo_math import logprobs_from_logits, value_loss
@@ -260,6 +260,12 @@ class PRMWorker(ScalarWorker):
 
     CLASSIFIER = "token"
 
+    def build(self) -> torch.nn.Module:
+        model = super().build()
+        if not self.spec.train_backbone:  # the head alone trains; the LM's log-probs stay the ones it started with
+            model.lm.requires_grad_(False)
+        return model
+
     def _solution_steps(self, items: list[EncodedSteps], train: bool = True, by_length: bool = True):
         """Micro-batches of solutions, each with whether it is real: `micro_batch_size` solutions each, or with a
         token budget (`max_tokens_per_micro_batch`) solutions packed end to end."""
@@ -297,15 +303,18 @@ class PRMWorker(ScalarWorker):
 
     @dispatch(split={"items": padded_items}, reduce="concat")
     def evaluate(self, items: list[EncodedSteps]) -> dict:
-        """Per solution, in order: the probability that each of its steps is good."""
+        """Per solution, in order: its steps' features [S, 2], the head's value and the running minimum of the reply
+        tokens' log-probs under the model's own LM head (`reward.steps.step_features`), from one padded forward."""
         self.engine.eval()
-        probabilities: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
         with torch.no_grad():
             for mb, real in self._solution_steps(items, train=False, by_length=False):
-                p = torch.sigmoid(self._step_logits(mb, real).float()).cpu()  # a repeat too: ZeRO-3 runs in lockstep
+                ids, mask = mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device)
+                values, logits = self.engine.forward(ids, mask, position_ids(mask), logits_at=True)
+                found = step_features(values, logits, mb).float().cpu()  # a repeat too: ZeRO-3 runs in lockstep
                 if real:
-                    probabilities += [row[:int(n)] for row, n in zip(p, mb["step_mask"].sum(1))]
-        return {"probabilities": probabilities}
+                    features += [row[:int(n)] for row, n in zip(found, mb["step_mask"].sum(1))]
+        return {"features": features}
 
 
 def _last_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,15 @@ each step of the reply (`rlhf prm-eval`'s reading) and gives the reply its weake
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from reward.batches import collate_rows, encode_scored
 from reward.model import ScalarHeadModel
-from reward.steps import EncodedSteps, Pieces, at_steps, collate_steps, encode_reply, saved_separator
+from reward.steps import (EncodedSteps, Pieces, calibrated, collate_steps, encode_reply, saved_prm, saved_separator,
+                          step_features)
 from rlhf.batching import position_ids
 from rlhf.commands import check_model
 from rlhf.config import DataConfig, ModelConfig
@@ -65,19 +66,22 @@ class PreferenceScorer:
 
 class ProcessScorer(PreferenceScorer):
     """A process reward model (`rlhf prm`'s final/): a reply's steps split as the model was trained to split them (its
-    prm.json), each step's probability of being good read at its last token; the reply's score is the smallest
-    (Math-Shepherd's min: a solution is as good as its weakest step), 0 for a reply with no step."""
+    prm.json), each step's probability of being good from its features at its last token, calibrated as prm.json
+    says (`reward.steps.calibrated`); the reply's score is the smallest (Math-Shepherd's min: a solution is as good
+    as its weakest step), 0 for a reply with no step."""
 
     def __init__(self, model: ScalarHeadModel, tokenizer: Any, data: DataConfig, separator: str,
-                 batch_size: int = 16) -> None:
+                 calibration: Optional[dict] = None, batch_size: int = 16) -> None:
         super().__init__(model, tokenizer, data, batch_size)
-        self.separator = separator
+        self.separator, self.calibration = separator, calibration
         self.pieces = Pieces(tokenizer)
 
     @classmethod
     def load(cls, model: ModelConfig, data: DataConfig) -> ProcessScorer:
         scorer = PreferenceScorer.load(model, data)
-        return cls(scorer.model, scorer.tokenizer, data, saved_separator(model.path) or STEP_SEPARATOR)
+        saved = saved_prm(model.path) or {}
+        return cls(scorer.model, scorer.tokenizer, data, saved.get("step_separator", STEP_SEPARATOR),
+                   saved.get("calibration"))
 
     def step_probabilities(self, dialogues: Sequence[Dialogue]) -> list[list[float]]:
         """Each dialogue's reply: the probability that each of its steps is good, in order."""
@@ -91,7 +95,8 @@ class ProcessScorer(PreferenceScorer):
         for start in range(0, len(rows), self.batch_size):
             batch = collate_steps(rows[start:start + self.batch_size], self.tokenizer.pad_token_id)
             ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            p = torch.sigmoid(at_steps(self.model(ids, mask, position_ids(mask)).float(), batch["step_index"])).cpu()
+            values, logits = self.model(ids, mask, position_ids(mask), logits_at=True)
+            p = torch.sigmoid(calibrated(step_features(values, logits, batch), self.calibration)).cpu()
             found += [row[:int(n)].tolist() for row, n in zip(p, batch["step_mask"].sum(1))]
         return found
 

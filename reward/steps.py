@@ -113,17 +113,65 @@ def encode_steps_file(path: str, tokenizer, max_length: int, plugin: bool, data_
 
 def collate_steps(items: Sequence[EncodedSteps], pad_id: int) -> Batch:
     """Solutions of one micro-batch to tensors: input_ids and attention_mask [b, L] right-padded; step_index [b, S]
-    (each step's last position, 0 past a row's steps), step_mask [b, S] and labels [b, S] (1.0 good, 0.0 bad)."""
+    (each step's last position, 0 past a row's steps), step_mask [b, S], labels [b, S] (1.0 good, 0.0 bad) and
+    reply_start [b]."""
     return {"input_ids": pad([e.ids for e in items], pad_id),
             "attention_mask": pad([[1] * len(e.ids) for e in items], 0),
             "step_index": pad([e.ends for e in items], 0),
             "step_mask": pad([[1] * len(e.ends) for e in items], 0),
-            "labels": pad([[float(x) for x in e.labels] for e in items], 0).float()}
+            "labels": pad([[float(x) for x in e.labels] for e in items], 0).float(),
+            "reply_start": torch.tensor([e.reply_start for e in items], dtype=torch.long)}
 
 
 def at_steps(values: torch.Tensor, step_index: torch.Tensor) -> torch.Tensor:
     """[b, S] of values [b, T] at each step's last position (positions past T read the last column)."""
     return values.gather(1, step_index.to(values.device).clamp(max=values.shape[1] - 1))
+
+
+def step_features(values: torch.Tensor, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[b, S, 2] of each step: the head's value at its last token, and the smallest log-probability the model's own
+    LM head gave any reply token up to there (the running minimum: once a step is unlikely, so is the solution).
+    values [b, T] and logits [b, T, V] are one forward pass over batch["input_ids"] (right-padded)."""
+    ids = batch["input_ids"].to(logits.device)
+    width = min(ids.shape[1], logits.shape[1])
+    logp = torch.log_softmax(logits[:, :width - 1].float(), -1).gather(2, ids[:, 1:width, None])[..., 0]
+    logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)  # [b, T]: the log-prob of token t given < t
+    positions = torch.arange(width, device=logp.device)
+    in_reply = positions[None, :] >= batch["reply_start"].to(logp.device)[:, None]
+    running = torch.cummin(torch.where(in_reply, logp, torch.inf), dim=1).values
+    return torch.stack([at_steps(values.float(), batch["step_index"]), at_steps(running, batch["step_index"])], -1)
+
+
+def calibrated(features: torch.Tensor, calibration: Optional[dict]) -> torch.Tensor:
+    """The steps' logits of "good" from their features ([..., 2]): the head's value alone without a calibration,
+    else value_weight x value + logprob_weight x running minimum log-prob + bias."""
+    if not calibration:
+        return features[..., 0]
+    return (calibration["value_weight"] * features[..., 0] + calibration["logprob_weight"] * features[..., 1]
+            + calibration["bias"])
+
+
+def fit_calibration(features: Sequence[torch.Tensor], labels: Sequence[Sequence[bool]], steps: int = 200) -> dict:
+    """The logistic regression of the labels on the features ([S, 2] per solution): the three numbers `calibrated`
+    reads, fitted by L-BFGS on the features standardised (deterministic: no sampling)."""
+    x = torch.cat([f.float() for f in features]).double()
+    y = torch.tensor([float(g) for row in labels for g in row], dtype=torch.float64)
+    x = torch.nan_to_num(x, neginf=-100.0).clamp(min=-100.0)
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(z @ w[:2] + w[2], y) + 1e-4 * w[:2].square().sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    weights = (w[:2] / std).detach()
+    return {"value_weight": float(weights[0]), "logprob_weight": float(weights[1]),
+            "bias": float(w[2].detach() - (weights * mean).sum())}
 
 
 def first_bad(good: Sequence[bool]) -> Optional[int]:
@@ -146,14 +194,22 @@ PRM_FILE = "prm.json"
 """What a process reward model's final/ says about reading steps: {"step_separator": ...}."""
 
 
-def prm_file(separator: str) -> dict[str, str]:
-    return {PRM_FILE: json.dumps({"step_separator": separator}) + "\n"}
+def prm_file(separator: str, calibration: Optional[dict] = None) -> dict[str, str]:
+    """prm.json: the step separator and, once fitted, the calibration of the step's features (`calibrated`)."""
+    record = {"step_separator": separator} | ({"calibration": calibration} if calibration else {})
+    return {PRM_FILE: json.dumps(record) + "\n"}
 
 
-def saved_separator(model_dir: str) -> Optional[str]:
-    """The step separator a process reward model was trained with (its prm.json), or None when it has none."""
+def saved_prm(model_dir: str) -> Optional[dict]:
+    """A process reward model's prm.json ({"step_separator", "calibration"?}), or None when the directory has none."""
     path = os.path.join(model_dir, PRM_FILE)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return str(json.load(f)["step_separator"])
+        return json.load(f)
+
+
+def saved_separator(model_dir: str) -> Optional[str]:
+    """The step separator a process reward model was trained with (its prm.json), or None when it has none."""
+    saved = saved_prm(model_dir)
+    return None if saved is None else str(saved["step_separator"])

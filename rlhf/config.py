@@ -190,6 +190,15 @@ class ProcessRewardConfig:
     step_separator: str = "\n"
     """What joins a solution's steps into MOSS's reply, and splits a reply back into steps; the PRM reads each step's
     score at its last token. Written into final/ (prm.json), so PPO and best-of-N split replies the same way."""
+    train_backbone: bool = True
+    """False: train the scalar head alone and keep the model it starts from as it is. A small model's own LM log-probs
+    judge steps that its head cannot learn to, and training the backbone for the head wears them away (RESULTS.md
+    section 10)."""
+    calibration_solutions: int = 512
+    """Training solutions a step's score is calibrated on at each evaluation and at the end: a logistic regression of
+    the labels on the head's value and the running minimum of the reply's token log-probs under the model's own LM
+    head (a small model that writes a sum right often cannot tell a wrong one from its head alone; its log-probs
+    can). Written into prm.json; 0: the head's value alone."""
 
 
 @dataclass

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from reward.losses import step_loss
-from reward.steps import EncodedSteps, Pieces, collate_steps, encode_solution, step_ends, step_metrics
+from reward.steps import (EncodedSteps, Pieces, calibrated, collate_steps, encode_solution, fit_calibration, step_ends,
+                          step_features, step_metrics)
 from rlhf.data import load_steps
 from rlhf.records import StepSolution
 from rlhf.moss import Dialogue
@@ -107,10 +108,11 @@ def test_prm_on_two_ranks_packed_with_lora_writes_a_model_that_prm_eval_scores_a
     assert [m["step"] for m in evals] == [0, 6]
     assert evals[-1]["eval/solutions"] == 64 and evals[-1]["eval/steps"] > 150
     final = out / "final"
-    assert json.loads((final / "prm.json").read_text()) == {"step_separator": "\n"}
+    saved = json.loads((final / "prm.json").read_text())
+    assert saved["step_separator"] == "\n" and set(saved["calibration"]) == {"value_weight", "logprob_weight", "bias"}
     assert json.loads((final / "reply_lengths.json").read_text())["replies"] == 1500
     capsys.readouterr()
-    # One process, padded rows, the LoRA merged into final/: the same step probabilities as the run's two packed ranks
+    # One process, padded rows, the LoRA merged into final/: the same step probabilities as the run's two ranks
     # (a step whose probability sits on 0.5 may flip).
     assert run_cli("prm-eval", "--model", final, "--data", held_out) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -163,3 +165,28 @@ def test_best_of_n_with_a_process_reward_model_keeps_the_reply_whose_weakest_ste
                                      "meta_instruction": line["meta_instruction"]})
         alone = scorer.score([prompt.with_reply(line["response"])])[0]
         assert alone == pytest.approx(line["score"], abs=1e-5)
+
+
+def test_step_features_are_the_value_and_the_running_minimum_log_prob_at_each_step_end():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0]])
+    batch = {"input_ids": ids, "step_index": torch.tensor([[3, 4]]), "reply_start": torch.tensor([2])}
+    logits = torch.zeros(1, 6, 10)
+    logits[0, 1, 7] = 2.0   # token 7 (position 2) likely
+    logits[0, 2, 8] = -3.0  # token 8 (position 3) unlikely
+    logits[0, 3, 9] = 1.0
+    logp = torch.log_softmax(logits, -1)
+    values = torch.arange(6.0)[None]
+    found = step_features(values, logits, batch)
+    assert found[0, :, 0].tolist() == [3.0, 4.0]
+    lowest = min(float(logp[0, 1, 7]), float(logp[0, 2, 8]))  # the prompt's tokens (before position 2) do not count
+    assert found[0, :, 1].tolist() == pytest.approx([lowest, lowest])
+
+
+def test_the_calibration_recovers_the_weights_that_made_the_labels():
+    torch.manual_seed(0)
+    features = [torch.randn(4, 2) for _ in range(400)]
+    truth = {"value_weight": 0.5, "logprob_weight": 2.0, "bias": -1.0}
+    labels = [(torch.rand(4) < torch.sigmoid(calibrated(f, truth))).tolist() for f in features]
+    fitted = fit_calibration(features, labels)
+    assert fitted == pytest.approx(truth, abs=0.25)
+    assert calibrated(torch.tensor([[1.0, -2.0]]), None).tolist() == [1.0]  # no calibration: the head's value

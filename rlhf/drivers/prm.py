@@ -7,11 +7,15 @@ answer". The loss is binary cross-entropy over every labelled step of the global
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Optional
 
-from reward.steps import EncodedSteps, encode_steps_file, prm_file, saved_separator, step_metrics
+import torch
+
+from reward.steps import (EncodedSteps, calibrated, encode_steps_file, fit_calibration, prm_file, saved_separator,
+                         step_metrics)
 from rlhf import key_reads
 from rlhf.config import PRMConfig
 from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
@@ -41,9 +45,10 @@ def run_prm(cfg: PRMConfig, output: str, resume: bool = False, backend: Optional
     train = encode(cfg, cfg.data.train, tokenizer, separator)
     held_out = encode(cfg, cfg.data.eval, tokenizer, separator) if cfg.data.eval else []
     plan, spec = one_group_plan(cfg, len(train), "solutions")
+    spec = dataclasses.replace(spec, train_backbone=cfg.prm.train_backbone)
     # PPO's max_new_tokens: auto reads the replies' lengths from the models it is given; a reply ends at <eom>.
-    files = lengths_of([len(e.ids) - e.reply_start for e in train], cfg.data.train) | prm_file(separator)
-    seen = {"steps": 0, "began": 0.0}
+    lengths = lengths_of([len(e.ids) - e.reply_start for e in train], cfg.data.train)
+    seen: dict = {"steps": 0, "began": 0.0, "calibration": None}
 
     def step(trainer: Trainer, items: list[EncodedSteps], epoch: int) -> dict:
         seen["began"] = seen["began"] or time.time()
@@ -54,13 +59,26 @@ def run_prm(cfg: PRMConfig, output: str, resume: bool = False, backend: Optional
                 "train/steps": num_steps, "train/grad_norm": out["grad_norm"],
                 "train/solutions_encoded": out["encoded"]}
 
+    calibration_set = train[:cfg.prm.calibration_solutions]
+
+    def calibrate(trainer: Trainer) -> Optional[dict]:
+        """The step scores' calibration for the model as it is now, fitted on the first training solutions."""
+        if not calibration_set:
+            return None
+        found = trainer.evaluate(calibration_set).result()["features"]
+        return fit_calibration(found, [e.labels for e in calibration_set])
+
     def evaluate(trainer: Trainer) -> dict:
-        found = trainer.evaluate(held_out).result()["probabilities"]
-        metrics = step_metrics([p.tolist() for p in found], [e.labels for e in held_out])
+        seen["calibration"] = calibrate(trainer)
+        found = trainer.evaluate(held_out).result()["features"]
+        probabilities = [torch.sigmoid(calibrated(f, seen["calibration"])).tolist() for f in found]
+        metrics = step_metrics(probabilities, [e.labels for e in held_out])
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def finish(trainer: Trainer, before: dict, after: dict) -> dict:
         seconds = time.time() - seen["began"] if seen["began"] else 0.0
+        calibration = seen["calibration"] if held_out else calibrate(trainer)  # the evaluation after the last step's
+        files = lengths | prm_file(separator, calibration)
         trainer.save_pretrained(run.final, None, cfg.lora.merge_on_save, files).result()
         return {k.removeprefix("eval/"): v for k, v in after.items()} | {
             "train_steps_labelled": seen["steps"], "train_seconds": seconds, "final": run.final}
