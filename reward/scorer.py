@@ -77,10 +77,11 @@ class ProcessScorer(PreferenceScorer):
         self.pieces = Pieces(tokenizer)
 
     @classmethod
-    def load(cls, model: ModelConfig, data: DataConfig) -> ProcessScorer:
+    def load(cls, model: ModelConfig, data: DataConfig, separator: str = STEP_SEPARATOR) -> ProcessScorer:
+        """`model.path` as its prm.json says; `separator` for a directory that names none."""
         scorer = PreferenceScorer.load(model, data)
         saved = saved_prm(model.path) or {}
-        return cls(scorer.model, scorer.tokenizer, data, saved.get("step_separator", STEP_SEPARATOR),
+        return cls(scorer.model, scorer.tokenizer, data, saved.get("step_separator", separator),
                    saved.get("calibration"))
 
     def step_probabilities(self, dialogues: Sequence[Dialogue]) -> list[list[float]]:

@@ -16,7 +16,7 @@ import torch
 from rlhf.batching import Batch, pad
 from rlhf.data import load_steps
 from rlhf.moss import EOM, Dialogue, tokenize_dialogue
-from rlhf.records import StepSolution
+from rlhf.records import StepSolution, first_bad
 
 
 @dataclass
@@ -172,10 +172,6 @@ def fit_calibration(features: Sequence[torch.Tensor], labels: Sequence[Sequence[
     weights = (w[:2] / std).detach()
     return {"value_weight": float(weights[0]), "logprob_weight": float(weights[1]),
             "bias": float(w[2].detach() - (weights * mean).sum())}
-
-
-def first_bad(good: Sequence[bool]) -> Optional[int]:
-    return next((i for i, g in enumerate(good) if not g), None)
 
 
 def step_metrics(probabilities: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]]) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -129,7 +129,7 @@ class StepSolution:
     @property
     def first_error(self) -> int | None:
         """The index of the first bad step, None when every step is good."""
-        return next((i for i, good in enumerate(self.labels) if not good), None)
+        return first_bad(self.labels)
 
     def check_separator(self, separator: str) -> None:
         """FieldError naming the first step that holds `separator`: joined into one reply, it would split in two."""
@@ -144,6 +144,11 @@ class StepSolution:
         out = self.prompt.to_json()
         out["turns"][-1].update(steps=list(self.steps), step_labels=list(self.labels))
         return {**out, **self.metadata}
+
+
+def first_bad(good: Sequence[bool]) -> int | None:
+    """The index of the first False (a solution's first bad step), None when there is none."""
+    return next((i for i, g in enumerate(good) if not g), None)
 
 
 # --- record parsers: a JSON object in, a record out, FieldError on bad input -------------------------------

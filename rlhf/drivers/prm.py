@@ -14,8 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from reward.steps import (EncodedSteps, calibrated, encode_steps_file, fit_calibration, prm_file, saved_separator,
-                         step_metrics)
+from reward.steps import EncodedSteps, calibrated, encode_steps_file, fit_calibration, prm_file, step_metrics
 from rlhf import key_reads
 from rlhf.config import PRMConfig
 from rlhf.drivers.runs import Supervised, backend_for, one_group_plan, open_run, train_supervised
@@ -96,8 +95,8 @@ def evaluate_steps(model_dir: str, data: str, cfg: PRMConfig) -> dict:
 
     check_model_dir(model_dir, "--model")
     model = key_reads.replaced(cfg.model, path=model_dir)
-    scorer = ProcessScorer.load(model, cfg.data)
-    solutions = encode(cfg, data, scorer.tokenizer, saved_separator(model_dir) or cfg.prm.step_separator)
+    scorer = ProcessScorer.load(model, cfg.data, cfg.prm.step_separator)
+    solutions = encode(cfg, data, scorer.tokenizer, scorer.separator)
     return step_metrics(scorer.probabilities_of(solutions), [e.labels for e in solutions])
 
 
