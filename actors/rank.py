@@ -23,7 +23,7 @@ from reward.batches import collate_ranked, micro_batches_of
 from rlhf import storage
 from rlhf.batching import fill_bins, micro_batches
 from rlhf.config import ModelConfig, PluginsConfig, RoleConfig
-from rlhf.modeling import load_tokenizer
+from rlhf.modeling import load_tokenizer, quiet_loading
 
 
 def skip_shm_comm_build() -> None:
@@ -71,7 +71,7 @@ class RankWorker:
         self.label = label or f"{role} rank {rank}/{world_size}"
         if num_threads:
             torch.set_num_threads(num_threads)
-        _quiet_loading()
+        quiet_loading()
         # A bundle may declare a GPU that has no CUDA behind it (simulated clusters): run on CPU then.
         self.cuda = torch.cuda.is_available()
         if not self.cuda:
@@ -182,12 +182,3 @@ class RankWorker:
         """A checksum of the full weights, one per rank, to check that the ranks stay identical."""
         state = self.engine.full_state_dict()
         return [float(sum(v.double().sum() + v.double().abs().sum() * 1e-3 for v in state.values()))]
-
-
-def _quiet_loading() -> None:
-    """No per-rank 'Loading weights' progress bars in the driver's log (one per rank per start otherwise)."""
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass

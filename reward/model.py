@@ -40,7 +40,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rlhf.batching import position_ids as default_position_ids
-from rlhf.modeling import REWARD_HEAD_FILE, ModelLoadError, merged_state_dict
+from rlhf.modeling import REWARD_HEAD_FILE, ModelLoadError, merged_state_dict, quiet_loading
 
 HEAD_FILE = REWARD_HEAD_FILE
 STATS_FILE = "reward_stats.json"
@@ -296,6 +296,7 @@ class ScalarHeadModel(torch.nn.Module):
         the checkpoint lacked, what says them)."""
         if not os.path.isdir(path):
             raise ModelLoadError(f"model directory {path!r} does not exist; pass the output of `rlhf sft` or `rlhf rm`")
+        quiet_loading()
         if load_lm is not None:
             lm, unused, missing, show = load_lm(path)
             return cls._with_head(lm, _saved_head(path, lm, unused, missing, show))

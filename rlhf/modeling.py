@@ -234,12 +234,21 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> PreTrain
     return tokenizer
 
 
+def quiet_loading() -> None:
+    """No 'Loading weights' progress bar on stderr for each model loaded: one per rank per start in a driver's log,
+    and noise around the one line a one-process command (rm-eval, prm-eval, generate) prints."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def load_causal_lm(path_or_id: str, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM from safetensors weights only: pickled checkpoints from user paths can run code."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     import torch
     from transformers import AutoModelForCausalLM
+
+    quiet_loading()
 
     source = check_model_dir(path_or_id, "model")
     try:
