@@ -19,10 +19,13 @@ from actors.rank import RankWorker
 from reward.batches import EncodedList
 from reward.losses import ranking_loss, step_loss
 from reward.model import ScalarHeadModel, last_index, load_reward_stats
-from reward.steps import EncodedSteps, at_steps, collate_steps, step_features
-from rlhf.batching import Batch, Packing, fill_bins, position_ids, trim_left_padding, trim_padding
+from reward.steps import (EncodedSteps, Pieces, at_steps, calibrated, collate_steps, reply_features, reply_step_mask,
+                          saved_prm, step_features)
+from rlhf.batching import Batch, Experience, Packing, fill_bins, position_ids, trim_left_padding, trim_padding
 from rlhf.modeling import apply_lora_config, atomic_directory, build_causal_lm, write_text_files
+from rlhf.moss import EOM
 from rlhf.ppo_math import logprobs_from_logits, value_loss
+from rlhf.records import STEP_SEPARATOR
 from rlhf.roles import PRMStep, RankingStep, UpdatePlan, ValueLoss
 
 
@@ -261,6 +264,7 @@ class PRMWorker(ScalarWorker):
     CLASSIFIER = "token"
 
     def build(self) -> torch.nn.Module:
+        self.prm: Optional[dict] = None  # prm.json, read when PPO first asks for step scores
         model = super().build()
         if not self.spec.train_backbone:  # the head alone trains; the LM's log-probs stay the ones it started with
             model.lm.requires_grad_(False)
@@ -315,6 +319,35 @@ class PRMWorker(ScalarWorker):
                 if real:
                     features += [row[:int(n)] for row, n in zip(found, mb["step_mask"].sum(1))]
         return {"features": features}
+
+    @dispatch(split={"batch": padded_rows}, reduce="concat")
+    def step_scores(self, batch: Experience) -> dict:
+        """PPO's process reward: each reply split into steps as this model's prm.json says (`reply_step_mask`),
+        {"probs": [b, R] the probability that the reply can still reach the right answer after the step whose last
+        token is there (0 elsewhere), "mask": [b, R] 1 at each step's last token}. A step's probability is the one
+        `rlhf prm-eval` gives it: the head's value and the LM head's log-probs of the reply, calibrated. Padded
+        forwards, of micro_batch_size rows or, with a token budget, of as many rows as it holds."""
+        if self.prm is None:
+            self.prm = saved_prm(self.spec.model_path) or {}
+            self.pieces = Pieces(self.tokenizer)
+        separator = self.prm.get("step_separator", STEP_SEPARATOR)
+        marks = reply_step_mask(batch["response_ids"], batch["action_mask"], self.pieces, separator,
+                                self.tokenizer.convert_tokens_to_ids(EOM))
+        calibration = self.prm.get("calibration")
+
+        def forward(mb: Batch) -> torch.Tensor:
+            mb = trim_left_padding({k: v.to(self.device) for k, v in mb.items()})
+            width = mb["response_ids"].shape[1]
+            mask = mb["attention_mask"]
+            self.sequences_encoded += int(mask.shape[0])
+            values, logits = self.engine.forward(mb["sequences"], mask, position_ids(mask), logits_at=True)
+            logp = logprobs_from_logits(logits[:, -width - 1:-1].float(), mb["response_ids"])
+            features = reply_features(values[:, -width:], logp, mb["action_mask"])
+            return torch.sigmoid(calibrated(features, calibration)) * mb["step_mask"]
+        rows = {**batch, "step_mask": marks}
+        probs = self.engine.forward_rows(rows, self.budget, forward) if self.budget else self.each_micro_batch(
+            rows, forward)
+        return {"probs": probs, "mask": marks}
 
 
 def _last_values(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from rlhf.batching import Batch, pad
 from rlhf.data import load_steps
+from rlhf.modeling import PRM_FILE
 from rlhf.moss import EOM, Dialogue, tokenize_dialogue
 from rlhf.records import StepSolution, first_bad
 
@@ -142,6 +143,41 @@ def step_features(values: torch.Tensor, logits: torch.Tensor, batch: Batch) -> t
     return torch.stack([at_steps(values.float(), batch["step_index"]), at_steps(running, batch["step_index"])], -1)
 
 
+def reply_step_mask(response_ids: torch.Tensor, action_mask: torch.Tensor, pieces: Callable[[int], str],
+                    separator: str, eom_id: int) -> torch.Tensor:
+    """[b, R] 1.0 at the last token of each step of a policy's replies (right-padded, as a rollout holds them): each
+    stretch the policy wrote (the action tokens; with plugins the Inner Thoughts, Commands and final reply, between
+    the Results it did not write) is split at `separator` as `step_ends` splits a training solution, so a segment
+    ends a step too. The `<eom>` that ends a reply is no step's text."""
+    marks = torch.zeros(action_mask.shape, dtype=torch.float32)
+    for row, (ids, acts) in enumerate(zip(response_ids.tolist(), action_mask.tolist())):
+        written = [i for i, a in enumerate(acts) if a and ids[i] != eom_id]
+        for run in _runs(written):
+            for end in step_ends([ids[i] for i in run], pieces, separator):
+                marks[row, run[end]] = 1.0
+    return marks
+
+
+def _runs(positions: list[int]) -> list[list[int]]:
+    """Consecutive stretches of sorted positions."""
+    runs: list[list[int]] = []
+    for i in positions:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def reply_features(values: torch.Tensor, logprobs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """[b, R, 2] at every reply token, what `step_features` reads at a step's last token: the head's value there,
+    and the smallest log-probability the model's own LM gave any token the policy wrote up to there. values and
+    logprobs [b, R] are of the reply's tokens (the log-prob of token t given those before it)."""
+    running = torch.cummin(torch.where(action_mask.bool(), logprobs.float(), torch.inf), dim=1).values
+    running = torch.nan_to_num(running, posinf=0.0, neginf=-100.0).clamp(min=-100.0)  # as fit_calibration reads them
+    return torch.stack([values.float(), running], -1)
+
+
 def calibrated(features: torch.Tensor, calibration: Optional[dict]) -> torch.Tensor:
     """The steps' logits of "good" from their features ([..., 2]): the head's value alone without a calibration,
     else value_weight x value + logprob_weight x running minimum log-prob + bias."""
@@ -186,8 +222,6 @@ def step_metrics(probabilities: Sequence[Sequence[float]], labels: Sequence[Sequ
             "bad_fraction": sum(not y for ys in labels for y in ys) / max(1, steps)}
 
 
-PRM_FILE = "prm.json"
-"""What a process reward model's final/ says about reading steps: {"step_separator": ...}."""
 
 
 def prm_file(separator: str, calibration: Optional[dict] = None) -> dict[str, str]:

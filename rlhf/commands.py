@@ -106,10 +106,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             (Flag("--policy", "model.path", "the policy to start from (usually the SFT's final/; also the reference)"),
              Flag("--reward", "roles.reward.model", "the preference model (rlhf rm's final/); not needed with "
                                                    "ppo.reward_model_weight=0", required=False),
-             Flag("--prompts", "data.train", "MOSS prompts (dialogues ending in a human turn)")),
+             Flag("--prompts", "data.train", "MOSS prompts (dialogues ending in a human turn)"),
+             Flag("--process-reward", "roles.prm.model", "a process reward model (rlhf prm's final/) that scores every "
+                                                         "step of each reply (ppo.process_reward_*)", required=False)),
             # The critic starts as a scalar model: a preference model or a sequence classifier (empty: ppo.critic_init's).
             models={"model.path": "causal_lm", "roles.reward.model": "reward", "roles.reference.model": "causal_lm",
-                    "roles.critic.model": "reward"},
+                    "roles.critic.model": "reward", "roles.prm.model": "prm"},
             files=("data.train", "data.eval", "data.ptx")),
 )}
 """The training commands: `rlhf sft|rm|prm|dpo|ppo`, what `rlhf sweep` searches and `rlhf pipeline` chains."""

@@ -394,6 +394,15 @@ class AlgorithmConfig:
     of the policy loss, for replies the engine sampled with other (or differently computed) weights; 0: off."""
     weight_sync_bucket_mb: float = 256.0
     """Size of one broadcast of the weight sync from the policy to the rollout group."""
+    process_reward_weight: float = 1.0
+    """Weight of the process reward model's step scores (--process-reward, `roles.prm.model`) in the reward; 0 starts
+    no prm group."""
+    process_reward_aggregation: str = "clip"
+    """How the step scores p enter the reward (docs/process_rewards.md): clip (min(p - threshold, 0) on each step's
+    last token: doubtful steps cost, sound ones earn nothing), step (p - threshold on each step's last token), min
+    (the weakest step's p added to the reply's score) or last (the last step's p)."""
+    process_reward_threshold: float = 0.5
+    """The step probability that counts as neither good nor bad, for clip and step."""
     eval_rules: dict[str, str] = field(default_factory=lambda: {"answer_accuracy": "answer"})
     """Metric name -> rule, logged per iteration (`ppo/NAME`) and on held-out prompts (`eval/NAME`) but never
     rewarded, where the rule can judge every prompt (e.g. `{rule_score: sample}` for the bundled task)."""
@@ -438,6 +447,8 @@ class RolesConfig:
     reference: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
     reward: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
     critic: CriticRoleConfig = field(default_factory=CriticRoleConfig)
+    prm: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
+    """The process reward model (`rlhf prm`'s final/, --process-reward): started when its model is given."""
     rollout: RolloutRoleConfig = field(default_factory=RolloutRoleConfig)
     """The rollout engine's ranks (started with ppo.rollout_group), on their own CPUs/GPUs or colocated with the
     policy's."""
@@ -600,6 +611,8 @@ class PPOConfig(RunConfig):
             started.append("reward")
         if not (self.roles.policy.lora.enabled and p.reference_from_lora_base):
             started.append("reference")
+        if self.roles.prm.model and p.process_reward_weight > 0:
+            started.append("prm")
         if estimator.needs_critic:
             started.append("critic")
         if p.rollout_group:
@@ -652,7 +665,7 @@ each training command does with it is its record in rlhf.commands."""
 
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-ROLE_NAMES = ("policy", "reference", "reward", "critic", "rollout")
+ROLE_NAMES = ("policy", "reference", "reward", "prm", "critic", "rollout")
 AnyConfig = Union[SFTConfig, RMConfig, PRMConfig, DPOConfig, PPOConfig, GenerateConfig]
 key_reads.watch(c for c in list(globals().values())
                 if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == __name__)
@@ -662,8 +675,8 @@ def _choices() -> dict[str, tuple]:
     """Key -> its allowed values; the estimators and KL kinds are their registries' own (imported here, not at the
     top: they bring torch, which `rlhf --help` and `rlhf validate` do without)."""
     from rlhf.estimators import ESTIMATORS
-    from rlhf.ppo_math import KL_CONTROLLERS, KL_KINDS
-    return {"optim.schedule": ("constant", "cosine"), "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    from rlhf.ppo_math import KL_CONTROLLERS, KL_KINDS, PROCESS_AGGREGATIONS
+    return {"ppo.process_reward_aggregation": PROCESS_AGGREGATIONS, "optim.schedule": ("constant", "cosine"), "model.dtype": ("auto", "float32", "bfloat16", "float16"),
             "ppo.estimator": tuple(ESTIMATORS), "ppo.kl_estimator": KL_KINDS, "ppo.kl_controller": KL_CONTROLLERS,
             "ppo.kl_target_unit": ("reply", "token"), "ppo.critic_init": ("reward", "policy"),
             "dpo.loss": ("listwise", "pairwise", "ipo"), "rm.weak_pairs": ("keep", "flip", "drop", "margin"),
@@ -835,8 +848,15 @@ def _check_rewards(cfg: PPOConfig) -> None:
         if not known(name):
             raise ConfigError(f"ppo.eval_rules.{metric}: {name!r} is not a built-in rule (answer, command, grounded, "
                               "sample) nor module:function")
-    if p.reward_model_weight == 0 and not any(p.reward_rules.values()):
-        raise ConfigError("ppo.reward_model_weight: 0 leaves no reward; give ppo.reward_rules (e.g. answer: 1.0)")
+    if p.process_reward_weight < 0:
+        raise ConfigError(f"ppo.process_reward_weight: must be >= 0, got {p.process_reward_weight}")
+    if not 0 <= p.process_reward_threshold <= 1:
+        raise ConfigError(f"ppo.process_reward_threshold: a step probability, from 0 to 1; got "
+                          f"{p.process_reward_threshold}")
+    process = "prm" in cfg.derive().roles
+    if p.reward_model_weight == 0 and not any(p.reward_rules.values()) and not process:
+        raise ConfigError("ppo.reward_model_weight: 0 leaves no reward; give ppo.reward_rules (e.g. answer: 1.0) or "
+                          "a process reward model (--process-reward)")
     if p.reward_model_weight == 0 and p.estimator == "gae" and p.critic_init == "reward" and not cfg.roles.critic.model:
         raise ConfigError("ppo.critic_init: reward needs a reward model, but ppo.reward_model_weight is 0; "
                           "set ppo.critic_init=policy or pick a critic-free estimator")

@@ -26,6 +26,9 @@ class Estimator:
     advantages: Callable[..., tuple[Tensor, Tensor]]
     """(scores [B], rewards [B, R] or None, values [B, R] or None, mask [B, R], ppo settings) -> (advantages,
     returns), both [B, R]."""
+    process: Optional[Callable[..., Tensor]] = None
+    """For an estimator without per-token rewards: (step rewards [B, R], step mask [B, R], mask [B, R], ppo settings)
+    -> the advantages a process reward model's per-step rewards add; with per-token rewards they are in those."""
 
 
 def _gae(scores, rewards, values, mask, p):
@@ -42,6 +45,14 @@ def _rloo(scores, rewards, values, mask, p):
     return adv, adv
 
 
+def _grpo_steps(step_rewards, step_mask, mask, p):
+    return pm.process_advantages(step_rewards, step_mask, mask, p.samples_per_prompt, scale_by_std=True)
+
+
+def _rloo_steps(step_rewards, step_mask, mask, p):
+    return pm.process_advantages(step_rewards, step_mask, mask, p.samples_per_prompt, scale_by_std=False)
+
+
 def _reinforce_pp(scores, rewards, values, mask, p):
     adv = pm.reinforce_pp_advantages(rewards, mask, p.gamma)
     return adv, adv
@@ -49,17 +60,22 @@ def _reinforce_pp(scores, rewards, values, mask, p):
 
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(needs_critic=True, shaped_rewards=True, whiten=True, advantages=_gae),
-    "grpo": Estimator(needs_critic=False, shaped_rewards=False, whiten=False, advantages=_grpo),
-    "rloo": Estimator(needs_critic=False, shaped_rewards=False, whiten=True, advantages=_rloo),
+    "grpo": Estimator(needs_critic=False, shaped_rewards=False, whiten=False, advantages=_grpo, process=_grpo_steps),
+    "rloo": Estimator(needs_critic=False, shaped_rewards=False, whiten=True, advantages=_rloo, process=_rloo_steps),
     "reinforce_pp": Estimator(needs_critic=False, shaped_rewards=True, whiten=False, advantages=_reinforce_pp),
 }
 
 
-def advantages(p, scores: Tensor, rewards: Optional[Tensor], values: Optional[Tensor],
-               mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The configured estimator's (advantages, returns) [B, R], whitened where the settings and estimator say."""
+def advantages(p, scores: Tensor, rewards: Optional[Tensor], values: Optional[Tensor], mask: Tensor,
+               steps: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """The configured estimator's (advantages, returns) [B, R], whitened where the settings and estimator say.
+    `steps`: a process reward model's per-step rewards and where the steps end ([B, R] each), already in `rewards`
+    for the estimators that have per-token rewards, added to the advantages as the estimator says otherwise."""
     estimator = ESTIMATORS[p.estimator]
     adv, ret = estimator.advantages(scores, rewards, values, mask, p)
+    if steps is not None and estimator.process is not None:
+        adv = adv + estimator.process(*steps, mask, p)
+        ret = adv
     if p.whiten_advantages and estimator.whiten:
         adv = pm.masked_whiten(adv, mask)
     return adv, ret

@@ -165,11 +165,15 @@ def check_model_dir(path_or_id: str, what: str = "model") -> str:
 REWARD_HEAD_FILE = "value_head.safetensors"
 """What `rlhf rm` saves the scalar head in beside the causal LM (`reward.model`)."""
 
+PRM_FILE = "prm.json"
+"""What a process reward model's final/ says about reading steps: {"step_separator", "calibration"?} (`reward.steps`)."""
+
 
 def check_model_kind(source: str, what: str, kind: str) -> None:
     """Refuse, in one line, a local model directory that is not the kind of model its role needs: `causal_lm` (a
-    policy, an SFT or DPO start, a model that generates) or `reward` (a preference model: `rlhf rm`'s final/ with its
-    head, or a sequence classifier). Reads config.json only; a hub id (no local directory) is left to loading."""
+    policy, an SFT or DPO start, a model that generates), `reward` (a preference model: `rlhf rm`'s final/ with its
+    head, or a sequence classifier) or `prm` (`rlhf prm`'s final/, with its prm.json). Reads config.json and looks
+    for the files; a hub id (no local directory) is left to loading."""
     config = os.path.join(source, "config.json")
     if not os.path.isfile(config):
         return
@@ -181,6 +185,9 @@ def check_model_kind(source: str, what: str, kind: str) -> None:
                              f"{', '.join(architectures) or 'no architecture'} and there is no {REWARD_HEAD_FILE}; "
                              f"pass a preference model (`rlhf rm`'s final/, or a *ForSequenceClassification "
                              f"checkpoint with one label)")
+    if kind == "prm" and not os.path.isfile(os.path.join(source, PRM_FILE)):
+        raise ModelLoadError(f"{what} {source!r} is not a process reward model: it has no {PRM_FILE}; pass `rlhf prm`'s "
+                             "final/")
     if kind == "causal_lm" and architectures and not any(a.endswith("ForCausalLM") for a in architectures):
         raise ModelLoadError(f"{what} {source!r} is not a causal LM (config.json names {', '.join(architectures)}); "
                              f"pass a model that generates (`rlhf init-model`, or `rlhf sft`'s final/)")

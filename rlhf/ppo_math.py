@@ -335,6 +335,59 @@ def reinforce_pp_advantages(rewards: Tensor, action_mask: Tensor, gamma: float =
 
 
 # --------------------------------------------------------------------------------------------------------------
+# process rewards (a PRM's step scores)
+
+PROCESS_AGGREGATIONS = ("clip", "step", "min", "last")
+"""How a process reward model's step scores p (the probability that the reply can still reach the right answer after
+the step) enter PPO's reward. Per step, on each step's last token: `clip` gives min(p - threshold, 0) (Gao et al.
+2024's clip: a doubtful step costs, a sound one earns nothing, so writing more steps never pays), `step` gives
+p - threshold. Per reply, added to its score: `min`, its weakest step's p (the min-form credit of Cheng et al. 2025,
+Math-Shepherd's verifier score); `last`, its last step's p."""
+DENSE_AGGREGATIONS = ("clip", "step")
+
+
+def step_rewards(probs: Tensor, step_mask: Tensor, aggregation: str, threshold: float) -> Tensor:
+    """`[B, T]` rewards on the steps' last tokens (step_mask), 0 elsewhere, for a per-step aggregation."""
+    centred = probs - threshold
+    if aggregation == "clip":
+        centred = centred.clamp(max=0.0)
+    elif aggregation != "step":
+        raise ValueError(f"{aggregation!r} is not a per-step aggregation (one of {DENSE_AGGREGATIONS})")
+    return centred * step_mask
+
+
+def reply_step_score(probs: Tensor, step_mask: Tensor, aggregation: str) -> Tensor:
+    """`[B]` one number per reply for a per-reply aggregation: its smallest step probability (`min`) or its last
+    step's (`last`); 0 for a reply with no step."""
+    has_step = step_mask.sum(dim=1) > 0
+    if aggregation == "min":
+        score = torch.where(step_mask > 0, probs, torch.inf).min(dim=1).values
+    elif aggregation == "last":
+        score = probs.gather(1, last_action_index(step_mask).unsqueeze(1)).squeeze(1)
+    else:
+        raise ValueError(f"{aggregation!r} is not a per-reply aggregation (min or last)")
+    return torch.where(has_step, score, torch.zeros_like(score))
+
+
+def process_advantages(rewards: Tensor, step_mask: Tensor, action_mask: Tensor, group_size: int,
+                       scale_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """Process supervision for the group estimators (GRPO, RLOO; DeepSeekMath 4.1.3): each prompt's step rewards
+    standardised over every step of its group's samples (mean removed; divided by the std with `scale_by_std`), and
+    each action token's advantage the sum of the standardised rewards of its reply's steps that end at or after it.
+    `[B, T]` -> `[B, T]`; samples of one prompt are contiguous."""
+    b, t = rewards.shape
+    _groups(rewards[:, 0], group_size)  # the same check of the group size as the scores' estimators
+    flat = rewards.reshape(-1, group_size * t)
+    marks = step_mask.reshape(-1, group_size * t).to(rewards.dtype)
+    count = marks.sum(dim=1, keepdim=True).clamp(min=1)
+    centred = (flat - (flat * marks).sum(dim=1, keepdim=True) / count) * marks
+    if scale_by_std:
+        centred = centred / ((centred.square().sum(dim=1, keepdim=True) / count).sqrt() + eps)
+    normed = centred.reshape(b, t)
+    return normed.flip(1).cumsum(1).flip(1) * action_mask.to(rewards.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # losses
 
 

@@ -155,6 +155,14 @@ class Reward(_Role):
         return self.group.call("score", experience)
 
 
+class ProcessReward(_Role):
+    def step_scores(self, experience: Experience) -> Future:
+        """Each reply's steps as the process reward model splits them: {"probs": [b, R] the probability that the
+        reply can still reach the right answer after the step ending there (0 elsewhere), "mask": [b, R] 1 at each
+        step's last token}."""
+        return self.group.call("step_scores", experience)
+
+
 class Critic(_Role):
     def values(self, experience: Experience) -> Future:
         """[b, R] the value of the state before each reply token."""
@@ -239,6 +247,8 @@ class PPORoles:
     rollout: Optional[Rollout] = None
     """A rollout group of its own (ppo.rollout_group); else the policy's ranks generate."""
     sync: Optional[WeightSync] = None
+    prm: Optional[ProcessReward] = None
+    """A process reward model (--process-reward) that scores every step of each reply."""
 
     def trained(self) -> list[_Role]:
         return [r for r in (self.policy, self.critic) if r is not None]

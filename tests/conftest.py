@@ -233,3 +233,27 @@ def plugin_sft(tiny, tmp_path_factory) -> str:
                        "--set", "layout.cpus_per_rank=1", "--set", "train.max_tokens_per_micro_batch=1536",
                        "--output", out) == 0
     return f"{built_once(tmp_path_factory, 'plugin-sft', build)}/final"
+
+
+PRM_CALIBRATION = {"value_weight": 0.7, "logprob_weight": 0.4, "bias": 1.5}
+"""The tiny process reward model's step score: both of its features count (reward.steps.calibrated)."""
+
+
+@pytest.fixture(scope="session")
+def tiny_prm(tiny, tmp_path_factory) -> str:
+    """A process reward model directory as `rlhf prm` writes one (the tiny model, a random head, the tokenizer and a
+    prm.json with a calibration), made once: for what reads a PRM (PPO's prm role, best-of-N), not for what it knows."""
+    def build(out: Path) -> None:
+        import torch
+        from reward.model import ScalarHeadModel
+        from reward.steps import prm_file
+        from rlhf.modeling import write_text_files
+        torch.manual_seed(3)
+        model = ScalarHeadModel.from_pretrained(tiny["base"])
+        with torch.no_grad():
+            model.head.weight.normal_()
+        model.save_pretrained(str(out), classifier="token")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(f"{tiny['base']}/{name}", out / name)
+        write_text_files(str(out), prm_file("\n", PRM_CALIBRATION))
+    return str(built_once(tmp_path_factory, "tiny-prm", build))

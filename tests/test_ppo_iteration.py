@@ -88,9 +88,9 @@ def log(monkeypatch) -> list[Call]:
     calls: list[Call] = []
     real = estimators.advantages
 
-    def advantages(p, scores, rewards, values, mask):
-        out = real(p, scores, rewards, values, mask)
-        calls.append(Call("controller.advantages", (scores, rewards, values, mask), out))
+    def advantages(p, scores, rewards, values, mask, steps=None):
+        out = real(p, scores, rewards, values, mask, steps)
+        calls.append(Call("controller.advantages", (scores, rewards, values, mask, steps), out))
         return out
 
     monkeypatch.setattr(estimators, "advantages", advantages)
@@ -156,8 +156,8 @@ def test_gae_generates_scores_with_every_role_at_once_then_advantages_then_updat
     assert set(exp) == EXPERIENCE and torch.equal(exp["response_ids"], rollout["response_ids"])
     assert all(only(log, name).args[0] is exp for name in scorers)
     # ... GAE's advantages take the scores [b], the KL-shaped rewards and the critic's values [b, R] ...
-    scores, rewards, values, mask = only(log, "controller.advantages").args
-    assert scores.shape == (rows,) and rewards.shape == values.shape == mask.shape == (rows, width)
+    scores, rewards, values, mask, steps = only(log, "controller.advantages").args
+    assert steps is None and scores.shape == (rows,) and rewards.shape == values.shape == mask.shape == (rows, width)
     assert torch.equal(values, only(log, "critic.values").out.result())
     advantages, returns = only(log, "controller.advantages").out
     # ... and both trainers update on the same plan: the rollout's rows with its advantages, the rollout's own
@@ -188,8 +188,8 @@ def test_a_lora_policy_is_its_own_reference_and_grpo_trains_no_critic(run, log):
     calls = names(log)
     assert calls[0] == "policy.generate" and set(calls[1:3]) == {"policy.reference_logprobs", "reward.score"}
     assert calls[3:] == ["controller.advantages", "policy.update"]
-    scores, rewards, values, mask = only(log, "controller.advantages").args
-    assert rewards is None and values is None and scores.shape == (4,)
+    scores, rewards, values, mask, steps = only(log, "controller.advantages").args
+    assert rewards is None and values is None and steps is None and scores.shape == (4,)
     plan, loss = only(log, "policy.update").args
     [step] = plan.steps
     assert set(step) == EXPERIENCE | {"advantages", "ref_logprobs"}  # GRPO's KL is a loss term
@@ -234,3 +234,75 @@ def test_a_rollout_group_samples_with_the_weights_of_the_last_update(run, log, m
     assert any(not torch.equal(weights[n], started_from[n]) for n in weights)
     held = groups["rollout"].call("weights").result()
     assert all(torch.equal(held[n], weights[n]) for n in weights)
+
+
+def test_a_process_reward_model_scores_with_the_others_and_its_step_rewards_reach_the_critic(run, log, tiny_prm):
+    from rlhf import ppo_math as pm
+    trainer, groups = run("ppo.estimator=gae", "ppo.critic_warmup_iterations=0", f"roles.prm.model={tiny_prm}",
+                          "ppo.process_reward_weight=2.0", "ppo.process_reward_threshold=0.9",
+                          "generation.max_new_tokens=16")
+    assert sorted(groups) == ["critic", "policy", "prm", "reference", "reward"]
+    coef = trainer.kl_ctl.coef
+    metrics = trainer.iteration(0)
+    calls = names(log)
+    assert set(calls[1:6]) == {"reference.logprobs", "policy.logprobs", "reward.score", "critic.values",
+                               "prm.step_scores"}
+    exp = only(log, "reward.score").args[0]
+    assert only(log, "prm.step_scores").args[0] is exp
+    found = only(log, "prm.step_scores").out.result()
+    probs, marks = found["probs"], found["mask"]
+    assert marks.sum() > 0 and torch.all((probs > 0) == (marks > 0)) and torch.all(probs <= 1)
+    assert torch.all(marks <= exp["action_mask"])  # a step ends on a token the policy wrote
+
+    # Each step's reward, 2 x min(p - 0.9, 0), sits on its last token of the per-token rewards the critic's returns
+    # are made of, beside the KL penalty and the reply's score on its last token.
+    scores, rewards, values, mask, steps = only(log, "controller.advantages").args
+    per_step, step_mask = steps
+    assert torch.equal(step_mask, marks)
+    assert torch.allclose(per_step, 2.0 * (probs - 0.9).clamp(max=0) * marks)
+    assert per_step.sum() < 0
+    shaped = pm.shape_rewards(scores, only(log, "policy.logprobs").out.result(),
+                              only(log, "reference.logprobs").out.result(), mask, coef, "k1", 10.0)[0]
+    assert torch.allclose(rewards, shaped + per_step)
+    advantages, returns = only(log, "controller.advantages").out
+    expected = pm.gae(shaped + per_step, values, mask, 1.0, 0.95)
+    assert torch.allclose(returns, expected[1])
+    [step] = only(log, "critic.update").args[0].steps
+    assert torch.equal(step["returns"], returns)
+    assert metrics["process/reward"] == pytest.approx(float(per_step.sum(1).mean()))
+    assert metrics["process/steps_per_reply"] == pytest.approx(float(marks.sum(1).mean()))
+    assert 0 < metrics["process/bad_step_fraction"] <= 1
+
+
+def test_grpo_adds_the_group_normalised_step_rewards_of_the_steps_to_come_and_min_joins_the_score(run, log,
+                                                                                                  tiny_prm):
+    from rlhf import ppo_math as pm
+    trainer, groups = run("ppo.estimator=grpo", "ppo.samples_per_prompt=2", "ppo.prompts_per_iteration=2",
+                          f"roles.prm.model={tiny_prm}", "ppo.process_reward_aggregation=step",
+                          "generation.max_new_tokens=16")
+    assert sorted(groups) == ["policy", "prm", "reference", "reward"]
+    trainer.iteration(0)
+    scores, rewards, values, mask, steps = only(log, "controller.advantages").args
+    assert rewards is None and values is None  # on-policy: advantages from the scores and the steps alone
+    found = only(log, "prm.step_scores").out.result()
+    per_step, step_mask = steps
+    assert torch.allclose(per_step, (found["probs"] - 0.5) * found["mask"])
+    advantages, _ = only(log, "controller.advantages").out
+    outcome = pm.grpo_advantages(scores, 2, action_mask=mask)
+    process = pm.process_advantages(per_step, step_mask, mask, 2)
+    assert torch.allclose(advantages, outcome + process) and process.abs().sum() > 0
+    log.clear()
+
+    # Per reply: the weakest step's probability joins the reply's score; no per-step rewards.
+    trainer, _ = run("ppo.estimator=grpo", "ppo.samples_per_prompt=2", "ppo.prompts_per_iteration=2",
+                     f"roles.prm.model={tiny_prm}", "ppo.process_reward_aggregation=min", "ppo.reward_normalize=false",
+                     "generation.max_new_tokens=16")
+    metrics = trainer.iteration(0)
+    scores, _, _, _, steps = only(log, "controller.advantages").args
+    found = only(log, "prm.step_scores").out.result()
+    rollout = only(log, "policy.generate").out.result()
+    model = only(log, "reward.score").out.result()
+    weakest = pm.reply_step_score(found["probs"], found["mask"], "min")
+    assert steps is None
+    assert torch.allclose(scores, model + weakest - 1.0 * (1 - rollout["ended"].float()))
+    assert metrics["process/reward"] == pytest.approx(float(weakest.mean()))

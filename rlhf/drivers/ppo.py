@@ -81,12 +81,15 @@ class PPOTrainer:
         reward, parts = self.rules.reward(scored.get("scores"), rollouts)
         if bad := nonfinite(reward=reward, **scored):
             return self.skipped(it, f"score: {bad}", timings)
+        reward, steps, process = self.process_reward(reward, scored.get("steps"))
         mask = exp["action_mask"].float()
         scores = reward + p.no_eom_penalty * (1 - rollout["ended"].float())
         norm = self.normalize(scores)
         rewards = None if on_policy else pm.shape_rewards(norm, scored["old_logprobs"], scored["ref_logprobs"], mask,
                                                           self.kl_ctl.coef, p.kl_estimator, p.kl_clip or None)[0]
-        advantages, returns = estimators.advantages(p, norm, rewards, scored.get("values"), mask)
+        if steps is not None and rewards is not None:  # per-token rewards: each step's on its last token
+            rewards = rewards + steps[0]
+        advantages, returns = estimators.advantages(p, norm, rewards, scored.get("values"), mask, steps)
         with timed(timings, "time/train", self.phases, "policy+critic" if self.roles.critic else "policy", it):
             stats = self.update(it, self.train_batch(exp, scored, advantages, returns, rollout))
         if stats.pop("nonfinite"):
@@ -98,7 +101,7 @@ class PPOTrainer:
         self.kl_ctl.update(per_token if p.kl_target_unit == "token" else float(kl.mean()), len(rows))
         self.iteration_done = it + 1
         return self.metrics(began, reward, scores, norm, kl, logp, mask, advantages, returns, rollout, scored,
-                            parts, rollouts, on_policy, it) | stats | timings
+                            parts, rollouts, on_policy, it) | process | stats | timings
 
     def prompts_of(self, iteration: int) -> Batch:
         """The left-padded prompts of an iteration's rows (`prompt_batch`)."""
@@ -106,8 +109,8 @@ class PPOTrainer:
 
     def score(self, exp: Experience, on_policy: bool, skip: Optional[dict] = None) -> dict:
         """The scoring calls of one rollout, started at once: reference (and, unless on-policy, the policy's own)
-        log-probs, the preference model's scores and the critic's values, as each run has them (less those in
-        `skip`, started already)."""
+        log-probs, the preference model's scores, the process reward model's step scores and the critic's values, as
+        each run has them (less those in `skip`, started already)."""
         pending = {}
         if "ref_logprobs" not in (skip or {}):
             pending["ref_logprobs"] = self.roles.reference.logprobs(exp)
@@ -115,9 +118,32 @@ class PPOTrainer:
             pending["old_logprobs"] = self.roles.policy.logprobs(exp)
         if self.roles.reward is not None and "scores" not in (skip or {}):
             pending["scores"] = self.roles.reward.score(exp)
+        if self.roles.prm is not None and "steps" not in (skip or {}):
+            pending["steps"] = self.roles.prm.step_scores(exp)
         if self.roles.critic is not None:
             pending["values"] = self.roles.critic.values(exp)
         return pending
+
+    def process_reward(self, reward: torch.Tensor, found: Optional[dict]) -> tuple[torch.Tensor, Optional[tuple], dict]:
+        """A process reward model's step scores in the reward, as ppo.process_reward_aggregation says: per step
+        ((step rewards [b, R], step mask [b, R]) for the estimators), or one number per reply added to `reward`.
+        Returns (reward, the per-step rewards or None, the `process/...` metrics)."""
+        if found is None:
+            return reward, None, {}
+        p = self.cfg.ppo
+        probs, marks = found["probs"], found["mask"]
+        steps = marks.sum(1)
+        metrics = {"process/steps_per_reply": float(steps.mean()),
+                   "process/step_score": float((probs * marks).sum() / marks.sum().clamp(min=1)),
+                   "process/min_step_score": float(pm.reply_step_score(probs, marks, "min").mean())}
+        if p.process_reward_aggregation in pm.DENSE_AGGREGATIONS:
+            per_step = p.process_reward_weight * pm.step_rewards(probs, marks, p.process_reward_aggregation,
+                                                                 p.process_reward_threshold)
+            metrics["process/bad_step_fraction"] = float(((probs < p.process_reward_threshold) * marks).sum()
+                                                         / marks.sum().clamp(min=1))
+            return reward, (per_step, marks), metrics | {"process/reward": float(per_step.sum(1).mean())}
+        per_reply = p.process_reward_weight * pm.reply_step_score(probs, marks, p.process_reward_aggregation)
+        return reward + per_reply, None, metrics | {"process/reward": float(per_reply.mean())}
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
         """Running-statistics normalisation and clipping of the scores (PPO-max), where the config asks."""
@@ -295,12 +321,14 @@ def timed(timings: dict, name: str, phases: Optional[list] = None, role: str = "
                        "end": began + timings[name]})
 
 
-def nonfinite(**tensors: Optional[torch.Tensor]) -> str:
+def nonfinite(**tensors: Any) -> str:
     """The names of the given tensors that hold NaN/inf (checked before the running statistics see them: one
     NaN would poison every later normalisation)."""
     names = {"reward": "reward", "old_logprobs": "policy log-probs", "ref_logprobs": "reference log-probs",
-             "values": "critic values", "scores": "reward"}
-    bad = [names[k] for k, t in tensors.items() if t is not None and not torch.isfinite(t).all()]
+             "values": "critic values", "scores": "reward", "steps": "process reward"}
+    each = lambda t: t.values() if isinstance(t, dict) else [t]  # noqa: E731  (step scores: a dict of tensors)
+    bad = [names[k] for k, t in tensors.items()
+           if t is not None and not all(torch.isfinite(x).all() for x in each(t))]
     return ", ".join(dict.fromkeys(bad))
 
 
@@ -343,10 +371,10 @@ def load_reward_setup(cfg: PPOConfig) -> tuple[dict, dict, Optional[dict]]:
 
 def start_groups(cfg: PPOConfig, backend: Any) -> Any:
     """Every role group the run needs, placed and built: the backend's groups (`stop()` them)."""
-    from actors.scalar import CriticWorker, RewardWorker  # its reward.model imports transformers
+    from actors.scalar import CriticWorker, PRMWorker, RewardWorker  # its reward.model imports transformers
     plan = cfg.derive()
-    workers = {"policy": PolicyWorker, "reference": ReferenceWorker, "reward": RewardWorker, "critic": CriticWorker,
-               "rollout": RolloutWorker}
+    workers = {"policy": PolicyWorker, "reference": ReferenceWorker, "reward": RewardWorker, "prm": PRMWorker,
+               "critic": CriticWorker, "rollout": RolloutWorker}
     specs = {}
     for role in plan.roles:
         rc = getattr(cfg.roles, role)
@@ -362,7 +390,7 @@ def start_groups(cfg: PPOConfig, backend: Any) -> Any:
 def roles_of(cfg: PPOConfig, groups: Any) -> PPORoles:
     """The run's roles over its started groups; a rollout group of its own joins the policy's weight sync here."""
     # Here, not at the top, where `Rollout` would read as reward.rules' scored reply (`PPOTrainer.rollouts`).
-    from rlhf.roles import Critic, Policy, Reference, Reward, Rollout, WeightSync
+    from rlhf.roles import Critic, Policy, ProcessReward, Reference, Reward, Rollout, WeightSync
     g = groups.groups
     return PPORoles(policy=Policy(g["policy"]),
                     reference=Reference(g["reference"]) if "reference" in g else Reference(g["policy"], True),
@@ -370,7 +398,7 @@ def roles_of(cfg: PPOConfig, groups: Any) -> PPORoles:
                     critic=Critic(g["critic"]) if "critic" in g else None, groups=g,
                     rollout=Rollout(g["rollout"]) if "rollout" in g else None,
                     sync=WeightSync(g["policy"], g["rollout"], cfg.ppo.weight_sync_bucket_mb) if "rollout" in g
-                    else None)
+                    else None, prm=ProcessReward(g["prm"]) if "prm" in g else None)
 
 
 def start_roles(cfg: PPOConfig, backend: Any) -> tuple[PPORoles, Any]:
@@ -389,18 +417,19 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     reward) on the prompts `cfg.data.train`; returns the command's summary."""
     check_model_dir(cfg.model.path, "--policy")
     backend = backend_for(cfg, backend)
-    for role in ("reference", "critic"):
+    for role in ("reference", "critic", "prm"):
         if getattr(cfg.roles, role).model:
             check_model_dir(getattr(cfg.roles, role).model, f"roles.{role}.model")
     rules, eval_rules, reward_stats = load_reward_setup(cfg)
     plan = cfg.derive()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     reward = cfg.roles.reward.model
-    if reward and ("reward" in plan.roles or role_model(cfg, "critic") == reward):
-        reward_tokenizer = load_tokenizer(reward, cfg.model.trust_remote_code)
-        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ModelLoadError(f"{reward}: the reward model's tokenizer differs from the policy's ({cfg.model.path}); "
-                                 "PPO scores the policy's token ids, so train the reward model from the same tokenizer")
+    scorers = [(reward, "reward model")] if reward and ("reward" in plan.roles or role_model(cfg, "critic") == reward) \
+        else []
+    for path, what in scorers + ([(cfg.roles.prm.model, "process reward model")] if "prm" in plan.roles else []):
+        if load_tokenizer(path, cfg.model.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+            raise ModelLoadError(f"{path}: the {what}'s tokenizer differs from the policy's ({cfg.model.path}); PPO "
+                                 f"scores the policy's token ids, so train the {what} from the same tokenizer")
     prompts = load_prompts(cfg.data.train, cfg.data.format)
     held_out = load_prompts(cfg.data.eval, cfg.data.format)[: cfg.ppo.eval_prompts] if cfg.data.eval else []
     ptx = encode_dialogues(cfg.data.ptx, tokenizer, cfg.data) if cfg.data.ptx and cfg.ppo.ptx_coef > 0 else None

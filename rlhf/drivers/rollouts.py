@@ -25,7 +25,7 @@ from rlhf.roles import PPORoles
 @dataclass
 class Ready:
     """One iteration's rollouts: its prompts, the replies, the experience every scoring role reads, and the scoring
-    calls already started on it (reference and reward, when generated ahead)."""
+    calls already started on it (reference, reward and process reward, when generated ahead)."""
     prompts: Batch
     rollout: Batch
     exp: Batch
@@ -102,6 +102,8 @@ class EngineRollouts:
             started["ref_logprobs"] = self.roles.reference.logprobs(exp)
             if self.roles.reward is not None:
                 started["scores"] = self.roles.reward.score(exp)
+            if self.roles.prm is not None:
+                started["steps"] = self.roles.prm.step_scores(exp)
         return Ready(prompts, rollout, exp, started)
 
     def close(self) -> None:
