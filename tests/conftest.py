@@ -21,7 +21,7 @@ HEAVIEST_FIRST = (
     "test_storage.py", "test_strength.py", "test_vllm_engine.py", "test_sweep.py", "test_faults.py", "test_pipeline.py",
     "test_zero3_init.py", "test_ppo_resume.py", "test_faults_trainers.py", "test_ppo_layouts.py", "test_actor_groups.py",
     "test_dashboard.py", "test_bad_input.py", "test_lost_node.py", "test_placement.py", "test_reward_interop.py", "test_rollout.py",
-    "test_ppo_controller.py", "test_dpo.py", "test_prm.py", "test_ray_jobs.py")
+    "test_process_rewards.py", "test_ppo_controller.py", "test_dpo.py", "test_prm.py", "test_ray_jobs.py")
 """`make test` hands whole files to its two workers (`--dist loadfile --no-loadscope-reorder`) in this order, the
 longest first, so neither waits on the other's session fixture at the start nor runs a long file alone at the end."""
 
