@@ -204,9 +204,11 @@ def arms_of(args: argparse.Namespace, p: argparse.ArgumentParser) -> list[str]:
             arms += [f"process-{g.strip()}" for g in args.aggregations.split(",") if g.strip()]
         else:
             p.error(f"--arms: unknown arm {arm!r}; use outcome and/or process (with --aggregations)")
-    bad = [a for a in arms if a.startswith("process-") and a.split("-", 1)[1] not in ("clip", "step", "min", "last")]
+    from rlhf.ppo_math import PROCESS_AGGREGATIONS
+    bad = [a for a in arms if a.startswith("process-") and a.split("-", 1)[1] not in PROCESS_AGGREGATIONS]
     if bad:
-        p.error(f"--aggregations: {', '.join(a.split('-', 1)[1] for a in bad)}; use clip, step, min or last")
+        p.error(f"--aggregations: {', '.join(a.split('-', 1)[1] for a in bad)}; use one of "
+                f"{', '.join(PROCESS_AGGREGATIONS)}")
     return arms
 
 

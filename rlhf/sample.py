@@ -86,6 +86,10 @@ FOUR_OPERAND_EXPRESSIONS = 600
 STEP_EVAL_EXPRESSIONS = 200
 STEP_SLIP_FRACTION = 0.35
 STEP_SFT_SLIP_FRACTION = 0.25
+STEP_PROMPTS = 1000
+"""PPO's training prompts of the step task: as many distinct training sums (of 1,129), so that RL generalises to
+held-out sums instead of memorising a few (with 180 distinct prompts, PPO's training accuracy rose 0.2 above its
+held-out accuracy)."""
 STEP_MAX_TOTAL = 9
 """Every running total, slipped or not, is one digit: 90 sums (a + b and a - b within 0..9) that a tiny model learns
 to check, and no two-digit number that would give a slip away."""
@@ -390,14 +394,14 @@ def _step_sft_dialogue(solution: StepSolution) -> Dialogue:
     return dialogue
 
 
-def _step_files(rng: random.Random, n_steps: int, n_prompts: int) -> dict[str, list]:
+def _step_files(rng: random.Random, n_steps: int) -> dict[str, list]:
     train, held_out = _step_expressions(rng)
     sft = _step_solutions(rng, [rng.choice(train) for _ in range(n_steps * 2 // 3)], STEP_SFT_SLIP_FRACTION)
     return {
         "steps_train": _step_solutions(rng, [rng.choice(train) for _ in range(n_steps)], STEP_SLIP_FRACTION),
         "steps_eval": _step_solutions(rng, held_out, STEP_SLIP_FRACTION),
         "steps_sft": [_step_sft_dialogue(s) for s in sft],
-        "steps_prompts": [_step_prompt(rng, rng.choice(train)) for _ in range(n_prompts)],
+        "steps_prompts": [_step_prompt(rng, e) for e in rng.sample(train, min(STEP_PROMPTS, len(train)))],
         "steps_prompts_eval": [_step_prompt(rng, e) for e in held_out],
     }
 
@@ -426,7 +430,7 @@ def write_sample(out_dir: str, seed: int = 0, n_sft: int = 600, n_prompts: int =
         "plugin_prompts": [_math_prompt(rng, rng.choice(math_train)) for _ in range(n_prompts)],
         "plugin_prompts_eval": [_math_prompt(rng, e) for e in math_eval],
         # A generator of its own, so the step task leaves every file above as it was before the task was added.
-        **_step_files(random.Random(f"{seed}:steps"), n_steps, n_prompts),
+        **_step_files(random.Random(f"{seed}:steps"), n_steps),
     }
     paths = {}
     for name, records in files.items():

@@ -140,7 +140,8 @@ def test_the_prm_role_gives_a_reply_the_step_probabilities_prm_eval_gives_the_sa
 def test_ppo_with_a_process_reward_on_ray_scores_every_step_of_a_rollout_groups_replies_ahead(tiny, tiny_prm,
                                                                                                tmp_path):
     """`rlhf ppo --process-reward` with answer-rule rewards and no preference model: a prm group of two ranks scores
-    the replies the rollout group generates one iteration ahead, and the run logs the step rewards."""
+    the replies the rollout group generates one iteration ahead, and the run logs the step
+    rewards."""
     from conftest import run_cli
     from rlhf.metrics import read_metrics
     out = tmp_path / "ppo"
@@ -153,10 +154,11 @@ def test_ppo_with_a_process_reward_on_ray_scores_every_step_of_a_rollout_groups_
                    "--set", "ppo.eval_prompts=4", "--set", "generation.max_new_tokens=16",
                    "--set", "roles.prm.layout.gpus_per_node=2", "--set", "roles.prm.layout.cpus_per_rank=0.25",
                    "--set", "roles.prm.micro_batch_size=2", "--set", "logging.progress=false",
+                   "--set", "roles.policy.lora.enabled=true",  # its own reference: one process fewer to start
                    "--output", out) == 0
     with open(out / "placement.json") as f:
         placement = json.load(f)
-    assert sorted(placement) == ["policy", "prm", "reference", "rollout"] and len(placement["prm"]) == 2
+    assert sorted(placement) == ["policy", "prm", "rollout"] and len(placement["prm"]) == 2
     iters = [m for m in read_metrics(f"{out}/metrics.jsonl") if "ppo/reward_raw" in m]
     assert len(iters) == 2 and [m["rollout/staleness"] for m in iters] == [0.0, 1.0]
     for m in iters:

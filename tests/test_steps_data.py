@@ -13,7 +13,7 @@ from conftest import run_cli
 from rlhf.data import DataFileError, StepSolution, load_dialogues, load_prompts, load_records, load_steps, validate
 from rlhf.formats import convert
 from rlhf.moss import Dialogue, Turn
-from rlhf.sample import STEP_SFT_SLIP_FRACTION, STEP_SLIP_FRACTION, write_sample
+from rlhf.sample import STEP_PROMPTS, STEP_SFT_SLIP_FRACTION, STEP_SLIP_FRACTION, write_sample
 
 META = "You are MOSS.\n"
 STEPS = ["2 + 3 = 5", "5 + 4 = 10", "The answer is 10."]
@@ -264,9 +264,9 @@ def test_the_sample_sft_and_prompt_files_for_the_step_task(sample: dict[str, str
     for dialogue in sft:  # the reply is a solution's steps, one a line
         steps = dialogue.turns[-1].moss.split("\n")
         assert (_first_wrong(steps, dialogue.metadata["answer"]) is not None) == dialogue.metadata["slipped"]
-    for name in ("steps_prompts", "steps_prompts_eval"):
+    for name, count in (("steps_prompts", STEP_PROMPTS), ("steps_prompts_eval", 200)):
         prompts = load_prompts(sample[name], "moss")
-        assert len(prompts) == 200
+        assert len(prompts) == len({p.metadata["expression"] for p in prompts}) == count  # each sum once
         for prompt in prompts:
             expression = prompt.metadata["expression"]
             assert expression in prompt.turns[-1].human
