@@ -132,8 +132,7 @@ class PPOTrainer:
             return reward, None, {}
         p = self.cfg.ppo
         probs, marks = found["probs"], found["mask"]
-        steps = marks.sum(1)
-        metrics = {"process/steps_per_reply": float(steps.mean()),
+        metrics = {"process/steps_per_reply": float(marks.sum(1).mean()),
                    "process/step_score": float((probs * marks).sum() / marks.sum().clamp(min=1)),
                    "process/min_step_score": float(pm.reply_step_score(probs, marks, "min").mean())}
         if p.process_reward_aggregation in pm.DENSE_AGGREGATIONS:
@@ -424,9 +423,12 @@ def run_ppo(cfg: PPOConfig, output: str, resume: bool = False, backend: Optional
     plan = cfg.derive()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     reward = cfg.roles.reward.model
-    scorers = [(reward, "reward model")] if reward and ("reward" in plan.roles or role_model(cfg, "critic") == reward) \
-        else []
-    for path, what in scorers + ([(cfg.roles.prm.model, "process reward model")] if "prm" in plan.roles else []):
+    scorers = []  # the models that read the policy's token ids
+    if reward and ("reward" in plan.roles or role_model(cfg, "critic") == reward):
+        scorers.append((reward, "reward model"))
+    if "prm" in plan.roles:
+        scorers.append((cfg.roles.prm.model, "process reward model"))
+    for path, what in scorers:
         if load_tokenizer(path, cfg.model.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise ModelLoadError(f"{path}: the {what}'s tokenizer differs from the policy's ({cfg.model.path}); PPO "
                                  f"scores the policy's token ids, so train the {what} from the same tokenizer")
