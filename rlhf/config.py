@@ -397,10 +397,10 @@ class AlgorithmConfig:
     process_reward_weight: float = 1.0
     """Weight of the process reward model's step scores (--process-reward, `roles.prm.model`) in the reward; 0 starts
     no prm group."""
-    process_reward_aggregation: str = "clip"
-    """How the step scores p enter the reward (docs/process_rewards.md): clip (min(p - threshold, 0) on each step's
-    last token: doubtful steps cost, sound ones earn nothing), step (p - threshold on each step's last token), min
-    (the weakest step's p added to the reply's score) or last (the last step's p)."""
+    process_reward_aggregation: str = "min"
+    """How the step scores p enter the reward (docs/process_rewards.md): min (the weakest step's p added to the
+    reply's score; the best of the four on the bundled step task), last (the last step's p), clip (min(p - threshold,
+    0) on each step's last token: doubtful steps cost, sound ones earn nothing) or step (p - threshold there)."""
     process_reward_threshold: float = 0.5
     """The step probability that counts as neither good nor bad, for clip and step."""
     eval_rules: dict[str, str] = field(default_factory=lambda: {"answer_accuracy": "answer"})

@@ -240,6 +240,7 @@ def test_a_process_reward_model_scores_with_the_others_and_its_step_rewards_reac
     from rlhf import ppo_math as pm
     trainer, groups = run("ppo.estimator=gae", "ppo.critic_warmup_iterations=0", f"roles.prm.model={tiny_prm}",
                           "ppo.process_reward_weight=2.0", "ppo.process_reward_threshold=0.9",
+                          "ppo.process_reward_aggregation=clip",
                           "generation.max_new_tokens=16")
     assert sorted(groups) == ["critic", "policy", "prm", "reference", "reward"]
     coef = trainer.kl_ctl.coef

@@ -155,6 +155,7 @@ def test_ppo_with_a_process_reward_on_ray_scores_every_step_of_a_rollout_groups_
                    "--set", "roles.prm.layout.gpus_per_node=2", "--set", "roles.prm.layout.cpus_per_rank=0.25",
                    "--set", "roles.prm.micro_batch_size=2", "--set", "logging.progress=false",
                    "--set", "roles.policy.lora.enabled=true",  # its own reference: one process fewer to start
+                   "--set", "ppo.process_reward_aggregation=clip",
                    "--output", out) == 0
     with open(out / "placement.json") as f:
         placement = json.load(f)
