@@ -399,8 +399,9 @@ class AlgorithmConfig:
     no prm group."""
     process_reward_aggregation: str = "min"
     """How the step scores p enter the reward (docs/process_rewards.md): min (the weakest step's p added to the
-    reply's score; the best of the four on the bundled step task), last (the last step's p), clip (min(p - threshold,
-    0) on each step's last token: doubtful steps cost, sound ones earn nothing) or step (p - threshold there)."""
+    reply's score; on the bundled step task it held up where the per-step forms lost), last (the last step's p),
+    clip (min(p - threshold, 0) on each step's last token: doubtful steps cost, sound ones earn nothing) or step
+    (p - threshold there)."""
     process_reward_threshold: float = 0.5
     """The step probability that counts as neither good nor bad, for clip and step."""
     eval_rules: dict[str, str] = field(default_factory=lambda: {"answer_accuracy": "answer"})
