@@ -436,6 +436,19 @@ def _(tmp, kit):
                             "CodeGenForCausalLM and there is no value_head.safetensors")]
 
 
+@case("ppo: a model without prm.json as --process-reward")
+def _(tmp, kit):
+    return train("ppo", kit, tmp, extra=("--process-reward", kit["base"])), [
+        re.escape(f"rlhf ppo: --process-reward '{kit['base']}' is not a process reward model: it has no prm.json; "
+                  "pass `rlhf prm`'s final/")]
+
+
+@case("ppo: a process reward weight below 0")
+def _(tmp, kit):
+    return train("ppo", kit, tmp, extra=("--set", "ppo.process_reward_weight=-1")), [
+        re.escape("rlhf ppo: ppo.process_reward_weight: must be >= 0, got -1")]
+
+
 @case("rm-eval: a causal LM without a reward head")
 def _(tmp, kit):
     return ["rm-eval", "--model", kit["base"], "--data", kit["prefs_eval"]], [
