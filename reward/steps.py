@@ -222,8 +222,6 @@ def step_metrics(probabilities: Sequence[Sequence[float]], labels: Sequence[Sequ
             "bad_fraction": sum(not y for ys in labels for y in ys) / max(1, steps)}
 
 
-
-
 def prm_file(separator: str, calibration: Optional[dict] = None) -> dict[str, str]:
     """prm.json: the step separator and, once fitted, the calibration of the step's features (`calibrated`)."""
     record = {"step_separator": separator} | ({"calibration": calibration} if calibration else {})
