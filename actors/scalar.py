@@ -340,8 +340,11 @@ class PRMWorker(ScalarWorker):
             width = mb["response_ids"].shape[1]
             mask = mb["attention_mask"]
             self.sequences_encoded += int(mask.shape[0])
-            values, logits = self.engine.forward(mb["sequences"], mask, position_ids(mask), logits_at=True)
-            logp = logprobs_from_logits(logits[:, -width - 1:-1].float(), mb["response_ids"])
+            rows, length = mask.shape
+            before = torch.arange(length - width - 1, length - 1, device=mask.device)  # the positions predicting them
+            flat = (torch.arange(rows, device=mask.device)[:, None] * length + before[None, :]).flatten()
+            values, logits = self.engine.forward(mb["sequences"], mask, position_ids(mask), logits_at=flat)
+            logp = logprobs_from_logits(logits.view(rows, width, -1).float(), mb["response_ids"])
             features = reply_features(values[:, -width:], logp, mb["action_mask"])
             return torch.sigmoid(calibrated(features, calibration)) * mb["step_mask"]
         rows = {**batch, "step_mask": marks}

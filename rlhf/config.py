@@ -395,15 +395,16 @@ class AlgorithmConfig:
     weight_sync_bucket_mb: float = 256.0
     """Size of one broadcast of the weight sync from the policy to the rollout group."""
     process_reward_weight: float = 1.0
-    """Weight of the process reward model's step scores (--process-reward, `roles.prm.model`) in the reward; 0 starts
-    no prm group."""
+    """Weight of the process reward model's step scores (--process-reward, `roles.prm.model`) in the reward (with
+    GRPO and RLOO, of the group-normalised step advantages); 0 starts no prm group."""
     process_reward_aggregation: str = "min"
     """How the step scores p enter the reward (docs/process_rewards.md): min (the weakest step's p added to the
     reply's score; on the bundled step task it held up where the per-step forms lost), last (the last step's p),
     clip (min(p - threshold, 0) on each step's last token: doubtful steps cost, sound ones earn nothing) or step
     (p - threshold there)."""
     process_reward_threshold: float = 0.5
-    """The step probability that counts as neither good nor bad, for clip and step."""
+    """The step probability that counts as neither good nor bad, for clip and step (under GRPO and RLOO, whose group
+    mean is removed, it changes nothing for step)."""
     eval_rules: dict[str, str] = field(default_factory=lambda: {"answer_accuracy": "answer"})
     """Metric name -> rule, logged per iteration (`ppo/NAME`) and on held-out prompts (`eval/NAME`) but never
     rewarded, where the rule can judge every prompt (e.g. `{rule_score: sample}` for the bundled task)."""
@@ -677,7 +678,8 @@ def _choices() -> dict[str, tuple]:
     top: they bring torch, which `rlhf --help` and `rlhf validate` do without)."""
     from rlhf.estimators import ESTIMATORS
     from rlhf.ppo_math import KL_CONTROLLERS, KL_KINDS, PROCESS_AGGREGATIONS
-    return {"ppo.process_reward_aggregation": PROCESS_AGGREGATIONS, "optim.schedule": ("constant", "cosine"), "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    return {"ppo.process_reward_aggregation": PROCESS_AGGREGATIONS, "optim.schedule": ("constant", "cosine"),
+            "model.dtype": ("auto", "float32", "bfloat16", "float16"),
             "ppo.estimator": tuple(ESTIMATORS), "ppo.kl_estimator": KL_KINDS, "ppo.kl_controller": KL_CONTROLLERS,
             "ppo.kl_target_unit": ("reply", "token"), "ppo.critic_init": ("reward", "policy"),
             "dpo.loss": ("listwise", "pairwise", "ipo"), "rm.weak_pairs": ("keep", "flip", "drop", "margin"),

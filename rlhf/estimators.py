@@ -28,7 +28,9 @@ class Estimator:
     returns), both [B, R]."""
     process: Optional[Callable[..., Tensor]] = None
     """For an estimator without per-token rewards: (step rewards [B, R], step mask [B, R], mask [B, R], ppo settings)
-    -> the advantages a process reward model's per-step rewards add; with per-token rewards they are in those."""
+    -> the advantages a process reward model's per-step rewards add, ppo.process_reward_weight times the group-
+    normalised ones (a weight inside the rewards would be normalised away); with per-token rewards they are in
+    those."""
 
 
 def _gae(scores, rewards, values, mask, p):
@@ -46,11 +48,13 @@ def _rloo(scores, rewards, values, mask, p):
 
 
 def _grpo_steps(step_rewards, step_mask, mask, p):
-    return pm.process_advantages(step_rewards, step_mask, mask, p.samples_per_prompt, scale_by_std=True)
+    return p.process_reward_weight * pm.process_advantages(step_rewards, step_mask, mask, p.samples_per_prompt,
+                                                           scale_by_std=True)
 
 
 def _rloo_steps(step_rewards, step_mask, mask, p):
-    return pm.process_advantages(step_rewards, step_mask, mask, p.samples_per_prompt, scale_by_std=False)
+    return p.process_reward_weight * pm.process_advantages(step_rewards, step_mask, mask, p.samples_per_prompt,
+                                                           scale_by_std=False)
 
 
 def _reinforce_pp(scores, rewards, values, mask, p):
@@ -69,8 +73,9 @@ ESTIMATORS: dict[str, Estimator] = {
 def advantages(p, scores: Tensor, rewards: Optional[Tensor], values: Optional[Tensor], mask: Tensor,
                steps: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
     """The configured estimator's (advantages, returns) [B, R], whitened where the settings and estimator say.
-    `steps`: a process reward model's per-step rewards and where the steps end ([B, R] each), already in `rewards`
-    for the estimators that have per-token rewards, added to the advantages as the estimator says otherwise."""
+    `steps`: a process reward model's per-step rewards, unweighted, and where the steps end ([B, R] each); in
+    `rewards` (weighted) for the estimators that have per-token rewards, added to the advantages as the estimator
+    says otherwise."""
     estimator = ESTIMATORS[p.estimator]
     adv, ret = estimator.advantages(scores, rewards, values, mask, p)
     if steps is not None and estimator.process is not None:

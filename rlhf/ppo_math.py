@@ -340,7 +340,8 @@ def reinforce_pp_advantages(rewards: Tensor, action_mask: Tensor, gamma: float =
 PROCESS_AGGREGATIONS = ("clip", "step", "min", "last")
 """How a process reward model's step scores p (the probability that the reply can still reach the right answer after
 the step) enter PPO's reward. Per step, on each step's last token: `clip` gives min(p - threshold, 0) (Gao et al.
-2024's clip: a doubtful step costs, a sound one earns nothing, so writing more steps never pays), `step` gives
+2024's clip: a doubtful step costs, a sound one earns nothing, so with per-token rewards (GAE, REINFORCE++) writing
+more steps never pays; GRPO and RLOO remove the group's mean, and that no longer holds), `step` gives
 p - threshold. Per reply, added to its score: `min`, its weakest step's p (the min-form credit of Cheng et al. 2025,
 Math-Shepherd's verifier score); `last`, its last step's p."""
 DENSE_AGGREGATIONS = ("clip", "step")

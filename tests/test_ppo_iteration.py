@@ -260,17 +260,17 @@ def test_a_process_reward_model_scores_with_the_others_and_its_step_rewards_reac
     scores, rewards, values, mask, steps = only(log, "controller.advantages").args
     per_step, step_mask = steps
     assert torch.equal(step_mask, marks)
-    assert torch.allclose(per_step, 2.0 * (probs - 0.9).clamp(max=0) * marks)
+    assert torch.allclose(per_step, (probs - 0.9).clamp(max=0) * marks)
     assert per_step.sum() < 0
     shaped = pm.shape_rewards(scores, only(log, "policy.logprobs").out.result(),
                               only(log, "reference.logprobs").out.result(), mask, coef, "k1", 10.0)[0]
-    assert torch.allclose(rewards, shaped + per_step)
+    assert torch.allclose(rewards, shaped + 2.0 * per_step)  # weighted by ppo.process_reward_weight
     advantages, returns = only(log, "controller.advantages").out
-    expected = pm.gae(shaped + per_step, values, mask, 1.0, 0.95)
+    expected = pm.gae(shaped + 2.0 * per_step, values, mask, 1.0, 0.95)
     assert torch.allclose(returns, expected[1])
     [step] = only(log, "critic.update").args[0].steps
     assert torch.equal(step["returns"], returns)
-    assert metrics["process/reward"] == pytest.approx(float(per_step.sum(1).mean()))
+    assert metrics["process/reward"] == pytest.approx(float(2.0 * per_step.sum(1).mean()))
     assert metrics["process/steps_per_reply"] == pytest.approx(float(marks.sum(1).mean()))
     assert 0 < metrics["process/bad_step_fraction"] <= 1
 
@@ -280,7 +280,7 @@ def test_grpo_adds_the_group_normalised_step_rewards_of_the_steps_to_come_and_mi
     from rlhf import ppo_math as pm
     trainer, groups = run("ppo.estimator=grpo", "ppo.samples_per_prompt=2", "ppo.prompts_per_iteration=2",
                           f"roles.prm.model={tiny_prm}", "ppo.process_reward_aggregation=step",
-                          "generation.max_new_tokens=16")
+                          "ppo.process_reward_weight=0.5", "generation.max_new_tokens=16")
     assert sorted(groups) == ["policy", "prm", "reference", "reward"]
     trainer.iteration(0)
     scores, rewards, values, mask, steps = only(log, "controller.advantages").args
@@ -291,7 +291,8 @@ def test_grpo_adds_the_group_normalised_step_rewards_of_the_steps_to_come_and_mi
     advantages, _ = only(log, "controller.advantages").out
     outcome = pm.grpo_advantages(scores, 2, action_mask=mask)
     process = pm.process_advantages(per_step, step_mask, mask, 2)
-    assert torch.allclose(advantages, outcome + process) and process.abs().sum() > 0
+    # The weight scales the group-normalised step advantages (inside the rewards it would be normalised away).
+    assert torch.allclose(advantages, outcome + 0.5 * process) and process.abs().sum() > 0
     log.clear()
 
     # Per reply: the weakest step's probability joins the reply's score; no per-step rewards.

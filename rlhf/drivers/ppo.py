@@ -88,7 +88,7 @@ class PPOTrainer:
         rewards = None if on_policy else pm.shape_rewards(norm, scored["old_logprobs"], scored["ref_logprobs"], mask,
                                                           self.kl_ctl.coef, p.kl_estimator, p.kl_clip or None)[0]
         if steps is not None and rewards is not None:  # per-token rewards: each step's on its last token
-            rewards = rewards + steps[0]
+            rewards = rewards + p.process_reward_weight * steps[0]
         advantages, returns = estimators.advantages(p, norm, rewards, scored.get("values"), mask, steps)
         with timed(timings, "time/train", self.phases, "policy+critic" if self.roles.critic else "policy", it):
             stats = self.update(it, self.train_batch(exp, scored, advantages, returns, rollout))
@@ -127,7 +127,8 @@ class PPOTrainer:
     def process_reward(self, reward: torch.Tensor, found: Optional[dict]) -> tuple[torch.Tensor, Optional[tuple], dict]:
         """A process reward model's step scores in the reward, as ppo.process_reward_aggregation says: per step
         ((step rewards [b, R], step mask [b, R]) for the estimators), or one number per reply added to `reward`.
-        Returns (reward, the per-step rewards or None, the `process/...` metrics)."""
+        Returns (reward, the per-step rewards (unweighted: `estimators.advantages` weighs them) or None, the
+        `process/...` metrics)."""
         if found is None:
             return reward, None, {}
         p = self.cfg.ppo
@@ -136,11 +137,11 @@ class PPOTrainer:
                    "process/step_score": float((probs * marks).sum() / marks.sum().clamp(min=1)),
                    "process/min_step_score": float(pm.reply_step_score(probs, marks, "min").mean())}
         if p.process_reward_aggregation in pm.DENSE_AGGREGATIONS:
-            per_step = p.process_reward_weight * pm.step_rewards(probs, marks, p.process_reward_aggregation,
-                                                                 p.process_reward_threshold)
+            per_step = pm.step_rewards(probs, marks, p.process_reward_aggregation, p.process_reward_threshold)
             metrics["process/bad_step_fraction"] = float(((probs < p.process_reward_threshold) * marks).sum()
                                                          / marks.sum().clamp(min=1))
-            return reward, (per_step, marks), metrics | {"process/reward": float(per_step.sum(1).mean())}
+            summed = p.process_reward_weight * per_step.sum(1)
+            return reward, (per_step, marks), metrics | {"process/reward": float(summed.mean())}
         per_reply = p.process_reward_weight * pm.reply_step_score(probs, marks, p.process_reward_aggregation)
         return reward + per_reply, None, metrics | {"process/reward": float(per_reply.mean())}
 

@@ -125,7 +125,7 @@ def backend_for(cfg: Any, given: Any = None) -> Any:
             from actors.group import RayBackend  # imports Ray: not for a run in this process
             given = RayBackend(cfg.ray, command_of(cfg))
     if given.local:
-        layouts = [getattr(cfg.roles, r).layout for r in ("policy", "reference", "reward", "critic")] \
+        layouts = [getattr(cfg.roles, r).layout for r in ("policy", "reference", "reward", "prm", "critic")] \
             if hasattr(cfg, "roles") else [cfg.layout]
         for layout in layouts:
             layout.num_nodes = layout.gpus_per_node = 1
