@@ -139,8 +139,15 @@ def step_features(values: torch.Tensor, logits: torch.Tensor, batch: Batch) -> t
     logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)  # [b, T]: the log-prob of token t given < t
     positions = torch.arange(width, device=logp.device)
     in_reply = positions[None, :] >= batch["reply_start"].to(logp.device)[:, None]
-    running = torch.cummin(torch.where(in_reply, logp, torch.inf), dim=1).values
+    running = running_min(logp, in_reply)
     return torch.stack([at_steps(values.float(), batch["step_index"]), at_steps(running, batch["step_index"])], -1)
+
+
+def running_min(logprobs: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """[b, T] the smallest of the `counted` tokens' log-probs up to each position (0 before the first; -inf read as
+    -100, as `fit_calibration` reads it)."""
+    running = torch.cummin(torch.where(counted.bool(), logprobs.float(), torch.inf), dim=1).values
+    return torch.nan_to_num(running, posinf=0.0, neginf=-100.0).clamp(min=-100.0)
 
 
 def reply_step_mask(response_ids: torch.Tensor, action_mask: torch.Tensor, pieces: Callable[[int], str],
@@ -173,9 +180,7 @@ def reply_features(values: torch.Tensor, logprobs: torch.Tensor, action_mask: to
     """[b, R, 2] at every reply token, what `step_features` reads at a step's last token: the head's value there,
     and the smallest log-probability the model's own LM gave any token the policy wrote up to there. values and
     logprobs [b, R] are of the reply's tokens (the log-prob of token t given those before it)."""
-    running = torch.cummin(torch.where(action_mask.bool(), logprobs.float(), torch.inf), dim=1).values
-    running = torch.nan_to_num(running, posinf=0.0, neginf=-100.0).clamp(min=-100.0)  # as fit_calibration reads them
-    return torch.stack([values.float(), running], -1)
+    return torch.stack([values.float(), running_min(logprobs, action_mask)], -1)
 
 
 def calibrated(features: torch.Tensor, calibration: Optional[dict]) -> torch.Tensor:

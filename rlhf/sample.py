@@ -79,7 +79,8 @@ EVAL_FRACTION = 0.2
 # The step-by-step task: `a + b - c` over one-digit operands (every such expression, and 600 of four operands), every
 # running total a digit (0 to 9); one step a line, "3 + 4 = 7", then "The answer is 7.". A slipped solution gets one
 # sum wrong, off by 1 to 3 (the answer itself, where no sum can slip and keep every total a digit), and carries on
-# consistently from it, so its labels are True up to the slip and False from it on (the right answer is out of reach). The PRM's data slips often enough for both labels to be common; the SFT
+# consistently from it, so its labels are True up to the slip and False from it on (the right answer is out of
+# reach). The PRM's data slips often enough for both labels to be common; the SFT
 # data mostly does not, so an SFT policy writes mostly right solutions and PPO with process rewards has room.
 STEP_OPERANDS = range(1, 10)
 FOUR_OPERAND_EXPRESSIONS = 600

@@ -308,3 +308,18 @@ def test_grpo_adds_the_group_normalised_step_rewards_of_the_steps_to_come_and_mi
     assert steps is None
     assert torch.allclose(scores, model + weakest - 1.0 * (1 - rollout["ended"].float()))
     assert metrics["process/reward"] == pytest.approx(float(weakest.mean()))
+
+
+def test_a_rollout_group_one_iteration_ahead_starts_the_step_scores_with_the_replies(run, log, monkeypatch, tiny_prm):
+    """With ppo.off_policy_steps=1 the next iteration's replies are scored as they arrive, the process reward model's
+    step scores among them; the iteration that takes them asks no scorer again."""
+    import rlhf.roles
+    monkeypatch.setattr(rlhf.roles, "WeightSync", InProcessSync)
+    trainer, groups = run("ppo.rollout_group=true", "ppo.off_policy_steps=1", "roles.policy.lora.enabled=true",
+                          "ppo.estimator=grpo", "ppo.samples_per_prompt=2", "ppo.prompts_per_iteration=2",
+                          f"roles.prm.model={tiny_prm}", "ppo.iterations=3")
+    assert "prm" in groups
+    ahead = trainer.source.generate(1, score_early=True)
+    assert set(ahead.started) == {"ref_logprobs", "scores", "steps"}
+    assert set(trainer.score(ahead.exp, on_policy=True, skip=ahead.started)) == set()
+    trainer.source.close()
